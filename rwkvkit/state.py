@@ -1,0 +1,174 @@
+"""The recurrent state of an RWKV model as an explicit value.
+
+A ``State`` holds, for every layer and batch row, what the model needs to continue a sequence:
+
+- ``att_shift`` [L, B, C]: the previous token's normalised input to the time-mix (token shift)
+- ``ffn_shift`` [L, B, C]: the previous token's normalised input to the channel-mix
+- v5/v6: ``wkv`` [L, B, H, N, N] fp32, the matrix-valued state per head, laid out [key, value]
+- v4: ``aa``, ``bb``, ``pp`` [L, B, C] fp32, numerator, denominator and running max exponent
+
+Passing a state back to the model continues the sequence exactly. States can be cloned, moved,
+saved to and loaded from a file, and split or stacked by batch row (for batched generation and for
+caching the state of a shared prompt prefix). The WKV parts are always fp32; shifts follow the
+model's compute dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+_KEYS = {4: ("att_shift", "aa", "bb", "pp", "ffn_shift"), 5: ("att_shift", "wkv", "ffn_shift")}
+_KEYS[6] = _KEYS[5]
+_FORMAT = "rwkvkit-state-1"
+
+
+def state_keys(version: int) -> tuple[str, ...]:
+    return _KEYS[version]
+
+
+@dataclass
+class State:
+    version: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def zeros(
+        cls,
+        config: ModelConfig,
+        batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> State:
+        """The state at the start of a sequence (``pp`` = -1e30 for v4, everything else zero)."""
+        L, B, C = config.n_layer, batch_size, config.n_embd
+        f32 = dict(device=device, dtype=torch.float32)
+        t = {
+            "att_shift": torch.zeros(L, B, C, device=device, dtype=dtype),
+            "ffn_shift": torch.zeros(L, B, C, device=device, dtype=dtype),
+        }
+        if config.version == 4:
+            t["aa"] = torch.zeros(L, B, C, **f32)
+            t["bb"] = torch.zeros(L, B, C, **f32)
+            t["pp"] = torch.full((L, B, C), -1e30, **f32)
+        else:
+            H, N = config.n_head, config.head_size
+            t["wkv"] = torch.zeros(L, B, H, N, N, **f32)
+        return cls(config.version, t)
+
+    # ---- basic properties ---------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.tensors["att_shift"].shape[1]
+
+    @property
+    def n_layer(self) -> int:
+        return self.tensors["att_shift"].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors["att_shift"].device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    # ---- value semantics ----------------------------------------------------------------------
+    def clone(self) -> State:
+        return State(self.version, {k: v.clone() for k, v in self.tensors.items()})
+
+    copy = clone
+
+    def detach(self) -> State:
+        return State(self.version, {k: v.detach() for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> State:
+        """Move to ``device``; ``dtype`` applies to the shift tensors only (the WKV part stays fp32)."""
+        out = {}
+        for k, v in self.tensors.items():
+            dt = dtype if (dtype is not None and k.endswith("shift")) else v.dtype
+            out[k] = v.to(device=device if device is not None else v.device, dtype=dt)
+        return State(self.version, out)
+
+    def select(self, rows: int | Sequence[int] | torch.Tensor | slice) -> State:
+        """The state of some batch rows (an int keeps a batch dimension of 1)."""
+        if isinstance(rows, int):
+            rows = [rows]
+        if isinstance(rows, slice):
+            return State(self.version, {k: v[:, rows] for k, v in self.tensors.items()})
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return State(self.version, {k: v.index_select(1, idx) for k, v in self.tensors.items()})
+
+    def split(self) -> list[State]:
+        """One single-row state per batch row."""
+        return [self.select(i) for i in range(self.batch_size)]
+
+    @staticmethod
+    def stack(states: Sequence[State]) -> State:
+        """Concatenate states along the batch dimension."""
+        if not states:
+            raise ValueError("State.stack needs at least one state")
+        version = states[0].version
+        for s in states:
+            if s.version != version or s.tensors.keys() != states[0].tensors.keys():
+                raise ValueError("cannot stack states of different model versions")
+        return State(version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors})
+
+    cat = stack
+
+    def assign_rows(self, rows: Sequence[int] | torch.Tensor, other: State) -> None:
+        """In place: overwrite batch rows ``rows`` with the rows of ``other`` (same order)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        for k, v in self.tensors.items():
+            v.index_copy_(1, idx, other.tensors[k].to(v.dtype))
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        payload = {"format": _FORMAT, "version": self.version}
+        payload.update({k: v.detach().cpu() for k, v in self.tensors.items()})
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> State:
+        try:
+            payload = torch.load(path, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ValueError(f"cannot read state file {str(path)!r}: {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not an rwkvkit state file")
+        version = int(payload["version"])
+        keys = state_keys(version)
+        missing = [k for k in keys if k not in payload]
+        if missing:
+            raise ValueError(f"state file {str(path)!r} lacks {missing}")
+        return cls(version, {k: payload[k] for k in keys})
+
+    def check(self, config: ModelConfig, batch_size: int | None = None) -> None:
+        """Raise ValueError if this state does not fit ``config`` (and ``batch_size`` if given)."""
+        if self.version != config.version:
+            raise ValueError(f"state is for RWKV-{self.version}, model is RWKV-{config.version}")
+        ref = State.zeros(config, 1, device="meta")
+        for k, v in ref.tensors.items():
+            t = self.tensors.get(k)
+            if t is None:
+                raise ValueError(f"state lacks {k!r}")
+            if t.dim() != v.dim() or t.shape[0] != v.shape[0] or t.shape[2:] != v.shape[2:]:
+                raise ValueError(f"state {k!r} has shape {tuple(t.shape)}, model needs {tuple(v.shape)} (B=any)")
+        if batch_size is not None and self.batch_size != batch_size:
+            raise ValueError(f"state has batch size {self.batch_size}, input has {batch_size}")
