@@ -64,6 +64,33 @@ class State:
             t["wkv"] = torch.zeros(L, B, H, N, N, **f32)
         return cls(config.version, t)
 
+    @classmethod
+    def from_time_state(cls, sd: dict[str, torch.Tensor], config: ModelConfig) -> State:
+        """A state-tuned file's ``blocks.{i}.att.time_state`` keys ([H, N, N], stored [value, key], as
+        RWKV-LM writes them) as a batch-1 State: the WKV part set, the token-shift parts zero."""
+        if config.version == 4:
+            raise ValueError("state tuning (time_state) exists only for RWKV-5/6 models")
+        st = cls.zeros(config, 1)
+        H, N = config.n_head, config.head_size
+        for i in range(config.n_layer):
+            key = f"blocks.{i}.att.time_state"
+            if key not in sd:
+                raise ValueError(
+                    f"state file lacks {key!r} (needs one time_state per layer, {config.n_layer} layers)"
+                )
+            t = sd[key]
+            if tuple(t.shape) != (H, N, N):
+                raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the model needs {(H, N, N)}")
+            st.tensors["wkv"][i, 0] = t.float().transpose(-1, -2)
+        return st
+
+    def to_time_state(self) -> dict[str, torch.Tensor]:
+        """The inverse of ``from_time_state`` for batch row 0 (what state tuning exports)."""
+        if self.version == 4:
+            raise ValueError("time_state exists only for RWKV-5/6 states")
+        wkv = self.tensors["wkv"][:, 0]
+        return {f"blocks.{i}.att.time_state": wkv[i].transpose(-1, -2).contiguous() for i in range(len(wkv))}
+
     # ---- basic properties ---------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
@@ -119,7 +146,9 @@ class State:
         for s in states:
             if s.version != version or s.tensors.keys() != states[0].tensors.keys():
                 raise ValueError("cannot stack states of different model versions")
-        return State(version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors})
+        return State(
+            version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors}
+        )
 
     cat = stack
 
@@ -169,6 +198,8 @@ class State:
             if t is None:
                 raise ValueError(f"state lacks {k!r}")
             if t.dim() != v.dim() or t.shape[0] != v.shape[0] or t.shape[2:] != v.shape[2:]:
-                raise ValueError(f"state {k!r} has shape {tuple(t.shape)}, model needs {tuple(v.shape)} (B=any)")
+                raise ValueError(
+                    f"state {k!r} has shape {tuple(t.shape)}, model needs {tuple(v.shape)} (B=any)"
+                )
         if batch_size is not None and self.batch_size != batch_size:
             raise ValueError(f"state has batch size {self.batch_size}, input has {batch_size}")

@@ -1,0 +1,205 @@
+"""Official checkpoints in and out: ``.pth`` state dicts (as BlinkDL publishes them) and ``.safetensors``.
+
+``load`` reads the file safely (``torch.load(weights_only=True, mmap=True)``: a pickle that would run
+code is refused, and a 7B file is mapped, not copied), reads the architecture from keys and shapes,
+checks every key and shape against what that architecture needs, and builds the model directly on
+the loaded tensors. By default it folds ``blocks.0.ln0`` into the embedding *in the checkpoint's
+dtype*, exactly as the reference implementation does, so bf16 files give the reference's logits.
+``save`` writes the official layout atomically (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import CheckpointError, ModelConfig
+from .models.model import RWKV
+from .models.quant import quantize_int8
+from .testing import checkpoint_keys
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+FP16_RESCALE_EVERY = 6  # the reference's RESCALE_LAYER for fp16
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The raw tensors of a checkpoint file (.pth or .safetensors), without running any pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "reading .safetensors needs the safetensors package: pip install rwkvkit[hub]"
+            ) from e
+        try:
+            sd = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {e}") from e
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"refusing to load {str(path)!r}: it contains pickled objects other than tensors "
+                f"(weights_only loading blocks code execution). Details: {str(e).splitlines()[0]}"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot read {str(path)!r}: the file is truncated or is not a PyTorch checkpoint ({e})"
+            ) from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
+    if any(k.startswith("module.") for k in sd):  # DDP / DeepSpeed wrappers
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    """Raise CheckpointError naming every missing, unexpected or misshapen key."""
+    expected = checkpoint_keys(config)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing keys for RWKV-{config.version}: {missing[:5]}{more}")
+    extra = [k for k in sd if k not in expected and not k.endswith(".att.time_state")]
+    if extra:
+        raise CheckpointError(
+            f"checkpoint has unexpected keys for RWKV-{config.version}: {sorted(extra)[:5]}"
+        )
+    for k, shape in expected.items():
+        t = sd[k]
+        if tuple(t.shape) != shape and [d for d in t.shape if d != 1] != [d for d in shape if d != 1]:
+            raise CheckpointError(f"key {k!r} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"key {k!r} has dtype {t.dtype}, expected a floating-point tensor")
+    H, N = config.n_head, config.head_size
+    for i in range(config.n_layer):
+        ts = sd.get(f"blocks.{i}.att.time_state")
+        if ts is not None and tuple(ts.shape) != (H, N, N):
+            raise CheckpointError(
+                f"key 'blocks.{i}.att.time_state' has shape {tuple(ts.shape)}, expected {(H, N, N)}"
+            )
+
+
+def _is_matrix(key: str) -> bool:
+    """Keys stored in the model's dtype: linear weights, embedding and head. The rest stays fp32."""
+    return key.endswith(".weight") and (
+        key == "emb.weight" or not key.split(".")[-2].startswith(("ln", "time"))
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    *,
+    fold_ln0: bool = True,
+) -> RWKV:
+    """Load an official RWKV-4 / Eagle / Finch checkpoint.
+
+    ``dtype`` (fp32, bf16 or fp16) applies to the large matrices; LayerNorms, decays and the WKV state
+    stay fp32. fp16 uses the reference's rescaling (``att.output``/``ffn.value`` halved every 6 layers,
+    x halved after every 6th block) so it does not overflow. ``quantize="int8"`` stores the matrices as
+    int8 (per-row scales) for fast CPU decode. ``fold_ln0=True`` (default) folds ln0 into the embedding
+    like the reference and returns a frozen inference model; ``fold_ln0=False`` keeps every parameter
+    as in the file and trainable, for fine-tuning and re-saving.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    sd = read_state_dict(path)
+    config = ModelConfig.from_state_dict(sd)
+    check_state_dict(sd, config)
+    expected = checkpoint_keys(config)
+    rescale = FP16_RESCALE_EVERY if dtype == torch.float16 else 0
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, shape in expected.items():
+        t = sd[k].reshape(shape)
+        if fold_ln0 and k == "emb.weight":  # in the checkpoint dtype, as the reference does
+            w0, b0 = sd["blocks.0.ln0.weight"], sd["blocks.0.ln0.bias"]
+            try:
+                t = F.layer_norm(t, (config.n_embd,), weight=w0.to(t.dtype), bias=b0.to(t.dtype))
+            except RuntimeError:
+                t = F.layer_norm(t.float(), (config.n_embd,), weight=w0.float(), bias=b0.float())
+        if rescale and k.endswith(("att.output.weight", "ffn.value.weight")):
+            t = t.float() / 2 ** (int(k.split(".")[1]) // rescale)
+        tensors[k] = t.to(dtype if _is_matrix(k) else torch.float32)
+
+    with torch.device("meta"):
+        model = RWKV(config)
+    model.load_state_dict(tensors, assign=True, strict=True)
+    model.ln0_folded = fold_ln0
+    model.rescale_every = rescale
+    if any(k.endswith("att.time_state") for k in sd):
+        if config.version == 4:
+            raise CheckpointError("time_state keys in an RWKV-4 checkpoint: state tuning needs v5/v6")
+        missing = [i for i in range(config.n_layer) if f"blocks.{i}.att.time_state" not in sd]
+        if missing:
+            raise CheckpointError(f"time_state present for some layers but missing for layers {missing}")
+        model.time_state = torch.stack(
+            [sd[f"blocks.{i}.att.time_state"].float().transpose(1, 2) for i in range(config.n_layer)]
+        )
+    if quantize == "int8":
+        quantize_int8(model)
+    model = model.to(device)
+    if model.time_state is not None:
+        model.time_state = model.time_state.to(device)
+    model.eval()
+    model.requires_grad_(not fold_ln0)
+    return model
+
+
+def save(
+    model_or_state_dict: RWKV | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = torch.bfloat16,
+) -> None:
+    """Write an official-layout checkpoint (.pth, or .safetensors by suffix) atomically.
+
+    ``dtype`` converts every floating tensor (bf16 by default, as released files); None keeps them.
+    """
+    if isinstance(model_or_state_dict, RWKV):
+        if model_or_state_dict.ln0_folded:
+            raise ValueError(
+                "this model was loaded with ln0 folded into the embedding (inference mode); "
+                "load it with rwkvkit.load(path, fold_ln0=False) to fine-tune or re-save it"
+            )
+        sd = model_or_state_dict.state_dict()
+    else:
+        sd = dict(model_or_state_dict)
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(out, tmp)
+        else:
+            torch.save(out, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

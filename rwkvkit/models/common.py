@@ -1,0 +1,92 @@
+"""Pieces shared by every RWKV version: the dtype-aware Linear, token shift, LayerNorm, channel-mix.
+
+Numerics (the same in every version, chosen to match the reference in fp32 and to lose as little as
+possible in bf16/fp16): the residual stream, LayerNorms, decays, the WKV state and GroupNorm are fp32;
+only the large matrices (``Linear`` weights, the embedding and the head) take the model's dtype. A
+``Linear`` casts its input to its weight's dtype and returns float32, so version code never juggles
+dtypes, and a quantised layer (``rwkvkit.models.quant.Int8Linear``) can stand in for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias whose input is cast to the weight dtype and whose output is float32."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out] fp32
+        w = self.weight
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(w.dtype)
+        return F.linear(x, w).float()
+
+
+class LayerNorm(nn.LayerNorm):
+    """fp32 LayerNorm (eps 1e-5) over the last dimension, whatever the input dtype."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        )
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """The previous token's input at every position: [B, T, C] from x [B, T, C] and prev [B, C]."""
+    if x.shape[1] == 1:
+        return prev.unsqueeze(1).to(x.dtype)
+    return torch.cat([prev.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+
+
+class ChannelMix(nn.Module):
+    """The feed-forward half of a block: ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)`` with token shift.
+
+    RWKV-4/5 lerp as ``x*mix + prev*(1-mix)`` (``time_mix_k/r``); Finch as ``x + (prev-x)*maa``
+    (``time_maa_k/r``). The two are the same function of the parameters, so one module serves both.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, F_ = config.n_embd, config.ffn_dim
+        self.finch = config.version == 6
+        mix = "time_maa" if self.finch else "time_mix"
+        self.mix_k_name, self.mix_r_name = f"{mix}_k", f"{mix}_r"
+        self.register_parameter(self.mix_k_name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.register_parameter(self.mix_r_name, nn.Parameter(torch.zeros(1, 1, C)))
+        self.key = Linear(C, F_)
+        self.receptance = Linear(C, C)
+        self.value = Linear(F_, C)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""
+        prev = token_shift(x, shift)
+        mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
+        if self.finch:
+            d = prev - x
+            xk, xr = x + d * mk, x + d * mr
+        else:
+            xk, xr = x * mk + prev * (1 - mk), x * mr + prev * (1 - mr)
+        r = torch.sigmoid(self.receptance(xr))
+        k = torch.relu(self.key(xk)).square()
+        return r * self.value(k), x[:, -1]
+
+
+def group_norm(y: torch.Tensor, n_head: int, ln_x: nn.GroupNorm) -> torch.Tensor:
+    """Per-head GroupNorm of the WKV output (eps 64e-5 = 1e-5 * 8^2, as the reference): [B, T, C] fp32."""
+    B, T, C = y.shape
+    out = F.group_norm(y.reshape(B * T, C), n_head, ln_x.weight.float(), ln_x.bias.float(), eps=ln_x.eps)
+    return out.view(B, T, C)
+
+
+def make_ln_x(config: ModelConfig) -> nn.GroupNorm:
+    return nn.GroupNorm(config.n_head, config.n_embd, eps=64e-5)

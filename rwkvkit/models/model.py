@@ -1,0 +1,161 @@
+"""The RWKV language model: embedding, blocks of time-mix + channel-mix, output head.
+
+One class serves RWKV-4, Eagle (5.2) and Finch (6): the version picks the time-mix module once, at
+construction; ``forward`` has no version branches except the layout of the state. Attribute names
+equal the official checkpoint keys, so ``model.state_dict()`` *is* an official checkpoint.
+
+``forward(tokens, state)`` is a pure function of its inputs: the incoming ``State`` is never modified,
+a new one is returned, and passing it back continues the sequence exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..state import State
+from .common import ChannelMix, LayerNorm, Linear
+from .rwkv4 import TimeMix4
+from .rwkv5 import TimeMix5
+from .rwkv6 import TimeMix6
+
+_TIME_MIX = {4: TimeMix4, 5: TimeMix5, 6: TimeMix6}
+BACKENDS = ("auto", "chunked", "naive")
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = LayerNorm(config.n_embd)
+        self.ln1 = LayerNorm(config.n_embd)
+        self.ln2 = LayerNorm(config.n_embd)
+        self.att = _TIME_MIX[config.version](config)
+        self.ffn = ChannelMix(config)
+
+    def forward(
+        self, x: torch.Tensor, att_shift: torch.Tensor, wkv, ffn_shift: torch.Tensor, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
+        """x [B, T, C] fp32 residual -> (x, att_shift, wkv state, ffn_shift)."""
+        out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
+        x = x + out
+        out, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + out, att_shift, wkv, ffn_shift
+
+
+class RWKV(nn.Module):
+    """An RWKV-4 / Eagle / Finch language model. Build with a ``ModelConfig``; load with ``rwkvkit.load``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_out = LayerNorm(C)
+        self.head = Linear(C, config.vocab_size)
+        self.ln0_folded = False  # True once ln0 is folded into emb (inference loading, as the reference)
+        self.rescale_every = 0  # fp16: halve x after every n-th block (weights scaled to match at load)
+        self.gradient_checkpointing = False
+        self.time_state: torch.Tensor | None = None  # [L, H, N, N] (key x value) from a state-tuned file
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype if self.head.weight.is_floating_point() else torch.bfloat16
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def init_state(self, batch_size: int = 1) -> State:
+        """The state at the start of a sequence: zeros, or the loaded ``time_state`` for every row."""
+        st = State.zeros(self.config, batch_size, device=self.device)
+        if self.time_state is not None:
+            st.tensors["wkv"].copy_(self.time_state.unsqueeze(1).expand_as(st.tensors["wkv"]))
+        return st
+
+    # ---- forward --------------------------------------------------------------------------------
+    def _tokens(self, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor([list(tokens)], dtype=torch.long)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T] (or a list of ints), got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8, torch.int64):
+            raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens is empty: need at least one token per row")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return tokens.to(self.device, torch.long)
+
+    def forward(
+        self,
+        tokens: torch.Tensor | Sequence[int],
+        state: State | None = None,
+        *,
+        backend: str = "auto",
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, State]:
+        """tokens [B, T] -> (logits [B, T, V] float32 (or [B, 1, V] if ``last_only``), new State).
+
+        ``backend``: "auto" (chunked parallel WKV for T > 1, one recurrent step for T == 1),
+        "chunked" or "naive" (the fp32 per-step loop, the source of truth).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        tokens = self._tokens(tokens)
+        B, T = tokens.shape
+        if state is None:
+            state = self.init_state(B)
+        else:
+            state.check(self.config, B)
+        if backend == "auto":
+            backend = "naive" if T == 1 else "chunked"
+
+        x = self.emb(tokens).float()  # [B, T, C]
+        if not self.ln0_folded:
+            x = self.blocks[0].ln0(x)
+        st = state.tensors
+        v4 = self.config.version == 4
+        att_shift, ffn_shift, wkv = [], [], []
+        for i, block in enumerate(self.blocks):
+            s_wkv = (st["aa"][i], st["bb"][i], st["pp"][i]) if v4 else st["wkv"][i]
+            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, a, w, f = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, a, w, f = block(*args)
+            if self.rescale_every and (i + 1) % self.rescale_every == 0:
+                x = x / 2
+            att_shift.append(a)
+            ffn_shift.append(f)
+            wkv.append(w)
+        new = {"att_shift": torch.stack(att_shift).to(st["att_shift"].dtype)}
+        new["ffn_shift"] = torch.stack(ffn_shift).to(st["ffn_shift"].dtype)
+        if v4:
+            for j, name in enumerate(("aa", "bb", "pp")):
+                new[name] = torch.stack([w[j] for w in wkv])
+        else:
+            new["wkv"] = torch.stack(wkv)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(self.ln_out(x))
+        return logits, State(self.config.version, new)
+
+    def loss(
+        self, tokens: torch.Tensor, targets: torch.Tensor, state: State | None = None, **kw
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``targets`` [B, T] given ``tokens`` [B, T]."""
+        logits, _ = self(tokens, state, **kw)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,0 +1,62 @@
+"""Finch (RWKV-6) time-mix: data-dependent token shift and decay through small LoRA projections.
+
+``d = prev - x``; ``m = tanh((x + d*maa_x) @ maa_w1)`` split in five (w, k, v, r, g) and projected back
+by ``maa_w2``; each branch mixes ``x + d*(maa_j + m_j)``. The decay is per token and channel:
+``w_t = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2))``, computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops import wkv6
+from .common import Linear, group_norm, make_ln_x, token_shift
+
+
+class TimeMix6(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        D, Dw = config.mix_lora, config.decay_lora
+        self.n_head, self.head_size, self.mix_lora = H, N, D
+        for m in "xwkvrg":
+            setattr(self, f"time_maa_{m}", nn.Parameter(torch.zeros(1, 1, C)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * D))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, D, C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dw))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(Dw, C))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = Linear(C, C)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
+        self.gate = Linear(C, C)
+        self.output = Linear(C, C)
+        self.ln_x = make_ln_x(config)
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value)."""
+        B, T, C = x.shape
+        H, N, D = self.n_head, self.head_size, self.mix_lora
+        d = token_shift(x, shift) - x
+        xxx = x + d * self.time_maa_x
+        m = torch.tanh(xxx @ self.time_maa_w1.float())  # [B, T, 5D]
+        m = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), self.time_maa_w2.float())  # [5, B*T, C]
+        mw, mk, mv, mr, mg = m.view(5, B, T, C).unbind(0)
+        r = self.receptance(x + d * (self.time_maa_r + mr)).view(B, T, H, N)
+        k = self.key(x + d * (self.time_maa_k + mk)).view(B, T, H, N)
+        v = self.value(x + d * (self.time_maa_v + mv)).view(B, T, H, N)
+        g = F.silu(self.gate(x + d * (self.time_maa_g + mg)))
+        xw = x + d * (self.time_maa_w + mw)
+        ww = (
+            self.time_decay.float() + torch.tanh(xw @ self.time_decay_w1.float()) @ self.time_decay_w2.float()
+        )
+        w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
+        y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
+        y = group_norm(y.view(B, T, C), H, self.ln_x)
+        return self.output(y * g), x[:, -1], s
