@@ -12,7 +12,6 @@ os.environ["RWKV_JIT_ON"] = "0"
 os.environ["RWKV_CUDA_ON"] = "0"
 
 import torch  # noqa: E402
-
 from rwkv.model import RWKV as _RefRWKV  # noqa: E402
 
 
