@@ -1,9 +1,18 @@
 """Build script for rwkvkit's optional native parts (the tokenizer core).
 
-Everything else is declared in pyproject.toml. If the C compiler is missing the build still
-succeeds and rwkvkit falls back to its pure-Python twins.
+Everything else is declared in pyproject.toml. The extension is optional: if the C compiler is
+missing the build still succeeds and rwkvkit falls back to its pure-Python twins.
 """
 
-from setuptools import setup
+from setuptools import Extension, setup
 
-setup()
+setup(
+    ext_modules=[
+        Extension(
+            "rwkvkit.tokenizer._native",
+            ["rwkvkit/tokenizer/_trie.c"],
+            extra_compile_args=["-O3", "-std=c99", "-Wall"],
+            optional=True,
+        )
+    ]
+)
