@@ -117,7 +117,9 @@ def _detect_version(sd: Mapping[str, torch.Tensor], att: str) -> int:
         raise CheckpointError("this looks like an RWKV-7 (Goose) checkpoint; rwkvkit supports 4, 5.2 and 6")
     if has("ln_x.weight"):
         if not has("gate.weight"):
-            raise CheckpointError("this is an RWKV-5.0 checkpoint (ln_x without gate); rwkvkit supports 4, 5.2 and 6")
+            raise CheckpointError(
+                "this is an RWKV-5.0 checkpoint (ln_x without gate); rwkvkit supports 4, 5.2 and 6"
+            )
         td = sd.get(att + "time_decay")
         if td is not None and td.dim() == 2 and td.shape[1] > 1:
             return 5
