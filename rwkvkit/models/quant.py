@@ -21,10 +21,12 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        # round the scale to bf16 FIRST and quantise against the rounded value, so the stored scale
+        # carries no systematic per-row error
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(torch.bfloat16)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-128, 127).to(torch.int8)
         self.register_buffer("weight_int8", q.contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("scale", scale)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     @property

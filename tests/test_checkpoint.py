@@ -1,0 +1,175 @@
+"""Loading and saving checkpoints: architecture detection, bad input, dtypes, safety."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+import rwkvkit
+from rwkvkit.config import CheckpointError, ModelConfig
+from rwkvkit.state import State
+from rwkvkit.testing import random_checkpoint
+
+
+@pytest.fixture
+def finch(tmp_path):
+    path = tmp_path / "RWKV-x060-test.pth"
+    sd = random_checkpoint(6, 2, 64, 300, head_size=32, path=path)
+    return path, sd
+
+
+def test_config_read_from_keys_and_shapes(finch):
+    path, sd = finch
+    cfg = ModelConfig.from_state_dict(sd)
+    assert (cfg.version, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size) == (
+        6,
+        2,
+        64,
+        2,
+        32,
+        300,
+    )
+    assert (cfg.mix_lora, cfg.decay_lora, cfg.ffn_dim) == (32, 64, 224)
+    model = rwkvkit.load(path)
+    assert model.config == cfg
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_save_load_roundtrip_pth_and_safetensors(tmp_path, version):
+    sd = random_checkpoint(version, 2, 64, 300, head_size=32, path=tmp_path / "a.pth")
+    model = rwkvkit.load(tmp_path / "a.pth", fold_ln0=False)
+    for name in ("b.pth", "b.safetensors"):
+        rwkvkit.save(model, tmp_path / name, dtype=torch.float32)
+        again = rwkvkit.load(tmp_path / name, fold_ln0=False)
+        for k, v in again.state_dict().items():
+            assert torch.equal(v, sd[k].reshape(v.shape)), k
+    folded = rwkvkit.load(tmp_path / "a.pth")
+    with pytest.raises(ValueError, match="fold_ln0=False"):
+        rwkvkit.save(folded, tmp_path / "c.pth")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_file(tmp_path, finch):
+    path, _ = finch
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        rwkvkit.load(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        rwkvkit.load(tmp_path / "nope.pth")
+
+
+def test_missing_key(tmp_path, finch):
+    _, sd = finch
+    del sd["blocks.1.att.gate.weight"]
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys.*blocks\.1\.att\.gate\.weight"):
+        rwkvkit.load(tmp_path / "m.pth")
+
+
+def test_misshapen_key(tmp_path, finch):
+    _, sd = finch
+    sd["blocks.0.ffn.value.weight"] = torch.zeros(64, 100)
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.value\.weight.*\(64, 100\)"):
+        rwkvkit.load(tmp_path / "m.pth")
+
+
+def test_unexpected_key(tmp_path, finch):
+    _, sd = finch
+    sd["blocks.0.att.surprise"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys.*surprise"):
+        rwkvkit.load(tmp_path / "m.pth")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda sd: sd.pop("blocks.0.att.gate.weight"), "5.0"),  # ln_x without gate
+        (lambda sd: sd.__setitem__("blocks.0.att.time_decay", torch.zeros(2)), "5.1"),
+        (lambda sd: sd.__setitem__("blocks.0.att.k_k", torch.zeros(64)), "RWKV-7"),
+        (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("blocks.0.att.")], "unknown RWKV layout"),
+    ],
+    ids=["v5.0", "v5.1", "v7", "unknown"],
+)
+def test_unsupported_versions_are_named(tmp_path, edit, match):
+    sd = random_checkpoint(5, 2, 64, 300, head_size=32)
+    if match == "RWKV-7":
+        sd = {k: v for k, v in sd.items() if "time_" not in k}
+    edit(sd)
+    torch.save(sd, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=match):
+        rwkvkit.load(tmp_path / "x.pth")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, finch):
+    monkeypatch.chdir(tmp_path)
+    _, sd = finch
+    sd["evil"] = _Exploit()
+    torch.save(sd, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refusing"):
+        rwkvkit.load(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(CheckpointError):
+        rwkvkit.load(plain)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_token_ids_outside_vocabulary(finch):
+    model = rwkvkit.load(finch[0])
+    with pytest.raises(ValueError, match="token id 300 is outside the vocabulary"):
+        model([1, 2, 300])
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="empty"):
+        model([])
+
+
+def test_state_of_wrong_model_or_batch(finch, tmp_path):
+    model = rwkvkit.load(finch[0])
+    other = rwkvkit.load(
+        random_checkpoint(6, 3, 64, 300, head_size=32, path=tmp_path / "o.pth") and tmp_path / "o.pth"
+    )
+    _, st = other([1, 2])
+    with pytest.raises(ValueError, match="shape"):
+        model([1], st)
+    _, st = model(torch.tensor([[1], [2]]))
+    with pytest.raises(ValueError, match="batch size 2"):
+        model([1], st)
+    with pytest.raises(ValueError, match="not an rwkvkit state file"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "bad.state")
+        State.load(tmp_path / "bad.state")
+
+
+def test_state_value_semantics(finch):
+    model = rwkvkit.load(finch[0])
+    _, st = model([5, 6, 7])
+    before = st.clone()
+    model([8], st)  # the incoming state is not modified
+    for k in st.tensors:
+        assert torch.equal(st[k], before[k])
+    assert st["wkv"].dtype == torch.float32 and st["wkv"].shape == (2, 1, 2, 32, 32)
+
+
+def test_mmap_and_weights_stay_in_file_dtype(tmp_path):
+    sd = random_checkpoint(6, 2, 64, 300, head_size=32, dtype=torch.bfloat16, path=tmp_path / "b.pth")
+    model = rwkvkit.load(tmp_path / "b.pth", dtype=torch.bfloat16)
+    assert model.blocks[1].att.key.weight.dtype == torch.bfloat16
+    assert model.blocks[1].att.time_decay.dtype == torch.float32  # decays stay fp32
+    # the bf16 matrices are used as loaded (no copy): identical values to the file
+    assert torch.equal(model.blocks[1].att.key.weight, sd["blocks.1.att.key.weight"])
