@@ -31,11 +31,16 @@ typedef struct {
     Py_ssize_t n_cells; /* allocated, including the 256 spare cells */
     uint8_t *blob;      /* all token bytes, id order, plus 16 spare bytes */
     uint32_t *off;      /* off[id] = start of id's bytes in blob */
+    uint32_t *span;     /* off[id] << 8 | len[id]: one load per id when decoding */
     uint8_t *len;       /* len[id] = byte length (0 for id 0 and unused ids) */
     int32_t n_ids;      /* ids are 0 .. n_ids - 1 */
     PyObject **ints;    /* cached int objects for every id */
     Py_ssize_t n_nodes;
+    uint64_t *packed;   /* the encode table: base | check << 24 | value << 48, one load per step */
 } Core;
+
+#define FIELD 0xFFFFFFull /* base and check are 24-bit fields of a packed cell */
+#define CHECK(c) ((int32_t)(((c) >> 24) & FIELD))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Building: darts-style recursive placement over the sorted keys.                             */
@@ -147,8 +152,12 @@ static int cmp_keys(const void *pa, const void *pb) {
 static void core_free_tables(Core *self) {
     free(self->cells);
     free(self->value);
+    free(self->packed);
+    self->packed = NULL;
     free(self->blob);
     free(self->off);
+    free(self->span);
+    self->span = NULL;
     free(self->len);
     self->cells = NULL;
     self->value = NULL;
@@ -201,13 +210,14 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
     self->blob = malloc(total + 16);
     self->off = malloc(sizeof(uint32_t) * (size_t)n);
     self->len = malloc((size_t)n);
+    self->span = malloc(sizeof(uint32_t) * (size_t)n);
     self->ints = calloc((size_t)n, sizeof(PyObject *));
     int *order = malloc(sizeof(int) * (size_t)n);
     const uint8_t **keys = malloc(sizeof(uint8_t *) * (size_t)n);
     uint8_t *klen = malloc((size_t)n);
     uint16_t *kid = malloc(sizeof(uint16_t) * (size_t)n);
     const uint8_t **skeys = malloc(sizeof(uint8_t *) * (size_t)n);
-    if (!self->blob || !self->off || !self->len || !self->ints || !order || !keys || !klen || !kid || !skeys) {
+    if (!self->blob || !self->off || !self->span || !self->len || !self->ints || !order || !keys || !klen || !kid || !skeys) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -219,6 +229,7 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
         memcpy(self->blob + o, PyBytes_AS_STRING(items[i]), (size_t)l);
         self->off[i] = (uint32_t)o;
         self->len[i] = (uint8_t)l;
+        self->span[i] = (uint32_t)o << 8 | (uint32_t)l; /* o < 65536 * 256 */
         o += (size_t)l;
         self->ints[i] = PyLong_FromSsize_t(i);
         if (!self->ints[i]) goto fail;
@@ -287,6 +298,24 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
             self->value[i] = 0;
         }
     }
+    if (self->n_cells >= (Py_ssize_t)FIELD - 2) {
+        PyErr_Format(PyExc_ValueError, "Core(tokens): the trie needs %zd cells, more than this core supports",
+                     self->n_cells);
+        goto fail;
+    }
+    self->packed = malloc(sizeof(uint64_t) * (size_t)self->n_cells);
+    if (!self->packed) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < self->n_cells; i++) {
+        uint64_t check = (uint64_t)(uint32_t)self->cells[i].check & FIELD; /* -1 -> FIELD, -2 -> FIELD-1 */
+        self->packed[i] = (uint64_t)(uint32_t)self->cells[i].base | check << 24 | (uint64_t)self->value[i] << 48;
+    }
+    free(self->cells);
+    free(self->value);
+    self->cells = NULL;
+    self->value = NULL;
     free(order);
     free(keys);
     free(klen);
@@ -308,25 +337,46 @@ fail:
 /* ------------------------------------------------------------------------------------------ */
 /* Encoding.                                                                                    */
 
-/* Greedy longest match of src[0:n] into out (capacity n: every token has >= 1 byte). */
+/* Greedy longest match of src[0:n] into out (capacity n: every token has >= 1 byte).
+ * A walk ends by itself within 129 steps (a node at depth 128 is a leaf, and a leaf's base 0 leads
+ * to cells 0..255 whose parent is never a leaf), so far from the end no bounds test is needed. */
 static Py_ssize_t encode_loop(const Core *self, const uint8_t *src, Py_ssize_t n, uint16_t *out) {
-    const Cell *cells = self->cells;
-    const uint16_t *value = self->value;
+    const uint64_t *cells = self->packed;
     const uint8_t *len = self->len;
-    const int32_t root_base = cells[0].base;
+    const uint32_t root_base = (uint32_t)(cells[0] & FIELD);
     Py_ssize_t i = 0, k = 0;
-    while (i < n) {
-        int32_t s = root_base + src[i]; /* every byte is a token: the first step always matches */
-        uint16_t best = value[s];
-        Py_ssize_t j = i + 1;
-        while (j < n) {
-            int32_t t = cells[s].base + src[j];
-            if (cells[t].check != s) break;
+    while (i + 130 <= n) {
+        uint32_t s = root_base + src[i]; /* every byte is a token: the first step always matches */
+        uint64_t c = cells[s];
+        uint32_t best = (uint32_t)(c >> 48);
+        const uint8_t *p = src + i + 1;
+        for (;;) {
+            uint32_t t = (uint32_t)(c & FIELD) + *p;
+            uint64_t ct = cells[t];
+            if ((uint32_t)CHECK(ct) != s) break;
             s = t;
-            j++;
-            if (value[s]) best = value[s];
+            c = ct;
+            p++;
+            uint32_t v = (uint32_t)(ct >> 48);
+            best = v ? v : best;
         }
-        out[k++] = best;
+        out[k++] = (uint16_t)best;
+        i += len[best];
+    }
+    while (i < n) {
+        uint32_t s = root_base + src[i];
+        uint64_t c = cells[s];
+        uint32_t best = (uint32_t)(c >> 48);
+        for (Py_ssize_t j = i + 1; j < n; j++) {
+            uint32_t t = (uint32_t)(c & FIELD) + src[j];
+            uint64_t ct = cells[t];
+            if ((uint32_t)CHECK(ct) != s) break;
+            s = t;
+            c = ct;
+            uint32_t v = (uint32_t)(ct >> 48);
+            best = v ? v : best;
+        }
+        out[k++] = (uint16_t)best;
         i += len[best];
     }
     return k;
@@ -531,7 +581,9 @@ static int out_reserve(OutBuf *o, Py_ssize_t extra) {
 }
 
 static inline int put_id(const Core *self, OutBuf *o, long long id, Py_ssize_t pos, int mode) {
-    if (id <= 0 || id >= self->n_ids || (self->len[id] == 0)) {
+    uint32_t sp = (unsigned long long)id < (unsigned long long)self->n_ids ? self->span[id] : 0;
+    unsigned l = sp & 0xFF;
+    if (l == 0) { /* id 0, an unused id, or out of range */
         if (id == 0) return 0; /* end-of-document: no bytes */
         if (mode == MODE_STRICT) return bad_id(id, pos, self->n_ids);
         if (out_reserve(o, 3) < 0) return -1;
@@ -539,15 +591,32 @@ static inline int put_id(const Core *self, OutBuf *o, long long id, Py_ssize_t p
         o->n += 3;
         return 0;
     }
-    unsigned l = self->len[id];
+    const uint8_t *src = self->blob + (sp >> 8);
     if (o->n + 16 > o->cap || l > 16) {
         if (out_reserve(o, l + 16) < 0) return -1;
-        memcpy(o->p + o->n, self->blob + self->off[id], l);
+        memcpy(o->p + o->n, src, l);
     } else {
-        memcpy(o->p + o->n, self->blob + self->off[id], 16); /* fixed-size copy, blob has 16 spare */
+        memcpy(o->p + o->n, src, 16); /* fixed-size copy: the blob has 16 spare bytes */
     }
     o->n += l;
     return 0;
+}
+
+/* The value of an exact int that fits one digit, without a call (most token ids). */
+static inline int small_int(PyObject *o, long long *out) {
+    if (!PyLong_CheckExact(o)) return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o)) return 0;
+    *out = (long long)PyUnstable_Long_CompactValue((PyLongObject *)o);
+    return 1;
+#else
+    Py_ssize_t size = Py_SIZE(o);
+    if (size == 0 || size == 1) {
+        *out = size ? (long long)((PyLongObject *)o)->ob_digit[0] : 0;
+        return 1;
+    }
+    return 0;
+#endif
 }
 
 static int decode_into(Core *self, PyObject *ids, int mode, OutBuf *o) {
@@ -558,9 +627,33 @@ static int decode_into(Core *self, PyObject *ids, int mode, OutBuf *o) {
     if (PyList_Check(ids) || PyTuple_Check(ids)) {
         if (out_reserve(o, PySequence_Fast_GET_SIZE(ids) * 4 + 32) < 0) return -1;
         /* size and items re-read every step: __index__ of a non-int item may run Python code */
-        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ids); i++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(ids, i);
+        Py_ssize_t i = 0;
+        while (i < PySequence_Fast_GET_SIZE(ids)) {
+            /* fast run: exact small ints of tokens <= 16 bytes, state in locals (no aliasing through o) */
+            PyObject **items = PySequence_Fast_ITEMS(ids);
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(ids), pos = o->n, stop = o->cap - 16;
+            uint8_t *dst = o->p;
+            const uint32_t *span = self->span;
+            const uint8_t *blob = self->blob;
+            const unsigned long long n_ids = (unsigned long long)self->n_ids;
+            for (; i < n && pos <= stop; i++) {
+                long long v;
+                if (!small_int(items[i], &v) || (unsigned long long)v >= n_ids) break;
+                uint32_t sp = span[v];
+                unsigned l = sp & 0xFF;
+                if (l == 0 || l > 16) break;
+                memcpy(dst + pos, blob + (sp >> 8), 16);
+                pos += l;
+            }
+            o->n = pos;
+            if (i >= n) break;
+            PyObject *item = items[i];
             long long id;
+            if (small_int(item, &id)) {
+                if (put_id(self, o, id, i, mode) < 0) return -1;
+                i++;
+                continue;
+            }
             if (PyLong_Check(item)) {
                 id = PyLong_AsLongLong(item);
             } else {
@@ -582,6 +675,7 @@ static int decode_into(Core *self, PyObject *ids, int mode, OutBuf *o) {
                 id = -1;
             }
             if (put_id(self, o, id, i, mode) < 0) return -1;
+            i++;
         }
         return 0;
     }
@@ -607,7 +701,35 @@ static int decode_into(Core *self, PyObject *ids, int mode, OutBuf *o) {
     }
     Py_ssize_t n = v.len / v.itemsize;
     int rc = out_reserve(o, n * 4 + 32);
-    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+    Py_ssize_t i = 0;
+    while (rc == 0 && i < n) {
+        /* fast run over tokens <= 16 bytes with the state in locals, per element type */
+        Py_ssize_t pos = o->n, stop = o->cap - 16;
+        uint8_t *dst = o->p;
+        const uint32_t *span = self->span;
+        const uint8_t *blob = self->blob;
+        const unsigned long long n_ids = (unsigned long long)self->n_ids;
+#define FAST_RUN(T)                                                                                       \
+    for (; i < n && pos <= stop; i++) {                                                                   \
+        unsigned long long u = (unsigned long long)(long long)((const T *)v.buf)[i];                     \
+        if (u >= n_ids) break;                                                                            \
+        uint32_t sp = span[u];                                                                            \
+        unsigned l = sp & 0xFF;                                                                           \
+        if (l == 0 || l > 16) break;                                                                      \
+        memcpy(dst + pos, blob + (sp >> 8), 16);                                                          \
+        pos += l;                                                                                         \
+    }
+        switch (v.itemsize * (sgn ? -1 : 1)) {
+        case 2: FAST_RUN(uint16_t) break;
+        case -2: FAST_RUN(int16_t) break;
+        case 4: FAST_RUN(uint32_t) break;
+        case -4: FAST_RUN(int32_t) break;
+        case -8: FAST_RUN(int64_t) break;
+        default: break;
+        }
+#undef FAST_RUN
+        o->n = pos;
+        if (i >= n) break;
         long long id;
         const char *p = (const char *)v.buf + i * v.itemsize;
         switch (v.itemsize) {
@@ -620,6 +742,7 @@ static int decode_into(Core *self, PyObject *ids, int mode, OutBuf *o) {
         }
         }
         rc = put_id(self, o, id, i, mode);
+        i++;
     }
     PyBuffer_Release(&v);
     return rc;
@@ -670,7 +793,7 @@ static PyObject *Core_decode(Core *self, PyObject *args) {
 
 static PyObject *Core_stats(Core *self, PyObject *Py_UNUSED(ignored)) {
     size_t blob = self->n_ids ? self->off[self->n_ids - 1] + self->len[self->n_ids - 1] + 16 : 0;
-    size_t table = (size_t)self->n_cells * (sizeof(Cell) + sizeof(uint16_t));
+    size_t table = (size_t)self->n_cells * sizeof(uint64_t);
     size_t ids = (size_t)self->n_ids * (sizeof(uint32_t) + 1 + sizeof(PyObject *));
     return Py_BuildValue("{s:n,s:n,s:n,s:n}", "nodes", self->n_nodes, "cells", self->n_cells, "table_bytes",
                          (Py_ssize_t)(table + blob + ids), "n_ids", (Py_ssize_t)self->n_ids);
