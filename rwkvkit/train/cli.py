@@ -1,0 +1,65 @@
+"""``rwkvkit train``: train or fine-tune from a YAML config with command-line overrides.
+
+    rwkvkit train --config configs/tiny_cpu.yaml
+    rwkvkit train --config configs/finch_0.1b.yaml --set lr_init=3e-4 --set micro_bsz=8
+    rwkvkit train --config configs/lora.yaml --mode lora --load model.pth data=tokens.npy
+    torchrun --nproc_per_node 2 -m rwkvkit.train.cli --config cfg.yaml strategy=ddp
+    rwkvkit train --config cfg.yaml --resume        # continue a killed run from out_dir/train_state.pt
+
+Overrides are ``key=value`` (after ``--set`` or bare), values parsed as YAML; every key is a field
+of ``rwkvkit.train.config.TrainConfig``. ``--print-config`` shows the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import MODES, TrainConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="rwkvkit train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="options (key=value): " + ", ".join(TrainConfig.__dataclass_fields__),
+    )
+    ap.add_argument("--config", "-c", help="YAML file of TrainConfig fields")
+    ap.add_argument("--mode", choices=MODES, help="full | lora | state (overrides the config)")
+    ap.add_argument("--load", help="checkpoint to start from (fine-tuning)")
+    ap.add_argument("--data", help="token file (binidx prefix, .npy or .bin)")
+    ap.add_argument("--out-dir", help="run folder for checkpoints, metrics and the loss curve")
+    ap.add_argument("--resume", action="store_true", help="continue from out_dir/train_state.pt")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = list(args.set) + list(args.overrides)
+    for key in ("mode", "load", "data", "out_dir"):
+        val = getattr(args, key)
+        if val is not None:
+            overrides.append(f"{key}={val}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rwkvkit train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    from .trainer import Trainer
+
+    summary = Trainer(cfg).fit(resume=args.resume)
+    if summary.get("checkpoint") is not None:
+        print(json.dumps({k: str(v) if k == "checkpoint" else v for k, v in summary.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""State tuning: train only the initial WKV state of every layer of an Eagle/Finch model.
+
+The model is frozen; one trainable tensor ``time_state`` [L, H, N, N] (key x value, the layout of
+``State.wkv``) becomes the starting WKV state of every sequence (token-shift states start at zero,
+as in RWKV-LM's state tuning). Because the model's forward uses its incoming state differentiably,
+the gradient reaches it through the chunked WKV. The result is exported both as
+``blocks.{i}.att.time_state`` tensors ([H, N, N] stored [value, key], RWKV-LM's file layout, which the
+``rwkv`` package and ``rwkvkit.load`` read next to a checkpoint) and as an rwkvkit ``State`` file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rwkvkit.state import State
+
+
+class TunedState(nn.Module):
+    """The trainable initial state; ``initial(batch_size)`` returns the ``State`` a batch starts from."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        cfg = model.config
+        if cfg.version == 4:
+            raise ValueError(
+                "state tuning needs an Eagle (v5) or Finch (v6) model; RWKV-4 has no matrix state"
+            )
+        start = getattr(model, "time_state", None)
+        if start is None:
+            start = torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size)
+        self.config = cfg
+        self.time_state = nn.Parameter(start.detach().float().clone().to(model.emb.weight.device))
+
+    def initial(self, batch_size: int) -> State:
+        st = State.zeros(self.config, batch_size, device=self.time_state.device)
+        L, H, N = self.config.n_layer, self.config.n_head, self.config.head_size
+        st.tensors["wkv"] = self.time_state.unsqueeze(1).expand(L, batch_size, H, N, N)
+        return st
+
+    def as_state(self) -> State:
+        return State(self.config.version, {k: v.detach() for k, v in self.initial(1).tensors.items()})
+
+
+def freeze_for_state_tuning(model: nn.Module) -> TunedState:
+    """Freeze ``model`` and return the trainable initial state."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return TunedState(model)
+
+
+def export_state(tuned: TunedState, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``path`` (``.pth``: the ``time_state`` keys, fp32) and ``path`` with ``.state`` suffix
+    (an rwkvkit State file); both atomically. Returns the two paths."""
+    from rwkvkit.checkpoint import save
+
+    path = Path(path)
+    sd = tuned.as_state().to_time_state()
+    save(sd, path, dtype=torch.float32)
+    state_path = path.with_suffix(".state")
+    tuned.as_state().save(state_path)
+    return path, state_path
+
+
+def merge_state_into(checkpoint_sd: dict[str, torch.Tensor], tuned: TunedState) -> dict[str, torch.Tensor]:
+    """An official state dict with the tuned ``blocks.{i}.att.time_state`` keys added."""
+    out = dict(checkpoint_sd)
+    out.update(tuned.as_state().to_time_state())
+    return out
