@@ -1,0 +1,232 @@
+"""``rwkvkit bench forward``: prefill and decode speed against the reference, with the machine's limits.
+
+One run, one random Finch of the 0.1B shape (L12, D768, V65536, bf16 file like the released ones):
+
+- prefill tokens/s on a 512-token prompt and batch-1 decode tokens/s, for the `rwkv` package
+  (strategies 'cpu fp32' and 'cpu bf16', when installed) and for rwkvkit in fp32, bf16, fp16, int8;
+- the limits measured in the same run: matmul FLOP/s per dtype (prefill limit = FLOP/s over the
+  FLOPs per token) and matrix-vector bandwidth (decode limit = bandwidth over weight bytes per token);
+- the quality cost of every reduced-precision path against fp32 (max and mean |logit error| and top-1
+  agreement over the prompt), including a simulation of ggml's Q8_0 (rwkv.cpp) on the same model.
+Machines here are shared and noisy: read the ratios, which come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..testing import random_checkpoint
+
+
+def _best(fn: Callable[[], object], repeat: int, min_time: float = 0.0) -> float:
+    """Best wall time of ``repeat`` calls (after one warm-up)."""
+    fn()
+    best = float("inf")
+    t_end = time.perf_counter() + min_time
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if i >= 1 and time.perf_counter() > t_end:
+            break
+    return best
+
+
+def matmul_flops(dtype: torch.dtype, m: int = 512, n: int = 768, k: int = 768) -> float:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    t = _best(lambda: [a @ b for _ in range(10)], 5) / 10
+    return 2 * m * n * k / t
+
+
+def matvec_bandwidth(kind: str, n: int = 2688, k: int = 768, layers: int = 40) -> float:
+    """Bytes of weights per second for batch-1 products over many distinct matrices (not cache-resident)."""
+    if kind == "int8":
+        ws = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(layers)]
+        sc = torch.rand(n, dtype=torch.bfloat16)
+        x = torch.randn(1, k, dtype=torch.bfloat16)
+        fn = lambda: [torch._weight_int8pack_mm(x, w, sc) for w in ws]
+        nbytes = n * k
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+        ws = [torch.randn(n, k).to(dtype) for _ in range(layers)]
+        x = torch.randn(1, k).to(dtype)
+        fn = lambda: [torch.nn.functional.linear(x, w) for w in ws]
+        nbytes = n * k * ws[0].element_size()
+    return nbytes * layers / _best(fn, 5)
+
+
+def simulate_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml Q8_0: blocks of 32 along the input dimension, fp16 scale absmax/127, round to nearest."""
+    out_f, in_f = w.shape
+    blocks = w.float().reshape(out_f, in_f // 32, 32)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    q = torch.where(d > 0, torch.round(blocks / d.clamp_min(1e-30)), 0).clamp(-127, 127)
+    return (q * d).reshape(out_f, in_f)
+
+
+def quality(ref: torch.Tensor, got: torch.Tensor) -> str:
+    err = (got - ref).abs()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return f"max {err.max().item():.2e}  mean {err.mean().item():.2e}  top-1 {agree * 100:.1f}%"
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes read per decoded token: every matrix (not the embedding: one row) plus the small vectors."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name == "emb.weight":
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rwkvkit bench forward", description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--embd", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--prompt", type=int, default=512, help="prefill length")
+    p.add_argument("--decode", type=int, default=32, help="tokens to decode per measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import rwkvkit
+
+    tmp = tempfile.mkdtemp(prefix="rwkvkit-bench-")
+    path = os.path.join(tmp, "RWKV-x060-random-0B1.pth")
+    random_checkpoint(
+        6, args.layers, args.embd, args.vocab, head_size=64, dtype=torch.bfloat16, seed=0, path=path
+    )
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, args.vocab, (args.prompt,), generator=g).tolist()
+    print(
+        f"Finch L{args.layers} D{args.embd} V{args.vocab}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+
+    # ---- machine limits -------------------------------------------------------------------------
+    flops = {k: matmul_flops(dt) for k, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16)]}
+    flops["fp16"] = matmul_flops(torch.float16)
+    bw = {k: matvec_bandwidth(k) for k in ("fp32", "bf16", "fp16", "int8")}
+    print("\nmachine: matmul " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in flops.items()))
+    print("machine: batch-1 matvec " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
+
+    rows: list[
+        tuple[str, float, float, float, float, str]
+    ] = []  # name, prefill, pre-limit, decode, dec-limit, q
+
+    # ---- reference ------------------------------------------------------------------------------
+    ref_logits = None
+    ref_best = {"prefill": 0.0, "decode": 0.0}
+    if not args.no_reference:
+        try:
+            os.environ.setdefault("RWKV_JIT_ON", "0")
+            os.environ.setdefault("RWKV_CUDA_ON", "0")
+            from rwkv.model import RWKV as RefRWKV
+        except ImportError:
+            print("\nreference: the rwkv package is not installed (pip install rwkv==0.8.32)")
+            RefRWKV = None
+        if RefRWKV is not None:
+            for strat in ("cpu fp32", "cpu bf16"):
+                ref = RefRWKV(model=path[:-4], strategy=strat, verbose=False)
+                with torch.no_grad():
+                    t_pre = _best(lambda ref=ref: ref.forward(prompt, None), 2)
+                    _, st = ref.forward(prompt, None)
+
+                    def dec(ref=ref, st=st):
+                        s = [x.clone() for x in st]
+                        for t in prompt[: args.decode]:
+                            _, s = ref.forward([t], s)
+
+                    t_dec = _best(dec, 2) / args.decode
+                    if strat == "cpu fp32":
+                        ref_logits = ref.forward(prompt[:64], None, full_output=True)[0].float()
+                pre, de = args.prompt / t_pre, 1 / t_dec
+                ref_best["prefill"] = max(ref_best["prefill"], pre)
+                ref_best["decode"] = max(ref_best["decode"], de)
+                rows.append((f"rwkv 0.8.32 '{strat}'", pre, 0, de, 0, ""))
+                del ref
+
+    # ---- rwkvkit --------------------------------------------------------------------------------
+    fp32_logits = None
+    variants = [
+        ("fp32", dict(dtype=torch.float32), "fp32"),
+        ("bf16", dict(dtype=torch.bfloat16), "bf16"),
+        ("fp16", dict(dtype=torch.float16), "fp16"),
+        ("int8", dict(quantize="int8"), "int8"),
+    ]
+    for name, kw, lim in variants:
+        model = rwkvkit.load(path, **kw)
+        cfg = model.config
+        with torch.no_grad():
+            t_pre = _best(lambda model=model: model(prompt, last_only=True), 3)
+            _, st = model(prompt, last_only=True)
+
+            def dec(model=model, st=st):
+                s = st
+                for t in prompt[: args.decode]:
+                    _, s = model([t], s)
+
+            t_dec = _best(dec, 3) / args.decode
+            logits = model(prompt[:64])[0][0]
+        if fp32_logits is None:
+            fp32_logits = logits
+            q = "reference (max diff to rwkv fp32: "
+            q += f"{(logits - ref_logits).abs().max().item():.1e})" if ref_logits is not None else "n/a)"
+        else:
+            q = quality(fp32_logits, logits)
+        # FLOPs per prefill token: 2 per weight of every block matrix (the head runs once per prompt)
+        block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
+        block_params += sum(
+            b.numel() for n, b in model.named_buffers() if n.startswith("blocks.") and "int8" in n
+        )
+        flop_tok = 2 * block_params + 4 * cfg.n_embd * cfg.head_size  # + WKV state products
+        pre_limit = flops["bf16" if lim == "int8" else lim] / flop_tok
+        dec_limit = bw[lim] / weight_bytes_per_token(model)
+        rows.append((f"rwkvkit {name}", args.prompt / t_pre, pre_limit, 1 / t_dec, dec_limit, q))
+        del model
+
+    # ---- Q8_0 simulation (quality only) ---------------------------------------------------------
+    model = rwkvkit.load(path)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                m.weight.data = w.half().float() if m is model.head else simulate_q8_0(w)
+        q8 = model(prompt[:64])[0][0]
+    q8_quality = quality(fp32_logits, q8)
+
+    print(
+        f"\n{'':24} {'prefill tok/s':>14} {'(limit)':>9} {'decode tok/s':>13} {'(limit)':>8}  quality vs fp32 logits"
+    )
+    for name, pre, pl, de, dl, q in rows:
+        pl_s = f"({pl:.0f})" if pl else ""
+        dl_s = f"({dl:.0f})" if dl else ""
+        print(f"{name:24} {pre:14.0f} {pl_s:>9} {de:13.1f} {dl_s:>8}  {q}")
+    print(
+        f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (weights only, fp16 head)"
+    )
+    if ref_best["prefill"]:
+        kit = {name: (pre, de) for name, pre, _, de, _, _ in rows if name.startswith("rwkvkit")}
+        best_pre = max(v[0] for v in kit.values())
+        print(
+            f"\nprefill: rwkvkit best {best_pre:.0f} tok/s = {best_pre / ref_best['prefill']:.2f}x the reference's best"
+            f" ({ref_best['prefill']:.0f}); target >= 4x"
+        )
+        print(
+            f"decode:  rwkvkit int8 {kit['rwkvkit int8'][1]:.1f} tok/s = "
+            f"{kit['rwkvkit int8'][1] / ref_best['decode']:.2f}x the reference's best ({ref_best['decode']:.1f}); target >= 2.2x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
