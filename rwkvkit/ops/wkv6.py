@@ -1,0 +1,242 @@
+"""The Eagle/Finch (RWKV-5/6) WKV recurrence: one public op, a naive and a chunked backend.
+
+Per batch row and head, with a matrix state S [N(key), N(value)]:
+
+    y_t = r_t @ (S_{t-1} + diag(u) k_t^T v_t)
+    S_t = diag(exp(w_t)) S_{t-1} + k_t^T v_t
+
+``w`` is the LOG decay (w <= 0; Finch passes w = -exp(time_decay + lora(x))). Eagle (v5) is the
+same op with a time-constant decay (see ``wkv5``).
+
+Backends (chosen by argument, all differentiable by autograd, all computing in fp32):
+
+- ``naive``: the per-step loop above. It is the source of truth; tests chain it to the reference.
+- ``chunked``: the parallel form. Tokens are cut into chunks of ``chunk_size`` (a multiple of 16);
+  chunks talk to each other only through the state (a short loop over chunks), and inside a chunk
+  every pair s < t is handled with batched matmuls, hierarchically: sub-blocks of 16 inside the
+  chunk, sub-blocks of 4 inside each 16, single tokens inside each 4 (``_earlier_blocks``).
+- ``auto``: ``naive`` for a single token (decoding), ``chunked`` otherwise. ``recurrent`` is an
+  alias of ``naive``.
+
+Stability of the chunked form, without clamping w. The weight of key s in query t is
+exp(e(t, s)) with e(t, s) = sum_{s < m < t} w_m <= 0. A matmul needs it factorised as
+exp(a_t) * exp(b_s). We split every pair at a reference point ref that lies between them: query t
+in sub-block I, key s in an earlier sub-block J < I, ref = the last token of sub-block I-1, so
+s <= ref <= t - 1 and
+
+    a_t = sum_{ref < m < t} w_m <= 0,    b_s = sum_{s < m <= ref} w_m <= 0.
+
+Both factors are <= 1, whatever the decays: nothing overflows, and a factor that underflows to 0
+belongs to a pair whose true weight is below it too. Pairs inside one sub-block go to the next level
+down, so no factor ever spans more than one chunk. Every exponent is computed as a sum of
+same-sign terms (cumsums restarted at each sub-block, never a difference of two cumsums), so it
+carries relative error ~1e-7 even when the cumulative decay reaches -1e4 inside a chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+BACKENDS = ("naive", "chunked", "auto", "recurrent")
+
+
+def wkv6(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    state: Tensor | None = None,
+    *,
+    backend: str = "chunked",
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Finch WKV over a sequence.
+
+    Args:
+        r, k, v: [B, T, H, N], any float dtype (computed in fp32).
+        w: log decay [B, T, H, N], w <= 0 (decay factor exp(w)).
+        u: bonus (``time_faaaa``) [H, N].
+        state: [B, H, N, N] fp32 laid out [key, value], or None for zeros. Not modified.
+        backend: "chunked" (default), "naive", "auto" (naive when T == 1) or "recurrent" (= naive).
+        chunk_size: tokens per chunk of the chunked form, a positive multiple of 16.
+
+    Returns:
+        y [B, T, H, N] fp32 and the final state [B, H, N, N] fp32 (fp64 when r, k, v, w, u are all fp64).
+    """
+    B, T, H, N = check_inputs(r, k, v, w, u, state, w_per_token=True)
+    return _dispatch(r, k, v, w, u, state, backend, chunk_size, B, T, H, N)
+
+
+def check_inputs(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None, w_per_token: bool
+) -> tuple[int, int, int, int]:
+    """Validate shapes, dtypes and devices; return (B, T, H, N). Raises ValueError naming the argument.
+    w is [B, T, H, N] when ``w_per_token`` (Finch), else [H, N] (Eagle)."""
+    for name, x in (("r", r), ("k", k), ("v", v), ("w", w), ("u", u)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if r.dim() != 4:
+        raise ValueError(f"r must be [B, T, H, N], got shape {tuple(r.shape)}")
+    B, T, H, N = r.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != r.shape:
+            raise ValueError(f"{name} must have the shape of r {tuple(r.shape)}, got {tuple(x.shape)}")
+    w_shape = (B, T, H, N) if w_per_token else (H, N)
+    if tuple(w.shape) != w_shape:
+        what = "[B, T, H, N]" if w_per_token else "[H, N]"
+        raise ValueError(f"w must have shape {what} = {w_shape}, got {tuple(w.shape)}")
+    if tuple(u.shape) != (H, N):
+        raise ValueError(f"u must have shape [H, N] = {(H, N)}, got {tuple(u.shape)}")
+    if state is not None:
+        if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+            raise ValueError("state must be a floating-point torch.Tensor [B, H, N, N] or None")
+        if tuple(state.shape) != (B, H, N, N):
+            raise ValueError(f"state must have shape [B, H, N, N] = {(B, H, N, N)}, got {tuple(state.shape)}")
+    for name, x in (("k", k), ("v", v), ("w", w), ("u", u), ("state", state)):
+        if x is not None and x.device != r.device:
+            raise ValueError(f"{name} is on {x.device} but r is on {r.device}")
+    return B, T, H, N
+
+
+def _dispatch(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    state: Tensor | None,
+    backend: str,
+    chunk_size: int,
+    B: int,
+    T: int,
+    H: int,
+    N: int,
+) -> tuple[Tensor, Tensor]:
+    """Shared tail of wkv5/wkv6: pick the backend and run it on fp32 copies. w is [B, T, H, N] here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 16:
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size!r}")
+    # fp32 compute for every dtype, except that all-fp64 inputs stay fp64 (for gradcheck).
+    dt = torch.float64 if all(x.dtype == torch.float64 for x in (r, k, v, w, u)) else torch.float32
+    s0 = r.new_zeros((B, H, N, N), dtype=dt) if state is None else state.to(dt)
+    if backend == "auto":
+        backend = "naive" if T == 1 else "chunked"
+    r, k, v, w, u = (x.to(dt) for x in (r, k, v, w, u))
+    if T == 0:
+        return r.new_zeros((B, 0, H, N)), s0.clone()
+    if backend in ("naive", "recurrent"):
+        return wkv6_naive(r, k, v, w, u, s0)
+    return _wkv6_chunked(r, k, v, w, u, s0, chunk_size)
+
+
+def wkv6_naive(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-step fp32 loop (no checks; use ``wkv6(..., backend="naive")``). Shapes as in wkv6."""
+    T = r.shape[1]
+    S = s0
+    decay = torch.exp(w)
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, N, N]
+        ys.append(torch.einsum("bhi,bhij->bhj", r[:, t], S + u[:, :, None] * kv))
+        S = decay[:, t, :, :, None] * S + kv
+    return torch.stack(ys, dim=1), S
+
+
+def _shift_cumsum(w: Tensor, dim: int, reverse: bool) -> Tensor:
+    """Exclusive cumsum along dim: out_t = sum_{m<t} w_m (reverse: sum_{m>t} w_m). No cancellation."""
+    if reverse:
+        w = w.flip(dim)
+    out = torch.cumsum(w.narrow(dim, 0, w.shape[dim] - 1), dim)
+    pad = [0, 0] * (w.dim() - 1 - dim) + [1, 0]
+    out = F.pad(out, pad)
+    return out.flip(dim) if reverse else out
+
+
+_PAIR_MASKS: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+
+def _pair_masks(P: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For query sub-blocks I = 1..P-1 and key sub-blocks J = 0..P-2: M[J', I, J] = 1 where
+    J < J' < I (the whole sub-blocks between key and reference), and neg[I, J] = -inf where J >= I."""
+    key = (P, str(device))
+    if key not in _PAIR_MASKS:
+        i = torch.arange(1, P).view(1, P - 1, 1)
+        j = torch.arange(0, P - 1).view(1, 1, P - 1)
+        jp = torch.arange(P).view(P, 1, 1)
+        between = ((j < jp) & (jp < i)).float().reshape(P, (P - 1) * (P - 1))
+        neg = torch.zeros(P - 1, P - 1).masked_fill(j[0] >= i[0], float("-inf"))
+        _PAIR_MASKS[key] = (between.to(device), neg.to(device))
+    return _PAIR_MASKS[key]
+
+
+def _earlier_blocks(r: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
+    """Output of every query from the keys in EARLIER sub-blocks of its parent block.
+
+    r, k, v, w: [G, P, l, N] (G parent blocks, each P sub-blocks of l tokens).
+    Returns [G, P - 1, l, N]: the contribution for sub-blocks 1..P-1 (sub-block 0 has none).
+    Query t in sub-block I, key s in sub-block J < I, reference = last token of sub-block I-1:
+    weight exp(a_t) * exp(b_s + D[I, J]) with a_t = sum of w over sub-block I before t,
+    b_s = sum of w in sub-block J after s, D[I, J] = sum of w over sub-blocks J+1..I-1. All <= 0.
+    """
+    G, P, l, N = r.shape
+    between, neg = _pair_masks(P, r.device)
+    a = _shift_cumsum(w[:, 1:], 2, reverse=False)  # [G, P-1, l, N]
+    b = _shift_cumsum(w[:, :-1], 2, reverse=True)  # [G, P-1, l, N]
+    tot = w.sum(2)  # [G, P, N]
+    D = (tot.transpose(1, 2) @ between).view(G, N, P - 1, P - 1).permute(0, 2, 3, 1) + neg[..., None]
+    q = r[:, 1:] * torch.exp(a)  # [G, I, l, N]
+    kb = k[:, :-1] * torch.exp(b)  # [G, J, l, N]
+    kk = kb[:, None] * torch.exp(D)[:, :, :, None, :]  # [G, I, J, l, N]
+    att = q @ kk.reshape(G, P - 1, (P - 1) * l, N).transpose(-1, -2)  # [G, I, l, J*l]
+    y = att.reshape(G, (P - 1) * l, (P - 1) * l) @ v[:, :-1].reshape(G, (P - 1) * l, N)
+    return y.view(G, P - 1, l, N)
+
+
+def _add_earlier(y: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, P: int, l: int) -> Tensor:
+    """y + the `_earlier_blocks` contribution at one level; all tensors [..., N] viewed as [G, P, l, N]."""
+    N = r.shape[-1]
+    shp = y.shape
+    args = [x.reshape(-1, P, l, N) for x in (r, k, v, w)]
+    part = _earlier_blocks(*args)
+    part = F.pad(part, (0, 0, 0, 0, 1, 0))  # sub-block 0 receives nothing
+    return y + part.reshape(shp)
+
+
+def _wkv6_chunked(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor, L: int
+) -> tuple[Tensor, Tensor]:
+    B, T, H, N = r.shape
+    L = min(L, -(-T // 16) * 16)  # no point in a chunk longer than the padded sequence
+    nc = -(-T // L)
+    pad = nc * L - T
+    # Padding tokens have r = k = v = 0 and w = 0 (no decay): they change neither y nor the state.
+    r, k, v, w = (F.pad(x.permute(0, 2, 1, 3), (0, 0, 0, pad)).reshape(B * H, nc, L, N) for x in (r, k, v, w))
+    uu = u.repeat(B, 1)[:, None, None, :]  # [BH, 1, 1, N]
+
+    # Inside the chunk: the current token (bonus u), then earlier 16-blocks, 4-blocks, tokens.
+    y = (r * uu * k).sum(-1, keepdim=True) * v
+    for l in (16, 4, 1):
+        P = (L if l == 16 else 4 * l) // l
+        if P > 1:
+            y = _add_earlier(y, r, k, v, w, P, l)
+
+    # Across chunks: the state entering each chunk (a short loop over chunks), then one matmul.
+    q = r * torch.exp(_shift_cumsum(w, 2, reverse=False))  # decay from the chunk start to t-1
+    kd = k * torch.exp(_shift_cumsum(w, 2, reverse=True))  # decay from s+1 to the chunk end
+    upd = kd.transpose(-1, -2) @ v  # [BH, nc, N, N]
+    dec = torch.exp(w.sum(2))[..., None]  # [BH, nc, N, 1]
+    S = s0.reshape(B * H, N, N)
+    starts = []
+    for c in range(nc):
+        starts.append(S)
+        S = dec[:, c] * S + upd[:, c]
+    y = y + q @ torch.stack(starts, 1)
+    y = y.reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
+    return y, S.reshape(B, H, N, N)
