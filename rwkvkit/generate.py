@@ -20,7 +20,6 @@ so continuing from it (a chat's next turn, a saved conversation) is exact.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -282,24 +281,23 @@ class BatchDecoder:
 
 
 def penalty_weights(tokenizer: object, vocab_size: int) -> torch.Tensor:
-    """Per-token occurrence weight as in the reference: 0 for tokens decoding to whitespace/digits, else 1."""
+    """Per-token occurrence weight as in the reference: 0 for tokens whose text is a substring of
+    ``" \\t0123456789"`` (whitespace, digits), 1 for every other token.
+
+    The reference tests ``decode([token]) in " \\t0123456789"`` for every generated token. The
+    tokens that pass are exactly the single-token encodings of that string's substrings (greedy
+    longest match encodes a token's own text as that token), so 78 encodes replace 65536 decodes.
+    """
     cached = _WEIGHTS.get(tokenizer) if _weakrefable(tokenizer) else None
     if cached is not None and cached.numel() == vocab_size:
         return cached
-    decode = tokenizer.decode  # type: ignore[attr-defined]
-    try:  # rwkvkit.Tokenizer can decode exactly as the reference does (U+FFFD for id 0 and failures)
-        decode([1], errors="reference")
-        decode = functools.partial(decode, errors="reference")
-    except TypeError:
-        pass
     w = torch.ones(vocab_size, dtype=torch.float32)
-    for i in range(vocab_size):
-        try:
-            text = decode([i])
-        except Exception:  # noqa: BLE001 - ids the vocabulary lacks decode to nothing useful
-            continue
-        if text in " \t0123456789":  # substring test, exactly as rwkv.utils.PIPELINE does it
-            w[i] = 0.0
+    chars = " \t0123456789"
+    for i in range(len(chars)):
+        for j in range(i + 1, len(chars) + 1):
+            ids = tokenizer.encode(chars[i:j])  # type: ignore[attr-defined]
+            if len(ids) == 1 and 0 <= ids[0] < vocab_size and tokenizer.decode(ids) == chars[i:j]:  # type: ignore[attr-defined]
+                w[ids[0]] = 0.0
     if _weakrefable(tokenizer):
         _WEIGHTS[tokenizer] = w
     return w

@@ -23,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
-
-# How many candidates top-p looks at before falling back to a full sort (exact either way).
-_TOP_P_CANDIDATES = 1024
 
 
 @dataclass(frozen=True)
@@ -89,18 +87,21 @@ def penalize(
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every probability below the cutoff where the descending cumulative sum first reaches top_p."""
+    """Zero every probability below the cutoff where the descending cumulative sum first reaches top_p.
+
+    The sort and the float32 cumulative sum are done in NumPy, as the reference does (and ~20x
+    faster than ``torch.sort`` on a 65536-entry vocabulary on CPU).
+    """
     if top_p >= 1.0:
         return probs
-    k = min(_TOP_P_CANDIDATES, probs.numel())
-    vals = torch.topk(probs, k).values
-    cum = torch.cumsum(vals, 0)
-    if k < probs.numel() and float(cum[-1]) < top_p:  # the nucleus is wider than the candidates
-        vals = torch.sort(probs, descending=True).values
-        cum = torch.cumsum(vals, 0)
+    p = probs.detach().float().cpu().numpy()
+    # Tokens below (1 - top_p) / V hold less than 1 - top_p in total, so the cutoff is never below
+    # that: sorting only the tokens above it gives the same prefix sums, hence the same cutoff.
+    cand = p[p >= (1.0 - top_p) / p.size]
+    desc = np.sort(cand if cand.size else p)[::-1]
+    cum = np.cumsum(desc)
     reached = cum >= top_p
-    idx = int(torch.argmax(reached.to(torch.uint8))) if bool(reached.any()) else vals.numel() - 1
-    cutoff = vals[idx]
+    cutoff = float(desc[int(np.argmax(reached))] if reached.any() else desc[-1])
     return torch.where(probs < cutoff, torch.zeros_like(probs), probs)
 
 
@@ -146,8 +147,14 @@ def sample_logits(
     logits = ban_tokens(logits, params.token_ban)
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = probabilities(logits, params)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probabilities(logits, params), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One index drawn with probability proportional to ``probs`` [V] (inverse CDF; never a zero entry)."""
+    cdf = torch.cumsum(probs.float(), 0)
+    u = torch.rand(1, generator=generator, dtype=torch.float32) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 
 
 # ---- per-sequence sampler: penalty memory + generator ----------------------------------------------
@@ -171,6 +178,7 @@ class Sampler:
         self.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.counts = torch.zeros(self.vocab_size, dtype=torch.float32)
         self.generator = make_generator(self.params.seed)
+        self._seen_ids: list[int] = []
         for t in self.params.token_ban:
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token_ban contains {t}, outside the vocabulary [0, {self.vocab_size})")
@@ -179,14 +187,21 @@ class Sampler:
         """Penalise, filter and draw one token from logits [V] (any device; sampling runs on CPU)."""
         logits = logits.detach().float().cpu()
         p = self.params
-        logits = penalize(logits, self.seen, self.counts, p.presence_penalty, p.frequency_penalty)
+        if self._seen_ids and (p.presence_penalty or p.frequency_penalty):
+            idx = torch.tensor(self._seen_ids, dtype=torch.long)  # only seen tokens are penalised
+            logits = logits.clone()
+            logits[idx] -= p.presence_penalty + p.frequency_penalty * self.counts[idx]
         return sample_logits(logits, p, self.generator)
 
     def update(self, token: int) -> None:
         """Record a generated token: decay every count, then add this token's weight."""
-        self.counts.mul_(self.params.penalty_decay)
+        if self._seen_ids and self.params.penalty_decay != 1.0:
+            idx = torch.tensor(self._seen_ids, dtype=torch.long)
+            self.counts[idx] *= self.params.penalty_decay
         self.counts[token] += 1.0 if self.weights is None else float(self.weights[token])
-        self.seen[token] = True
+        if not self.seen[token]:
+            self.seen[token] = True
+            self._seen_ids.append(int(token))
 
     def __call__(self, logits: torch.Tensor) -> int:
         token = self.sample(logits)

@@ -1,0 +1,246 @@
+"""``rwkvkit generate`` and ``rwkvkit chat``: running a model from the terminal.
+
+Both stream text as it is produced and take the usual RWKV sampling options (the ChatRWKV
+defaults: temperature 1.0, top_p 0.85, presence and frequency penalties 0.2 decaying by 0.996).
+``--state FILE`` starts from a saved conversation (``/save``) or a state-tuned file (one
+``blocks.{i}.att.time_state`` per layer).
+
+Chat uses the RWKV World format ``User: ...\\n\\nAssistant:``, stops each reply at ``\\n\\n``, and
+keeps the conversation as a recurrent state: each turn only feeds the new message, and ``/save`` /
+``/load`` write and read that state, so a reloaded conversation continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+import torch
+
+from .generate import TextGeneration, generate
+from .sampling import SamplingParams
+from .state import State
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHAT_HELP = """commands:
+  /reset        forget the conversation (back to the start state)
+  /save FILE    save the conversation state to FILE
+  /load FILE    continue a conversation saved with /save
+  /help         this text
+  /quit         leave (also Ctrl-D)"""
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="local .pth/.safetensors, hf://owner/repo/file.pth or owner/repo:file"
+    )
+    p.add_argument(
+        "--state", default=None, help="start from a saved state or a state-tuned (time_state) file"
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (per reply in chat)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--presence-penalty", type=float, default=0.2)
+    p.add_argument("--frequency-penalty", type=float, default=0.2)
+    p.add_argument("--penalty-decay", type=float, default=0.996)
+    p.add_argument("--seed", type=int, default=None, help="fix the sampling seed (reproducible output)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    p.add_argument("--chunk-len", type=int, default=256, help="prompt tokens per prefill call")
+
+
+def _sampling(args: argparse.Namespace, p: argparse.ArgumentParser) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            penalty_decay=args.penalty_decay,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        p.error(str(e))
+        raise  # unreachable: p.error exits
+
+
+def load_model(ref: str, device: str = "cpu", dtype: str = "fp32") -> torch.nn.Module:
+    """Resolve ``ref`` (local file or Hugging Face file) and load it for inference."""
+    from .checkpoint import load
+    from .hub import resolve_model
+
+    return load(resolve_model(ref), device=device, dtype=_DTYPES[dtype])
+
+
+def load_state_file(path: str, model: torch.nn.Module) -> State:
+    """A state saved by rwkvkit (``State.save``) or a state-tuned file (``time_state`` keys), checked against ``model``."""
+    try:
+        state = State.load(path, device=str(model.device))
+    except ValueError as first:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - report the first, clearer error
+            raise first from None
+        if not isinstance(sd, dict) or not any(str(k).endswith("att.time_state") for k in sd):
+            raise ValueError(
+                f"{path!r} is neither an rwkvkit state file nor a state-tuned file (time_state keys)"
+            ) from None
+        state = State.from_time_state(sd, model.config).to(model.device)
+    state.check(model.config, batch_size=1)
+    return state
+
+
+def _stream(gen: TextGeneration, out: Any, strip_leading: bool = False) -> str:
+    first = True
+    for piece in gen:
+        if first and strip_leading:
+            piece = piece.lstrip(" ")
+            if not piece:
+                continue
+        first = False
+        out.write(piece)
+        out.flush()
+    return gen.text
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """``rwkvkit generate --model PATH --prompt TEXT``: continue a prompt, streaming the text."""
+    p = argparse.ArgumentParser(prog="rwkvkit generate", description=generate_main.__doc__)
+    _common_args(p)
+    p.add_argument("--prompt", default=None, help="the text to continue ('-' reads standard input)")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--save-state", default=None, help="write the state after the generated text to FILE")
+    args = p.parse_args(argv)
+    if args.prompt is None:
+        p.error("--prompt is required ('-' reads it from standard input)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        p.error("the prompt is empty")
+    params = _sampling(args, p)
+    from .hub import ModelNotFound
+    from .tokenizer import Tokenizer
+
+    try:
+        model = load_model(args.model, args.device, args.dtype)
+        state = load_state_file(args.state, model) if args.state else None
+    except (ModelNotFound, ValueError) as e:
+        print(f"rwkvkit generate: {e}", file=sys.stderr)
+        return 2
+    gen = generate(
+        model,
+        Tokenizer(),
+        prompt,
+        max_tokens=200 if args.max_tokens is None else args.max_tokens,
+        sampling=params,
+        stop=args.stop,
+        state=state,
+        chunk_len=args.chunk_len,
+    )
+    assert isinstance(gen, TextGeneration)
+    _stream(gen, sys.stdout)
+    sys.stdout.write("\n")
+    if args.save_state:
+        assert gen.state is not None
+        gen.state.save(args.save_state)
+    return 0
+
+
+class ChatSession:
+    """A conversation as a recurrent state; ``reply(message)`` streams the assistant's answer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, params: SamplingParams, *,
+                 max_tokens: int = 500, start: State | None = None, chunk_len: int = 256) -> None:  # fmt: skip
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.max_tokens, self.chunk_len = max_tokens, chunk_len
+        self.start = start
+        self.reset()
+
+    def reset(self) -> None:
+        self.state: State | None = self.start.clone() if self.start is not None else None
+        self.needs_separator = False  # True when the last reply did not end with '\n\n'
+
+    def save(self, path: str) -> None:
+        state = self.state if self.state is not None else self.model.init_state(1)
+        state.save(path)
+
+    def load(self, path: str) -> None:
+        self.state = load_state_file(path, self.model)
+        self.needs_separator = False
+
+    def reply(self, message: str, out: Any) -> str:
+        text = re.sub(r"\n\s*\n", "\n", message.strip())  # '\n\n' ends a turn; keep it out of the message
+        prompt = ("\n\n" if self.needs_separator else "") + f"User: {text}\n\nAssistant:"
+        gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampling=self.params,
+                       stop="\n\n", state=self.state, chunk_len=self.chunk_len)  # fmt: skip
+        assert isinstance(gen, TextGeneration)
+        answer = _stream(gen, out, strip_leading=True)
+        self.state = gen.state
+        # the token that completed '\n\n' was fed; any other ending needs a separator before the next turn
+        self.needs_separator = gen.finish_reason != "stop" or not gen.tokens
+        return answer.strip()
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    """``rwkvkit chat --model PATH``: chat in the terminal (User/Assistant format, streaming)."""
+    p = argparse.ArgumentParser(prog="rwkvkit chat", description=chat_main.__doc__, epilog=CHAT_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _common_args(p)
+    args = p.parse_args(argv)
+    params = _sampling(args, p)
+    from .hub import ModelNotFound
+    from .tokenizer import Tokenizer
+
+    try:
+        model = load_model(args.model, args.device, args.dtype)
+        start = load_state_file(args.state, model) if args.state else None
+    except (ModelNotFound, ValueError) as e:
+        print(f"rwkvkit chat: {e}", file=sys.stderr)
+        return 2
+    chat = ChatSession(model, Tokenizer(), params, max_tokens=args.max_tokens or 500, start=start,
+                       chunk_len=args.chunk_len)  # fmt: skip
+    out = sys.stdout
+    out.write("rwkvkit chat: type a message, /help for commands.\n")
+    while True:
+        out.write("User: ")
+        out.flush()
+        line = sys.stdin.readline()
+        if not line:
+            out.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                out.write(CHAT_HELP + "\n")
+            elif cmd == "/reset":
+                chat.reset()
+                out.write("(conversation reset)\n")
+            elif cmd in ("/save", "/load") and not arg:
+                out.write(f"usage: {cmd} FILE\n")
+            elif cmd == "/save":
+                try:
+                    chat.save(arg)
+                    out.write(f"(saved to {arg})\n")
+                except OSError as e:
+                    out.write(f"cannot save: {e}\n")
+            elif cmd == "/load":
+                try:
+                    chat.load(arg)
+                    out.write(f"(loaded {arg})\n")
+                except (OSError, ValueError) as e:
+                    out.write(f"cannot load: {e}\n")
+            else:
+                out.write(f"unknown command {cmd!r}; /help lists them\n")
+            continue
+        out.write("Assistant: ")
+        chat.reply(line, out)
+        out.write("\n\n")
