@@ -44,5 +44,5 @@ class TimeMix5(nn.Module):
         g = F.silu(self.gate(lerp(self.time_mix_g)))
         w = -torch.exp(self.time_decay.float())  # [H, N] log decay
         y, s = wkv5(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
-        y = group_norm(y.view(B, T, C), H, self.ln_x)
+        y = group_norm(y.reshape(B, T, C), H, self.ln_x)
         return self.output(y * g), x[:, -1], s

@@ -58,5 +58,5 @@ class TimeMix6(nn.Module):
         )
         w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
-        y = group_norm(y.view(B, T, C), H, self.ln_x)
+        y = group_norm(y.reshape(B, T, C), H, self.ln_x)
         return self.output(y * g), x[:, -1], s
