@@ -17,8 +17,6 @@ Sampling defaults are OpenAI's (temperature 1, top_p 1, no penalties); RWKV's ``
 ``penalty_decay`` are accepted as extensions.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import hmac
