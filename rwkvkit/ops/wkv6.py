@@ -159,20 +159,20 @@ def _shift_cumsum(w: Tensor, dim: int, reverse: bool) -> Tensor:
     return out.flip(dim) if reverse else out
 
 
-_PAIR_MASKS: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+_PAIR_MASKS: dict[tuple[int, str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
-def _pair_masks(P: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _pair_masks(P: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """For query sub-blocks I = 1..P-1 and key sub-blocks J = 0..P-2: M[J', I, J] = 1 where
     J < J' < I (the whole sub-blocks between key and reference), and neg[I, J] = -inf where J >= I."""
-    key = (P, str(device))
+    key = (P, str(device), dtype)
     if key not in _PAIR_MASKS:
         i = torch.arange(1, P).view(1, P - 1, 1)
         j = torch.arange(0, P - 1).view(1, 1, P - 1)
         jp = torch.arange(P).view(P, 1, 1)
         between = ((j < jp) & (jp < i)).float().reshape(P, (P - 1) * (P - 1))
         neg = torch.zeros(P - 1, P - 1).masked_fill(j[0] >= i[0], float("-inf"))
-        _PAIR_MASKS[key] = (between.to(device), neg.to(device))
+        _PAIR_MASKS[key] = (between.to(device, dtype), neg.to(device, dtype))
     return _PAIR_MASKS[key]
 
 
@@ -186,7 +186,7 @@ def _earlier_blocks(r: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
     b_s = sum of w in sub-block J after s, D[I, J] = sum of w over sub-blocks J+1..I-1. All <= 0.
     """
     G, P, l, N = r.shape
-    between, neg = _pair_masks(P, r.device)
+    between, neg = _pair_masks(P, r.device, r.dtype)
     a = _shift_cumsum(w[:, 1:], 2, reverse=False)  # [G, P-1, l, N]
     b = _shift_cumsum(w[:, :-1], 2, reverse=True)  # [G, P-1, l, N]
     tot = w.sum(2)  # [G, P, N]
