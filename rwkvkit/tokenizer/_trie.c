@@ -37,6 +37,13 @@ typedef struct {
     PyObject **ints;    /* cached int objects for every id */
     Py_ssize_t n_nodes;
     uint64_t *packed;   /* the encode table: base | check << 24 | value << 48, one load per step */
+    /* Text of every id that is valid UTF-8 on its own, pre-decoded at each str width, so decoding
+     * to str is a copy per token: cinfo[id] = char offset << 16 | class << 8 | n_chars, with class
+     * 0 ASCII, 1 Latin-1, 2 UCS-2, 4 UCS-4 and n_chars 0xFF for ids that are not whole text. */
+    uint64_t *cinfo;
+    Py_UCS1 *text1;
+    Py_UCS2 *text2;
+    Py_UCS4 *text4;
 } Core;
 
 #define FIELD 0xFFFFFFull /* base and check are 24-bit fields of a packed cell */
@@ -154,6 +161,14 @@ static void core_free_tables(Core *self) {
     free(self->value);
     free(self->packed);
     self->packed = NULL;
+    free(self->cinfo);
+    free(self->text1);
+    free(self->text2);
+    free(self->text4);
+    self->cinfo = NULL;
+    self->text1 = NULL;
+    self->text2 = NULL;
+    self->text4 = NULL;
     free(self->blob);
     free(self->off);
     free(self->span);
@@ -174,6 +189,55 @@ static void core_free_tables(Core *self) {
 static void Core_dealloc(Core *self) {
     core_free_tables(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define NOT_TEXT 0xFF
+
+/* Fill cinfo/text1/text2/text4 (see Core). */
+static int build_text(Core *self) {
+    Py_ssize_t total = 0;
+    self->cinfo = calloc((size_t)self->n_ids, sizeof(uint64_t));
+    if (!self->cinfo) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        Py_ssize_t at = 0;
+        for (int32_t id = 1; id < self->n_ids; id++) {
+            unsigned l = self->len[id];
+            PyObject *u = l ? PyUnicode_DecodeUTF8((const char *)self->blob + self->off[id], l, "strict") : NULL;
+            if (!u) {
+                PyErr_Clear();
+                self->cinfo[id] = NOT_TEXT;
+                continue;
+            }
+            Py_ssize_t n = PyUnicode_GET_LENGTH(u);
+            int kind = PyUnicode_KIND(u);
+            unsigned cls = PyUnicode_IS_ASCII(u) ? 0 : (unsigned)kind;
+            if (pass == 1) {
+                self->cinfo[id] = (uint64_t)at << 16 | (uint64_t)cls << 8 | (uint64_t)n;
+                for (Py_ssize_t k = 0; k < n; k++) {
+                    Py_UCS4 ch = PyUnicode_READ(kind, PyUnicode_DATA(u), k);
+                    self->text4[at + k] = ch;
+                    self->text2[at + k] = (Py_UCS2)(ch <= 0xFFFF ? ch : 0);
+                    self->text1[at + k] = (Py_UCS1)(ch <= 0xFF ? ch : 0);
+                }
+            }
+            at += n;
+            Py_DECREF(u);
+        }
+        if (pass == 0) {
+            total = at + 16; /* 16 spare characters for fixed-size copies */
+            self->text1 = calloc((size_t)total, sizeof(Py_UCS1));
+            self->text2 = calloc((size_t)total, sizeof(Py_UCS2));
+            self->text4 = calloc((size_t)total, sizeof(Py_UCS4));
+            if (!self->text1 || !self->text2 || !self->text4) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+    }
+    return 0;
 }
 
 /* Core(tokens): tokens[i] is the bytes of id i; tokens[0] must be b"" (end-of-document). */
@@ -316,6 +380,7 @@ static int Core_init(Core *self, PyObject *args, PyObject *kw) {
     free(self->value);
     self->cells = NULL;
     self->value = NULL;
+    if (build_text(self) < 0) goto fail;
     free(order);
     free(keys);
     free(klen);
@@ -773,6 +838,197 @@ static PyObject *Core_decode_bytes(Core *self, PyObject *args) {
     return r;
 }
 
+/* Ids as a malloc'ed uint16 buffer. Returns 1 when every id is a plain int inside the vocabulary,
+ * 0 when some is not (or ids is not a list, tuple or integer buffer: the byte path then reports
+ * it), -1 on a memory error. */
+static int ids_u16(const Core *self, PyObject *ids, uint16_t **out, Py_ssize_t *count) {
+    const unsigned long long n_ids = (unsigned long long)self->n_ids;
+    uint16_t *buf;
+    if (PyList_Check(ids) || PyTuple_Check(ids)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
+        PyObject **items = PySequence_Fast_ITEMS(ids);
+        buf = malloc(sizeof(uint16_t) * (size_t)(n ? n : 1));
+        if (!buf) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long long v;
+            if (!small_int(items[i], &v) || (unsigned long long)v >= n_ids) {
+                free(buf);
+                return 0;
+            }
+            buf[i] = (uint16_t)v;
+        }
+        *out = buf;
+        *count = n;
+        return 1;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(ids, &v, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    const char *f = v.format ? v.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    int code = (f[0] && !f[1]) ? f[0] : 0;
+    Py_ssize_t n = v.itemsize > 0 ? v.len / v.itemsize : 0;
+    buf = malloc(sizeof(uint16_t) * (size_t)(n ? n : 1));
+    if (!buf) {
+        PyBuffer_Release(&v);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int ok = 1;
+#define TO_U16(T)                                                                                         \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                                  \
+        unsigned long long u = (unsigned long long)(long long)((const T *)v.buf)[i];                     \
+        if (u >= n_ids) {                                                                                 \
+            ok = 0;                                                                                       \
+            break;                                                                                        \
+        }                                                                                                 \
+        buf[i] = (uint16_t)u;                                                                             \
+    }
+    if (code == 'H' && v.itemsize == 2) {
+        TO_U16(uint16_t)
+    } else if ((code == 'i' || code == 'l') && v.itemsize == 4) {
+        TO_U16(int32_t)
+    } else if ((code == 'I' || code == 'L') && v.itemsize == 4) {
+        TO_U16(uint32_t)
+    } else if ((code == 'l' || code == 'q') && v.itemsize == 8) {
+        TO_U16(int64_t)
+    } else {
+        ok = 0;
+    }
+#undef TO_U16
+    PyBuffer_Release(&v);
+    if (!ok) {
+        free(buf);
+        return 0;
+    }
+    *out = buf;
+    *count = n;
+    return 1;
+}
+
+/* A maximal run of ids that are not whole text (bytes of split characters), decoded on its own:
+ * both ends of such a run are character boundaries, so when its bytes are valid UTF-8 its
+ * characters are exactly those of the same bytes inside the whole text. */
+typedef struct {
+    Py_ssize_t start, end;
+    PyObject *text;
+} Run;
+
+static void free_runs(Run *runs, Py_ssize_t n_runs) {
+    for (Py_ssize_t k = 0; k < n_runs; k++) Py_XDECREF(runs[k].text);
+    free(runs);
+}
+
+/* str of ids in the vocabulary: one copy per token from the pre-decoded tables, into a str
+ * allocated once at its final width. Sets *done = 0 and returns NULL when the ids need the byte
+ * path instead (an id outside the vocabulary, a non-int, or bytes that are not valid UTF-8). */
+static PyObject *text_decode(const Core *self, PyObject *ids, int *done) {
+    uint16_t *buf;
+    Py_ssize_t n, n_runs = 0, cap_runs = 0;
+    Run *runs = NULL;
+    *done = 1;
+    int r = ids_u16(self, ids, &buf, &n);
+    if (r < 0) return NULL;
+    *done = 0;
+    if (r == 0) return NULL;
+    const uint64_t *ci = self->cinfo;
+    Py_ssize_t total = 0;
+    unsigned cls = 0, any_bytes = 0;
+    for (Py_ssize_t i = 0; i < n; i++) { /* tight first pass: state in registers */
+        uint64_t c = ci[buf[i]];
+        unsigned nc = (unsigned)(c & 0xFF);
+        any_bytes |= nc == NOT_TEXT;
+        total += nc == NOT_TEXT ? 0 : nc;
+        cls |= (unsigned)(c >> 8) & 0xFF;
+    }
+    if (!(cls & 6) && !any_bytes) goto fallback; /* ASCII/Latin-1 text: CPython's decoder is faster */
+    for (Py_ssize_t i = 0; any_bytes && i < n; i++) { /* runs of ids that are not whole text */
+        uint64_t c = ci[buf[i]];
+        if ((c & 0xFF) != NOT_TEXT) continue;
+        Py_ssize_t j = i, nbytes = 0;
+        while (j < n && (ci[buf[j]] & 0xFF) == NOT_TEXT) {
+            if (!self->len[buf[j]]) goto fallback; /* an unused id: the byte path reports or replaces it */
+            nbytes += self->len[buf[j++]];
+        }
+        char *bytes = malloc((size_t)nbytes + 1);
+        if (!bytes || (n_runs == cap_runs && !(runs = realloc(runs, sizeof(Run) * (size_t)(cap_runs = cap_runs * 2 + 8))))) {
+            free(bytes);
+            goto fallback; /* out of memory: the byte path will report it if it persists */
+        }
+        Py_ssize_t at = 0;
+        for (Py_ssize_t k = i; k < j; k++) {
+            memcpy(bytes + at, self->blob + self->off[buf[k]], self->len[buf[k]]);
+            at += self->len[buf[k]];
+        }
+        PyObject *t = PyUnicode_DecodeUTF8(bytes, nbytes, "strict");
+        free(bytes);
+        if (!t) {
+            PyErr_Clear();
+            goto fallback;
+        }
+        runs[n_runs].start = i;
+        runs[n_runs].end = j;
+        runs[n_runs++].text = t;
+        total += PyUnicode_GET_LENGTH(t);
+        cls |= PyUnicode_IS_ASCII(t) ? 0 : (unsigned)PyUnicode_KIND(t);
+        i = j - 1;
+    }
+    *done = 1;
+    Py_UCS4 maxchar = (cls & 4) ? 0x10FFFF : (cls & 2) ? 0xFFFF : (cls & 1) ? 0xFF : 0x7F;
+    PyObject *u = PyUnicode_New(total, maxchar);
+    if (!u) {
+        free(buf);
+        free_runs(runs, n_runs);
+        return NULL;
+    }
+#define COPY_TEXT(T, src)                                                                                 \
+    do {                                                                                                  \
+        T *d = (T *)PyUnicode_DATA(u);                                                                    \
+        Py_ssize_t pos = 0, next_run = 0;                                                                 \
+        Py_ssize_t run_at = n_runs ? runs[0].start : n;                                                   \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                              \
+            if (i == run_at) {                                                                            \
+                PyObject *t = runs[next_run].text;                                                        \
+                int tk = PyUnicode_KIND(t);                                                               \
+                const void *td = PyUnicode_DATA(t);                                                       \
+                for (Py_ssize_t q = 0; q < PyUnicode_GET_LENGTH(t); q++) d[pos++] = (T)PyUnicode_READ(tk, td, q); \
+                i = runs[next_run].end - 1;                                                               \
+                next_run++;                                                                               \
+                run_at = next_run < n_runs ? runs[next_run].start : n;                                    \
+                continue;                                                                                 \
+            }                                                                                             \
+            uint64_t c = ci[buf[i]];                                                                      \
+            size_t nc = (size_t)(c & 0xFF);                                                               \
+            const T *from = (src) + (c >> 16);                                                            \
+            if (nc <= 4 && pos + 4 <= total)                                                              \
+                memcpy(d + pos, from, 4 * sizeof(T)); /* fixed sizes; the tables have 16 spare */         \
+            else if (nc <= 16 && pos + 16 <= total)                                                       \
+                memcpy(d + pos, from, 16 * sizeof(T));                                                    \
+            else                                                                                          \
+                memcpy(d + pos, from, nc * sizeof(T));                                                    \
+            pos += (Py_ssize_t)nc;                                                                        \
+        }                                                                                                 \
+    } while (0)
+    switch (PyUnicode_KIND(u)) {
+    case PyUnicode_1BYTE_KIND: COPY_TEXT(Py_UCS1, self->text1); break;
+    case PyUnicode_2BYTE_KIND: COPY_TEXT(Py_UCS2, self->text2); break;
+    default: COPY_TEXT(Py_UCS4, self->text4); break;
+    }
+#undef COPY_TEXT
+    free(buf);
+    free_runs(runs, n_runs);
+    return u;
+fallback:
+    free(buf);
+    free_runs(runs, n_runs);
+    return NULL;
+}
+
 /* decode(ids, errors) -> str: unknown ids and invalid UTF-8 are both errors or both replaced. */
 static PyObject *Core_decode(Core *self, PyObject *args) {
     PyObject *ids;
@@ -780,6 +1036,9 @@ static PyObject *Core_decode(Core *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O|s:decode", &ids, &errors)) return NULL;
     int mode = parse_mode(errors);
     if (mode < 0) return NULL;
+    int done;
+    PyObject *text = text_decode(self, ids, &done);
+    if (text || done) return text;
     OutBuf o = {NULL, 0, 0};
     if (decode_into(self, ids, mode, &o) < 0) {
         free(o.p);
@@ -794,7 +1053,11 @@ static PyObject *Core_decode(Core *self, PyObject *args) {
 static PyObject *Core_stats(Core *self, PyObject *Py_UNUSED(ignored)) {
     size_t blob = self->n_ids ? self->off[self->n_ids - 1] + self->len[self->n_ids - 1] + 16 : 0;
     size_t table = (size_t)self->n_cells * sizeof(uint64_t);
-    size_t ids = (size_t)self->n_ids * (sizeof(uint32_t) + 1 + sizeof(PyObject *));
+    size_t ids = (size_t)self->n_ids * (2 * sizeof(uint32_t) + 1 + sizeof(uint64_t) + sizeof(PyObject *));
+    Py_ssize_t n_chars = 0;
+    for (int32_t id = 0; id < self->n_ids; id++)
+        if ((self->cinfo[id] & 0xFF) != NOT_TEXT) n_chars += (Py_ssize_t)(self->cinfo[id] & 0xFF);
+    table += (size_t)(n_chars + 16) * (sizeof(Py_UCS1) + sizeof(Py_UCS2) + sizeof(Py_UCS4));
     return Py_BuildValue("{s:n,s:n,s:n,s:n}", "nodes", self->n_nodes, "cells", self->n_cells, "table_bytes",
                          (Py_ssize_t)(table + blob + ids), "n_ids", (Py_ssize_t)self->n_ids);
 }
