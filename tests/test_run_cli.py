@@ -1,0 +1,138 @@
+"""``rwkvkit generate`` / ``rwkvkit chat`` end to end on a tiny checkpoint, and model-argument resolution."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rwkvkit
+from rwkvkit.generate import generate, prefill
+from rwkvkit.hub import HubFile, ModelNotFound, parse_hub_ref, resolve_model
+from rwkvkit.run_cli import ChatSession, chat_main, generate_main, load_state_file
+from rwkvkit.sampling import SamplingParams
+from rwkvkit.state import State
+from rwkvkit.testing import random_checkpoint
+
+GREEDY_CLI = ["--temperature", "0"]  # the CLI keeps RWKV's default penalties
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("cli") / "tiny.pth"
+    random_checkpoint(6, n_layer=2, n_embd=64, vocab_size=65536, head_size=32, seed=5, path=path)
+    yield path
+    torch.set_num_threads(n)
+
+
+def test_generate_command_streams_the_continuation(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        generate_main(["--model", str(ckpt), "--prompt", "Hello there", "--max-tokens", "10", *GREEDY_CLI])
+        == 0
+    )
+    out = capsys.readouterr().out
+    want = generate(
+        rwkvkit.load(ckpt), rwkvkit.Tokenizer(), "Hello there", max_tokens=10, sampling=GREEDY, stream=False
+    )
+    assert out == want + "\n"
+
+
+def test_generate_save_state_then_continue(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    st = tmp_path / "after.state"
+    args = ["--model", str(ckpt), "--max-tokens", "6", *GREEDY_CLI]
+    assert generate_main([*args, "--prompt", "Once", "--save-state", str(st)]) == 0
+    first = capsys.readouterr().out[:-1]
+    assert generate_main([*args, "--prompt", " more", "--state", str(st)]) == 0
+    second = capsys.readouterr().out[:-1]
+    model, tok = rwkvkit.load(ckpt), rwkvkit.Tokenizer()
+    g = generate(model, tok, "Once", max_tokens=6, sampling=GREEDY)
+    assert "".join(g) == first
+    assert generate(model, tok, " more", max_tokens=6, sampling=GREEDY, state=g.state, stream=False) == second
+
+
+def test_generate_reports_bad_arguments(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert generate_main(["--model", str(tmp_path / "missing.pth"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.state"
+    bad.write_bytes(b"not a state")
+    assert generate_main(["--model", str(ckpt), "--prompt", "x", "--state", str(bad)]) == 2
+    assert "state" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["--model", str(ckpt), "--prompt", "x", "--top-p", "7"])
+
+
+def test_chat_session_save_load_continues_exactly(ckpt: Path, tmp_path: Path) -> None:
+    model, tok = rwkvkit.load(ckpt), rwkvkit.Tokenizer()
+    a = ChatSession(model, tok, GREEDY, max_tokens=12)
+    a.reply("Hi, who are you?", io.StringIO())
+    a.save(str(tmp_path / "conv.state"))
+    b = ChatSession(model, tok, GREEDY, max_tokens=12)
+    b.load(str(tmp_path / "conv.state"))
+    b.needs_separator = a.needs_separator
+    assert a.reply("And then?", io.StringIO()) == b.reply("And then?", io.StringIO())
+    # the conversation state equals feeding the whole transcript from scratch
+    c = ChatSession(model, tok, GREEDY, max_tokens=12)
+    out = io.StringIO()
+    first = c.reply("Hi, who are you?", out)
+    prompt = "User: Hi, who are you?\n\nAssistant:"
+    g = generate(model, tok, prompt, max_tokens=12, sampling=GREEDY, stop="\n\n")
+    assert "".join(g).strip() == first == out.getvalue().strip()
+    _, st = prefill(model, tok.encode(prompt) + g.tokens)
+    torch.testing.assert_close(c.state["wkv"], st["wkv"], atol=1e-4, rtol=1e-4)
+
+
+def test_chat_command_loop(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    f = tmp_path / "c.state"
+    lines = f"Hello!\n/save {f}\n/reset\n/load {f}\n/load {tmp_path / 'nope'}\n/help\n/bogus\nBye\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert chat_main(["--model", str(ckpt), "--max-tokens", "8", *GREEDY_CLI]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 2 and "(saved to" in out and "(conversation reset)" in out
+    assert "(loaded" in out and "cannot load" in out and "/reset" in out and "unknown command" in out
+    assert f.exists() and State.load(f).batch_size == 1
+
+
+def test_state_tuned_file(ckpt: Path, tmp_path: Path) -> None:
+    model = rwkvkit.load(ckpt)
+    cfg = model.config
+    sd = {
+        f"blocks.{i}.att.time_state": torch.randn(cfg.n_head, cfg.head_size, cfg.head_size) for i in range(2)
+    }
+    torch.save(sd, tmp_path / "tuned.pth")
+    st = load_state_file(str(tmp_path / "tuned.pth"), model)
+    assert torch.equal(st["wkv"][0, 0], sd["blocks.0.att.time_state"].transpose(-1, -2))
+    torch.save({"blocks.0.att.time_state": sd["blocks.0.att.time_state"]}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match="time_state"):
+        load_state_file(str(tmp_path / "short.pth"), model)
+
+
+def test_hub_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_hub_ref("hf://BlinkDL/rwkv-6-world/RWKV-x060-World-1B6.pth") == HubFile(
+        "BlinkDL/rwkv-6-world", "RWKV-x060-World-1B6.pth"
+    )
+    assert parse_hub_ref("BlinkDL/rwkv-6-world@main:a/b.pth") == HubFile(
+        "BlinkDL/rwkv-6-world", "a/b.pth", "main"
+    )
+    assert parse_hub_ref("models/local.pth") is None
+    local = tmp_path / "m.pth"
+    local.write_bytes(b"x")
+    assert resolve_model(str(local)) == local
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        resolve_model(str(tmp_path / "absent.pth"))
+    import huggingface_hub
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    def offline(**kw):
+        raise LocalEntryNotFoundError("no connection and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ModelNotFound, match="unreachable.*local path"):
+        resolve_model("hf://BlinkDL/rwkv-6-world/x.pth")
