@@ -227,9 +227,16 @@ def test_bad_input_errors(tok):
     assert tok.decode([np.int64(300)]) == tok.decode([300])
 
 
-def test_backend_argument():
+def test_backend_argument_and_fallback(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         Tokenizer(backend="rust")
+    from rwkvkit.tokenizer import world
+
+    monkeypatch.setattr(world, "native_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install --no-deps --no-build-isolation -e ."):
+        Tokenizer(backend="native")
+    fallback = Tokenizer()
+    assert fallback.backend == "python" and fallback.encode("Hello") == [33155]
 
 
 # ------------------------------------------------------------------------------- vocab files
