@@ -10,7 +10,8 @@ setup(
     ext_modules=[
         Extension(
             "rwkvkit.tokenizer._native",
-            ["rwkvkit/tokenizer/_trie.c"],
+            ["rwkvkit/tokenizer/_trie.c"],  # includes _decode.c
+            depends=["rwkvkit/tokenizer/_decode.c"],
             extra_compile_args=["-O3", "-std=c99", "-Wall"],
             optional=True,
         )
