@@ -70,6 +70,7 @@ def test_explicit_files_keep_given_order_and_key(tmp_path, tok):
         ('{"text": "ok"}\n{"text": 5}\n', "bad.jsonl:2: field 'text' is int"),
         ('{"text": "ok"}\n\n{"other": "x"}\n', "bad.jsonl:3: expected an object with a 'text' field"),
         ('{"text": "ok"}\nnot json\n', "bad.jsonl:2: not a JSON line"),
+        ('{"text": "ok"}\n{"text": "a\\ud800"}\n', "bad.jsonl:2: the text holds a lone surrogate at index 1"),
     ],
 )
 @pytest.mark.parametrize("workers", [1, 2])
@@ -98,3 +99,17 @@ def test_missing_and_non_utf8_inputs(tmp_path, capsys):
     )
     assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists()
+
+
+def test_on_error_skip_leaves_out_bad_inputs(tmp_path, tok, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"text": "one"}\nbroken\n{"text": "two"}\n', encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "in" / "c.txt").write_text("three", encoding="utf-8")
+    out = tmp_path / "o"
+    rc = tokenize_corpus.main([str(tmp_path / "in"), "-o", str(out), "--on-error", "skip", "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "a.jsonl:2: not a JSON line" in captured.err and "b.txt: not UTF-8 text" in captured.err
+    assert "2 bad inputs skipped" in captured.out
+    assert [d.tolist() for d in BinIdx(out)] == [tok.encode(t) + [0] for t in ("one", "two", "three")]

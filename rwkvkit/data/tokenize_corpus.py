@@ -31,10 +31,12 @@ BLOCK_BYTES = 4 << 20  # jsonl lines per task: about this many bytes
 
 # task: (path, first line number, payload); payload None = the whole text file, else jsonl lines
 Task = tuple[str, int, list[bytes] | None]
-Result = tuple[int, np.ndarray, np.ndarray]  # input bytes, all ids (uint16), tokens per document
+# input bytes, all ids (uint16), tokens per document, inputs skipped (with --on-error skip)
+Result = tuple[int, np.ndarray, np.ndarray, list[str]]
 
 _worker_tok = None
 _worker_key = "text"
+_worker_skip = False
 
 
 class CorpusError(ValueError):
@@ -78,51 +80,66 @@ def _tasks(files: list[Path]) -> Iterator[Task]:
                 yield str(path), first, block
 
 
-def _init_worker(vocab: str | None, key: str) -> None:
-    global _worker_tok, _worker_key
+def _init_worker(vocab: str | None, key: str, skip: bool = False) -> None:
+    global _worker_tok, _worker_key, _worker_skip
     from rwkvkit.tokenizer import Tokenizer
 
     _worker_tok = Tokenizer(vocab)
     _worker_key = key
+    _worker_skip = skip
 
 
-def _documents(task: Task) -> tuple[int, list[bytes | str]]:
+def _document(where: str, line: bytes) -> str:
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise CorpusError(f"{where}: not a JSON line ({e})") from None
+    if not isinstance(obj, dict) or _worker_key not in obj:
+        raise CorpusError(f"{where}: expected an object with a {_worker_key!r} field")
+    text = obj[_worker_key]
+    if not isinstance(text, str):
+        raise CorpusError(f"{where}: field {_worker_key!r} is {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CorpusError(f"{where}: the text holds a lone surrogate at index {e.start}") from None
+    return text
+
+
+def _documents(task: Task) -> tuple[int, list[bytes | str], list[str]]:
+    """The task's documents, and the inputs skipped (errors raise unless skipping)."""
     path, first, lines = task
+    docs: list[bytes | str] = []
+    skipped: list[str] = []
     if lines is None:
         data = Path(path).read_bytes()
         try:
             data.decode("utf-8")
+            docs.append(data)  # valid UTF-8, so its ids equal those of the decoded text
         except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        return len(data), [data]  # valid UTF-8, so its ids equal those of the decoded text
-    docs: list[bytes | str] = []
+            err = CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})")
+            if not _worker_skip:
+                raise err from None
+            skipped.append(str(err))
+        return len(data), docs, skipped
     for k, line in enumerate(lines):
-        if not line.strip():
-            continue
-        where = f"{path}:{first + k}"
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise CorpusError(f"{where}: not a JSON line ({e})") from None
-        if not isinstance(obj, dict) or _worker_key not in obj:
-            raise CorpusError(f"{where}: expected an object with a {_worker_key!r} field")
-        text = obj[_worker_key]
-        if not isinstance(text, str):
-            raise CorpusError(f"{where}: field {_worker_key!r} is {type(text).__name__}, not a string")
-        docs.append(text)
-    return sum(len(x) for x in lines), docs
+        if line.strip():
+            try:
+                docs.append(_document(f"{path}:{first + k}", line))
+            except CorpusError as err:
+                if not _worker_skip:
+                    raise
+                skipped.append(str(err))
+    return sum(len(x) for x in lines), docs, skipped
 
 
 def _encode_task(task: Task) -> Result:
     assert _worker_tok is not None, "worker not initialised"
-    n_bytes, docs = _documents(task)
-    try:
-        arrays = _worker_tok.encode_batch_array(docs, dtype=np.uint16, num_threads=1)
-    except UnicodeEncodeError as e:
-        raise CorpusError(f"{task[0]}: {e.reason}") from None
+    n_bytes, docs, skipped = _documents(task)
+    arrays = _worker_tok.encode_batch_array(docs, dtype=np.uint16, num_threads=1)
     sizes = np.array([a.size for a in arrays], dtype=np.int64)
     flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
-    return n_bytes, flat, sizes
+    return n_bytes, flat, sizes, skipped
 
 
 def tokenize_files(
@@ -133,8 +150,13 @@ def tokenize_files(
     jsonl_key: str = "text",
     vocab: str | None = None,
     progress: bool | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, float]:
-    """Tokenize ``inputs`` into ``prefix.bin``/``prefix.idx``; returns counts and timing."""
+    """Tokenize ``inputs`` into ``prefix.bin``/``prefix.idx``; returns counts and timing.
+
+    A bad input (not UTF-8, a bad jsonl line) stops the run and leaves the previous output in
+    place, or with ``skip_bad`` is left out and reported on stderr.
+    """
     from tqdm import tqdm
 
     files = collect_inputs(inputs)
@@ -155,19 +177,24 @@ def tokenize_files(
     try:
         if workers > 1:
             ctx = multiprocessing.get_context()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(vocab, jsonl_key))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(vocab, jsonl_key, skip_bad))
             results: Iterator[Result] = pool.imap(_encode_task, _tasks(files), chunksize=1)
         else:
-            _init_worker(vocab, jsonl_key)
+            _init_worker(vocab, jsonl_key, skip_bad)
             results = map(_encode_task, _tasks(files))
         with BinIdxWriter(prefix, dtype=np.uint16) as writer:
-            for n_bytes, flat, sizes in results:
+            n_skipped = 0
+            for n_bytes, flat, sizes, skipped in results:
+                for msg in skipped:
+                    n_skipped += 1
+                    if n_skipped <= 20:
+                        bar.write(f"skipped {msg}", file=sys.stderr)
                 start = 0
                 for s in sizes.tolist():
                     writer.add(flat[start : start + s])
                     start += s
                 bar.update(n_bytes)
-        stats = {"docs": len(writer), "tokens": writer.n_tokens, "bytes": total}
+        stats = {"docs": len(writer), "tokens": writer.n_tokens, "bytes": total, "skipped": n_skipped}
     finally:
         bar.close()
         if pool is not None:
@@ -186,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl-key", default="text", help="field holding the document in .jsonl lines")
     ap.add_argument("--vocab", default=None, help="vocabulary file (default: the World vocabulary)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--on-error",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a file that is not UTF-8 or a bad jsonl line: stop (keeping the old output) or skip it",
+    )
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be >= 1")
@@ -197,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             jsonl_key=args.jsonl_key,
             vocab=args.vocab,
             progress=False if args.no_progress else None,
+            skip_bad=args.on_error == "skip",
         )
     except (CorpusError, FileNotFoundError, UnicodeError) as e:
         print(f"rwkvkit tokenize: {e}", file=sys.stderr)
@@ -206,5 +240,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['docs']} documents, {stats['tokens']} tokens (with one 0 per document), {mb:.1f} MB "
         f"in {stats['seconds']:.1f} s ({mb / max(stats['seconds'], 1e-9):.1f} MB/s) -> "
         f"{args.output}.bin, {args.output}.idx"
+        + (f"; {stats['skipped']} bad inputs skipped" if stats["skipped"] else "")
     )
     return 0
