@@ -444,12 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-prompt-tokens", type=int, default=8192, help="longest prompt accepted, in tokens")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
     for name in ("max_batch", "max_tokens_limit", "max_prompt_tokens", "max_queue"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     _require_serve_deps()
     import uvicorn
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from .checkpoint import load
     from .hub import ModelNotFound, resolve_model

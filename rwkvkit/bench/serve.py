@@ -1,6 +1,6 @@
 """``rwkvkit bench serve``: aggregate decode tokens/s of the server at 1, 4 and 16 concurrent clients.
 
-It starts the real server on a loopback port with a random Finch of the 0.1B shape (L12 D768
+It starts the real server (``rwkvkit serve`` in its own process) on a loopback port with a random Finch of the 0.1B shape (L12 D768
 V65536, from ``rwkvkit.testing.random_checkpoint``), then for each concurrency level starts that many
 streaming clients at once, each asking for the same number of tokens. Aggregate decode tokens/s is
 (all completion tokens) / (time from the first client's first token to the last client's last token),
@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 
 def _free_port() -> int:
@@ -69,38 +69,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="tokens each client asks for")
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",") if x.strip()]
     if not levels or min(levels) <= 0:
         p.error("--clients needs positive integers")
-    import uvicorn
+    import httpx
 
-    from ..checkpoint import load
-    from ..serve import create_app
     from ..testing import random_checkpoint
-    from ..tokenizer import Tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "finch.pth"
         random_checkpoint(6, n_layer=args.layers, n_embd=args.embd, vocab_size=65536, head_size=64, path=path)
-        model = load(path)
-    app = create_app(model, Tokenizer(), model_name="bench", max_batch=max(levels), max_tokens_limit=args.tokens,
-                     max_queue=max(levels))  # fmt: skip
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        if not th.is_alive():
-            print("server failed to start")
-            return 1
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    print(f"Finch L{args.layers} D{args.embd} V65536 fp32, {torch.get_num_threads()} torch threads, "
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        # The server runs in its own process (its own GIL), as it would in use; clients run here.
+        cmd = [sys.executable, "-m", "rwkvkit.cli", "serve", "--model", str(path), "--port", str(port),
+               "--max-batch", str(max(levels)), "--max-queue", str(max(levels)), "--max-tokens-limit",
+               str(max(args.tokens, 8)), "--threads", str(args.threads)]  # fmt: skip
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 300
+            while True:
+                if server.poll() is not None:
+                    print(
+                        "server failed to start:",
+                        server.stderr.read().decode()[-2000:] if server.stderr else "",
+                    )
+                    return 1
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    print("server did not start within 300 s")
+                    return 1
+                time.sleep(0.2)
+            return _run_levels(url, levels, args)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def _run_levels(url: str, levels: list[int], args: argparse.Namespace) -> int:
+    import httpx
+
+    threads = args.threads or "default"
+    print(f"Finch L{args.layers} D{args.embd} V65536 fp32, server torch threads: {threads}, "
           f"{args.tokens} tokens per client, temperature {args.temperature}")  # fmt: skip
     try:
         run_level(url, 1, 8, args.temperature)  # warm-up
@@ -114,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             top = max(speed)
             ratio = speed[top] / speed[1]
             print(f"{top} clients vs 1: {ratio:.1f}x (target >= 6x)")
-    finally:
-        server.should_exit = True
-        th.join(timeout=30)
+    except httpx.HTTPError as e:
+        print(f"benchmark request failed: {e}")
+        return 1
     return 0
 
 
