@@ -6,8 +6,9 @@ nccl on CUDA. ``wrap(model, ctx)`` applies the strategy:
 
 - ``single``: the model as is.
 - ``ddp``: ``DistributedDataParallel`` (gradients averaged over processes after backward).
-- ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every block and then on the root, over a
-  1-D device mesh; parameters become sharded DTensors, so the optimiser is built after wrapping.
+- ``fsdp``: FSDP2, ``torch.distributed.fsdp.fully_shard`` on every block (block 0: its time-mix and
+  channel-mix, since the LM applies its ``ln0`` itself) and then on the root, over a 1-D device
+  mesh; parameters become sharded DTensors, so the optimiser is built after wrapping.
 - ``deepspeed``: only when the ``deepspeed`` package is importable (``pip install deepspeed``); ZeRO
   stage 2 through ``deepspeed.initialize`` (see ``deepspeed_engine``).
 
@@ -96,7 +97,12 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(ctx.device.type, (ctx.world,))
-        for block in model.blocks:
+        # The LM applies blocks[0].ln0 from its own forward, before block 0 runs: block 0's
+        # LayerNorms stay in the root group, its time-mix and channel-mix are sharded units.
+        first = model.blocks[0]
+        fully_shard(first.att, mesh=mesh)
+        fully_shard(first.ffn, mesh=mesh)
+        for block in model.blocks[1:]:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
