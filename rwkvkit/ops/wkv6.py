@@ -149,64 +149,49 @@ def wkv6_naive(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor
     return torch.stack(ys, dim=1), S
 
 
-def _shift_cumsum(w: Tensor, dim: int, reverse: bool) -> Tensor:
-    """Exclusive cumsum along dim: out_t = sum_{m<t} w_m (reverse: sum_{m>t} w_m). No cancellation."""
-    if reverse:
-        w = w.flip(dim)
-    out = torch.cumsum(w.narrow(dim, 0, w.shape[dim] - 1), dim)
-    pad = [0, 0] * (w.dim() - 1 - dim) + [1, 0]
-    out = F.pad(out, pad)
-    return out.flip(dim) if reverse else out
+def _block_sums(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [G, P, N] -> (exclusive prefix sums, exclusive suffix sums, totals [G, N]) along P.
+
+    Running sums of same-sign terms, never a difference of two cumsums (no cancellation)."""
+    P = x.shape[1]
+    pre, suf = [torch.zeros_like(x[:, 0])], [torch.zeros_like(x[:, 0])]
+    for j in range(1, P):
+        pre.append(pre[-1] + x[:, j - 1])
+        suf.append(suf[-1] + x[:, P - j])
+    return torch.stack(pre, 1), torch.stack(suf[::-1], 1), pre[-1] + x[:, P - 1]
 
 
 _PAIR_MASKS: dict[tuple[int, str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
 def _pair_masks(P: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """For query sub-blocks I = 1..P-1 and key sub-blocks J = 0..P-2: M[J', I, J] = 1 where
+    """For query sub-blocks I = 1..P-1 and key sub-blocks J = 0..P-2: between[J', (I, J)] = 1 where
     J < J' < I (the whole sub-blocks between key and reference), and neg[I, J] = -inf where J >= I."""
     key = (P, str(device), dtype)
     if key not in _PAIR_MASKS:
         i = torch.arange(1, P).view(1, P - 1, 1)
         j = torch.arange(0, P - 1).view(1, 1, P - 1)
         jp = torch.arange(P).view(P, 1, 1)
-        between = ((j < jp) & (jp < i)).float().reshape(P, (P - 1) * (P - 1))
-        neg = torch.zeros(P - 1, P - 1).masked_fill(j[0] >= i[0], float("-inf"))
-        _PAIR_MASKS[key] = (between.to(device, dtype), neg.to(device, dtype))
+        between = ((j < jp) & (jp < i)).to(dtype).reshape(P, (P - 1) * (P - 1))
+        neg = torch.zeros(P - 1, P - 1, dtype=dtype).masked_fill(j[0] >= i[0], float("-inf"))
+        _PAIR_MASKS[key] = (between.to(device), neg.to(device))
     return _PAIR_MASKS[key]
 
 
-def _earlier_blocks(r: Tensor, k: Tensor, v: Tensor, w: Tensor) -> Tensor:
-    """Output of every query from the keys in EARLIER sub-blocks of its parent block.
+def _add_earlier_blocks(y: Tensor, q: Tensor, kb: Tensor, v: Tensor, tot: Tensor) -> None:
+    """y += what every query gets from the keys in EARLIER sub-blocks of its parent block (in place).
 
-    r, k, v, w: [G, P, l, N] (G parent blocks, each P sub-blocks of l tokens).
-    Returns [G, P - 1, l, N]: the contribution for sub-blocks 1..P-1 (sub-block 0 has none).
-    Query t in sub-block I, key s in sub-block J < I, reference = last token of sub-block I-1:
-    weight exp(a_t) * exp(b_s + D[I, J]) with a_t = sum of w over sub-block I before t,
-    b_s = sum of w in sub-block J after s, D[I, J] = sum of w over sub-blocks J+1..I-1. All <= 0.
+    y, q, kb, v: [G, P, l, N] (G parent blocks of P sub-blocks of l tokens); tot: [G, P, N] the sum of
+    w over each sub-block. q = r * exp(a), kb = k * exp(b) with a, b the in-sub-block sums of the
+    module docstring; the sub-blocks strictly between key and reference add exp(D), D <= 0.
     """
-    G, P, l, N = r.shape
-    between, neg = _pair_masks(P, r.device, r.dtype)
-    a = _shift_cumsum(w[:, 1:], 2, reverse=False)  # [G, P-1, l, N]
-    b = _shift_cumsum(w[:, :-1], 2, reverse=True)  # [G, P-1, l, N]
-    tot = w.sum(2)  # [G, P, N]
+    G, P, l, N = q.shape
+    between, neg = _pair_masks(P, q.device, q.dtype)
     D = (tot.transpose(1, 2) @ between).view(G, N, P - 1, P - 1).permute(0, 2, 3, 1) + neg[..., None]
-    q = r[:, 1:] * torch.exp(a)  # [G, I, l, N]
-    kb = k[:, :-1] * torch.exp(b)  # [G, J, l, N]
-    kk = kb[:, None] * torch.exp(D)[:, :, :, None, :]  # [G, I, J, l, N]
-    att = q @ kk.reshape(G, P - 1, (P - 1) * l, N).transpose(-1, -2)  # [G, I, l, J*l]
-    y = att.reshape(G, (P - 1) * l, (P - 1) * l) @ v[:, :-1].reshape(G, (P - 1) * l, N)
-    return y.view(G, P - 1, l, N)
-
-
-def _add_earlier(y: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, P: int, l: int) -> Tensor:
-    """y + the `_earlier_blocks` contribution at one level; all tensors [..., N] viewed as [G, P, l, N]."""
-    N = r.shape[-1]
-    shp = y.shape
-    args = [x.reshape(-1, P, l, N) for x in (r, k, v, w)]
-    part = _earlier_blocks(*args)
-    part = F.pad(part, (0, 0, 0, 0, 1, 0))  # sub-block 0 receives nothing
-    return y + part.reshape(shp)
+    kk = kb[:, None, :-1] * torch.exp(D)[:, :, :, None, :]  # [G, I, J, l, N]
+    att = q[:, 1:] @ kk.reshape(G, P - 1, (P - 1) * l, N).transpose(-1, -2)  # [G, I, l, J*l]
+    out = att.reshape(G, (P - 1) * l, (P - 1) * l) @ v[:, :-1].reshape(G, (P - 1) * l, N)
+    y[:, 1:] += out.view(G, P - 1, l, N)
 
 
 def _wkv6_chunked(
@@ -214,29 +199,48 @@ def _wkv6_chunked(
 ) -> tuple[Tensor, Tensor]:
     B, T, H, N = r.shape
     L = min(L, -(-T // 16) * 16)  # no point in a chunk longer than the padded sequence
-    nc = -(-T // L)
+    nc, P = -(-T // L), L // 16
     pad = nc * L - T
-    # Padding tokens have r = k = v = 0 and w = 0 (no decay): they change neither y nor the state.
-    r, k, v, w = (F.pad(x.permute(0, 2, 1, 3), (0, 0, 0, pad)).reshape(B * H, nc, L, N) for x in (r, k, v, w))
-    uu = u.repeat(B, 1)[:, None, None, :]  # [BH, 1, 1, N]
+    G4, G16, BH = B * H * nc * L // 4, B * H * nc * L // 16, B * H
+    # [B*H*nc*L/4, 4, N]. Padding tokens have r = k = v = 0 and w = 0: they change neither y nor the state.
+    r, k, v, w = (F.pad(x.permute(0, 2, 1, 3), (0, 0, 0, pad)).reshape(G4, 4, N) for x in (r, k, v, w))
 
-    # Inside the chunk: the current token (bonus u), then earlier 16-blocks, 4-blocks, tokens.
-    y = (r * uu * k).sum(-1, keepdim=True) * v
-    for l in (16, 4, 1):
-        P = (L if l == 16 else 4 * l) // l
-        if P > 1:
-            y = _add_earlier(y, r, k, v, w, P, l)
+    # Sums of w inside 4-blocks, over 4-blocks inside 16-blocks, over 16-blocks inside chunks.
+    xa4, xb4, t4 = _block_sums(w)  # [G4, 4, N] x2, [G4, N]
+    xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # [G16, 4, N] x2, [G16, N]
+    xac, xbc, tc = _block_sums(t16.view(BH * nc, P, N))  # [BH*nc, P, N] x2, [BH*nc, N]
+    # Query/key factors relative to the start/end of their 4-block, 16-block and chunk (all <= 1).
+    q4, k4 = r * torch.exp(xa4), k * torch.exp(xb4)
+    q16 = q4.view(G16, 4, 4, N) * torch.exp(xa16)[:, :, None]
+    k16 = k4.view(G16, 4, 4, N) * torch.exp(xb16)[:, :, None]
+
+    # The current token (bonus u), then earlier tokens of the same 4-block, pair by pair:
+    # distance 1 has no decay between, 2 has exp(w_{t-1}), 3 has exp(w_{t-1} + w_{t-2}).
+    ru = (r * k).view(BH, nc * L, N) @ u.repeat(B, 1)[:, :, None]  # [BH, nc*L, 1]: r_t . (u * k_t)
+    y = ru.view(G4, 4, 1) * v
+    dw = torch.exp(w[:, 1:3])  # [G4, 2, N]
+    y[:, 1:] += (r[:, 1:] * k[:, :3]).sum(-1, keepdim=True) * v[:, :3]
+    y[:, 2:] += (r[:, 2:] * k[:, :2] * dw).sum(-1, keepdim=True) * v[:, :2]
+    y[:, 3] += (r[:, 3] * k[:, 0] * dw[:, 0] * dw[:, 1]).sum(-1, keepdim=True) * v[:, 0]
+    # Earlier 4-blocks of the same 16-block, then earlier 16-blocks of the same chunk.
+    y16 = y.view(G16, 4, 4, N)
+    _add_earlier_blocks(
+        y16, q4.view(G16, 4, 4, N), k4.view(G16, 4, 4, N), v.view(G16, 4, 4, N), t4.view(G16, 4, N)
+    )
+    if P > 1:
+        shp = (BH * nc, P, 16, N)
+        _add_earlier_blocks(y.view(shp), q16.view(shp), k16.view(shp), v.view(shp), t16.view(BH * nc, P, N))
 
     # Across chunks: the state entering each chunk (a short loop over chunks), then one matmul.
-    q = r * torch.exp(_shift_cumsum(w, 2, reverse=False))  # decay from the chunk start to t-1
-    kd = k * torch.exp(_shift_cumsum(w, 2, reverse=True))  # decay from s+1 to the chunk end
-    upd = kd.transpose(-1, -2) @ v  # [BH, nc, N, N]
-    dec = torch.exp(w.sum(2))[..., None]  # [BH, nc, N, 1]
-    S = s0.reshape(B * H, N, N)
+    qc = (q16.view(BH * nc, P, 16, N) * torch.exp(xac)[:, :, None]).view(BH, nc, L, N)
+    kc = (k16.view(BH * nc, P, 16, N) * torch.exp(xbc)[:, :, None]).view(BH, nc, L, N)
+    upd = kc.transpose(-1, -2) @ v.view(BH, nc, L, N)  # [BH, nc, N, N]
+    dec = torch.exp(tc).view(BH, nc, N, 1)
+    S = s0.reshape(BH, N, N)
     starts = []
     for c in range(nc):
         starts.append(S)
         S = dec[:, c] * S + upd[:, c]
-    y = y + q @ torch.stack(starts, 1)
-    y = y.reshape(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
+    y = y.view(BH, nc, L, N) + qc @ torch.stack(starts, 1)
+    y = y.view(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
     return y, S.reshape(B, H, N, N)
