@@ -55,7 +55,7 @@ class TrainConfig:
     # ---- runtime ----
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    backend: str = "chunked"  # WKV backend: chunked | naive | auto
+    backend: str = "chunked"  # WKV backend, one of rwkvkit.models.model.BACKENDS
     grad_checkpoint: bool = False  # recompute each block in backward (saves activation memory)
     chunk_len: int = 0  # >0: train ctx_len in chunks of chunk_len, state passed forward detached
     strategy: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp | deepspeed
@@ -101,10 +101,9 @@ class TrainConfig:
         )
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(
-            self.backend in ("auto", "chunked", "naive"),
-            f"backend must be auto|chunked|naive, got {self.backend!r}",
-        )
+        from rwkvkit.models.model import BACKENDS  # the model's WKV backends (GPU kernels add theirs)
+
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
         need(self.lr_init > 0 and self.lr_final > 0, "lr_init and lr_final must be positive")
         need(0 <= self.warmup_steps <= self.max_steps, "warmup_steps must be in [0, max_steps]")
