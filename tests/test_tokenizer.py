@@ -146,6 +146,27 @@ def test_decode_builds_canonical_strings(tok, ref, text):
     assert tok.decode(ids + tok.encode("😀".encode()[:3])) == text + "\ufffd"
 
 
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(st.integers(1, 65529), min_size=1000, max_size=6000), cut=st.integers(0, 2000))
+def test_long_inputs_match_reference(both, ref, ids, cut):
+    """Long inputs go through the segmented multi-lane walk (joined at shared token boundaries)."""
+    native, _ = both
+    data = b"".join(ref.idx2token[i] for i in ids)[cut:]
+    assert native.encode(data) == ref.encodeBytes(data)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a" * 70000, " " * 50001, "\n" * 40000 + "x", "ab" * 30000, "的" * 30000, "🎉" * 20000, "=-" * 33333],
+)
+def test_long_runs_match_python_twin(both, text):
+    """Runs where segment starts fall out of phase with the text's tokens (joined late or never)."""
+    native, python = both
+    for src in (text, "q" + text, "qq" + text[:-1] + "\u00e9", text.encode()[1:]):
+        assert native.encode(src) == python.encode(src)
+        assert native.encode_array(src).tolist() == python.encode(src)
+
+
 def test_native_and_python_agree_on_large_text(both):
     native, python = both
     text = "".join(MIXED + _machine_texts()) * 3
