@@ -88,6 +88,8 @@ def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.strategy in ("single", "deepspeed"):
         return model
     if ctx.strategy == "ddp":
+        if not any(p.requires_grad for p in model.parameters()):
+            return model  # state tuning: a frozen model; the trainer averages the state's gradient
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -137,6 +139,16 @@ def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
     t = torch.tensor([1 if flag else 0], device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.broadcast(t, 0)
     return bool(t.item())
+
+
+def average_grads(params: list[torch.Tensor], ctx: DistContext) -> None:
+    """All-reduce-mean the gradients of parameters that no wrapper synchronises (the tuned state)."""
+    if ctx.world == 1 or not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world
 
 
 def barrier(ctx: DistContext) -> None:

@@ -49,7 +49,8 @@ def make_optimizer(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) 
     groups = param_groups(named, cfg.weight_decay)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    # fused AdamW for plain CUDA tensors (FSDP2's DTensors take the default implementation)
+    fused = all(p.is_cuda and type(p.data) is torch.Tensor for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups, lr=cfg.lr_init, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused or None
     )

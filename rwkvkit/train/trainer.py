@@ -179,6 +179,8 @@ class Trainer:
             norm = float("nan")
         else:
             norm = float("nan")
+            if self.tuned is not None:
+                D.average_grads(self.params, ctx)
             if cfg.grad_clip > 0:
                 n = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 norm = float(n.full_tensor() if hasattr(n, "full_tensor") else n)
