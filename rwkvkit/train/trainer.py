@@ -113,6 +113,8 @@ class Trainer:
         self.opt = make_optimizer(named, cfg)
         self.engine = None
         if self.ctx.strategy == "deepspeed":
+            if cfg.chunk_len:
+                raise ValueError("strategy deepspeed takes one backward per micro-batch: use chunk_len=0")
             self.engine = D.deepspeed_engine(
                 self.model, self.opt, cfg.grad_clip, cfg.micro_bsz, cfg.accum_steps
             )
@@ -153,11 +155,10 @@ class Trainer:
                 loss = F.cross_entropy(logits.float().reshape(-1, self.V), y[:, a:b].reshape(-1))
                 if self.cfg.l2wrap > 0:
                     loss = L2Wrap.apply(loss, logits, self.cfg.l2wrap)
-                scaled = loss * (weight * (b - a) / T)
-                if self.engine is not None:
-                    self.engine.backward(scaled)
+                if self.engine is not None:  # DeepSpeed divides by its accumulation steps itself
+                    self.engine.backward(loss)
                 else:
-                    scaled.backward()
+                    (loss * (weight * (b - a) / T)).backward()
             state = new_state.detach()
             total += loss.item() * (b - a) / T
         return total
@@ -174,9 +175,10 @@ class Trainer:
             x, y = self.data.batch(g, cfg.micro_bsz)
             x, y = x.to(ctx.device), y.to(ctx.device)
             losses.append(self.train_micro(x, y, 1.0 / cfg.accum_steps, sync=micro == cfg.accum_steps - 1))
+            if self.engine is not None:
+                self.engine.step()  # steps the optimiser only at accumulation boundaries
         if self.engine is not None:
-            self.engine.step()
-            norm = float("nan")
+            norm = float(self.engine.get_global_grad_norm() or float("nan"))
         else:
             norm = float("nan")
             if self.tuned is not None:
