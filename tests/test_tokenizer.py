@@ -226,6 +226,8 @@ def test_stream_decoder_on_real_ids_and_flush(tok):
 def test_bad_input_errors(tok):
     with pytest.raises(UnicodeEncodeError, match="lone surrogate U\\+D800"):
         tok.encode("ab\ud800c")
+    with pytest.raises(UnicodeEncodeError, match="lone surrogate U\\+DFFF"):
+        tok.encode_array("x" * 5000 + "é\udfff")  # long: converted without the GIL
     with pytest.raises(UnicodeEncodeError, match="batch item 1"):
         tok.encode_batch(["ok", "x\udfff"], num_threads=2)
     for bad in (None, 5, ["a"], 3.5):

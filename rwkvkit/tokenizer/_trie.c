@@ -596,23 +596,78 @@ lanes_done:
     return k;
 }
 
+/* The UTF-8 bytes of an encode() argument. ASCII str and bytes-like objects are read in place;
+ * any other str is converted by ucs_to_utf8 into a buffer of our own, without the GIL (so the
+ * threads of a batch convert in parallel) and without CPython's habit of caching a UTF-8 copy
+ * inside the str for its whole life. */
 typedef struct {
-    PyObject *bytes_obj; /* a new reference to the UTF-8 source when we had to make one */
     Py_buffer view;
     int has_view;
+    PyObject *str;      /* borrowed: a non-ASCII str still to convert */
+    uint8_t *owned;     /* our UTF-8 copy of it */
+    int bad;            /* it holds a lone surrogate */
     const uint8_t *data;
-    Py_ssize_t n;
+    Py_ssize_t n;       /* byte count (before conversion: an upper bound) */
 } Source;
 
+/* str data of one kind -> UTF-8 at o (4 spare bytes needed); returns the byte count, or -1 when
+ * the text holds a lone surrogate. Runs of 4 ASCII characters are copied directly; any other
+ * character is encoded without branching on its length (mixed scripts defeat branch prediction). */
+static Py_ssize_t ucs_to_utf8(int kind, const void *data, Py_ssize_t len, uint8_t *o) {
+    uint8_t *o0 = o;
+    Py_ssize_t i = 0;
+    uint32_t bad = 0;
+#define CONVERT(T)                                                                                        \
+    do {                                                                                                  \
+        const T *u = (const T *)data;                                                                     \
+        while (i < len) {                                                                                 \
+            if (i + 4 <= len && (u[i] | u[i + 1] | u[i + 2] | u[i + 3]) < 0x80) { /* ASCII run */        \
+                o[0] = (uint8_t)u[i];                                                                     \
+                o[1] = (uint8_t)u[i + 1];                                                                 \
+                o[2] = (uint8_t)u[i + 2];                                                                 \
+                o[3] = (uint8_t)u[i + 3];                                                                 \
+                o += 4;                                                                                   \
+                i += 4;                                                                                   \
+                continue;                                                                                 \
+            }                                                                                             \
+            uint32_t c = u[i++];                                                                          \
+            unsigned L = 1u + (c >= 0x80) + (c >= 0x800) + (c >= 0x10000);                                \
+            uint32_t w1 = c;                                                                              \
+            uint32_t w2 = (0xC0 | c >> 6) | (0x80 | (c & 0x3F)) << 8;                                     \
+            uint32_t w3 = (0xE0 | c >> 12) | (0x80 | ((c >> 6) & 0x3F)) << 8 | (0x80 | (c & 0x3F)) << 16; \
+            uint32_t w4 = (0xF0 | c >> 18) | (0x80 | ((c >> 12) & 0x3F)) << 8 |                           \
+                          (0x80 | ((c >> 6) & 0x3F)) << 16 | (0x80u | (c & 0x3F)) << 24;                   \
+            uint32_t w = L == 1 ? w1 : L == 2 ? w2 : L == 3 ? w3 : w4;                                    \
+            bad |= (c & 0xFFFFF800u) == 0xD800u;                                                          \
+            memcpy(o, &w, 4); /* little-endian; the buffer has 4 spare bytes */                           \
+            o += L;                                                                                       \
+        }                                                                                                 \
+    } while (0)
+    if (kind == PyUnicode_1BYTE_KIND)
+        CONVERT(Py_UCS1);
+    else if (kind == PyUnicode_2BYTE_KIND)
+        CONVERT(Py_UCS2);
+    else
+        CONVERT(Py_UCS4);
+#undef CONVERT
+    return bad ? -1 : o - o0;
+}
+
 static int source_open(PyObject *obj, Source *src) {
-    src->bytes_obj = NULL;
     src->has_view = 0;
+    src->str = NULL;
+    src->owned = NULL;
+    src->bad = 0;
     if (PyUnicode_Check(obj)) {
-        Py_ssize_t n;
-        const char *p = PyUnicode_AsUTF8AndSize(obj, &n);
-        if (!p) return -1; /* UnicodeEncodeError for lone surrogates */
-        src->data = (const uint8_t *)p;
-        src->n = n;
+        if (PyUnicode_IS_ASCII(obj)) {
+            src->data = PyUnicode_DATA(obj);
+            src->n = PyUnicode_GET_LENGTH(obj);
+            return 0;
+        }
+        int kind = PyUnicode_KIND(obj);
+        src->str = obj;
+        src->data = NULL;
+        src->n = PyUnicode_GET_LENGTH(obj) * (kind == PyUnicode_1BYTE_KIND ? 2 : kind == PyUnicode_2BYTE_KIND ? 3 : 4);
         return 0;
     }
     if (PyBytes_Check(obj) || PyByteArray_Check(obj) || PyMemoryView_Check(obj)) {
@@ -626,9 +681,40 @@ static int source_open(PyObject *obj, Source *src) {
     return -1;
 }
 
+/* Without the GIL: convert a non-ASCII str (sets bad, or returns -1 when out of memory). */
+static int source_prepare(Source *src) {
+    if (!src->str) return 0;
+    src->owned = malloc((size_t)src->n + 4);
+    if (!src->owned) return -1;
+    Py_ssize_t n = ucs_to_utf8(PyUnicode_KIND(src->str), PyUnicode_DATA(src->str), PyUnicode_GET_LENGTH(src->str),
+                               src->owned);
+    src->bad = n < 0;
+    src->n = n < 0 ? 0 : n;
+    src->data = src->owned;
+    return 0;
+}
+
+/* With the GIL, after source_prepare: raise the error it found, if any. */
+static int source_check(Source *src, int prepared) {
+    if (prepared < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (src->bad) {
+        PyObject *b = PyUnicode_AsUTF8String(src->str); /* raises CPython's UnicodeEncodeError */
+        if (b) {
+            Py_DECREF(b);
+            PyErr_SetString(PyExc_UnicodeError, "text could not be converted to UTF-8");
+        }
+        return -1;
+    }
+    return 0;
+}
+
 static void source_close(Source *src) {
     if (src->has_view) PyBuffer_Release(&src->view);
-    Py_XDECREF(src->bytes_obj);
+    free(src->owned);
+    src->owned = NULL;
 }
 
 static PyObject *ids_to_list(Core *self, const uint16_t *buf, Py_ssize_t k) {
@@ -659,26 +745,36 @@ static PyObject *ids_to_bytearray(const uint16_t *buf, Py_ssize_t k, int itemsiz
     return out;
 }
 
+/* Convert (if needed) and encode into a malloc'ed uint16 buffer, sized once the UTF-8 length is
+ * known (every token has >= 1 byte). Returns -1 when out of memory. */
+static int prepare_and_encode(Core *self, Source *src, uint16_t **out, Py_ssize_t *count) {
+    if (source_prepare(src) < 0) return -1;
+    *count = 0;
+    *out = malloc(sizeof(uint16_t) * (size_t)(src->n > 0 ? src->n : 1));
+    if (!*out) return -1;
+    if (!src->bad) *count = encode_loop(self, src->data, src->n, *out);
+    return 0;
+}
+
 /* Encode into a malloc'ed uint16 buffer; *count gets the number of ids. */
 static uint16_t *encode_to_buffer(Core *self, PyObject *obj, Py_ssize_t *count) {
     Source src;
     if (source_open(obj, &src) < 0) return NULL;
-    uint16_t *out = malloc(sizeof(uint16_t) * (size_t)(src.n > 0 ? src.n : 1));
-    if (!out) {
-        source_close(&src);
-        PyErr_NoMemory();
-        return NULL;
-    }
-    Py_ssize_t k;
+    uint16_t *out = NULL;
+    int rc;
     if (src.n > 4096) {
         Py_BEGIN_ALLOW_THREADS
-        k = encode_loop(self, src.data, src.n, out);
+        rc = prepare_and_encode(self, &src, &out, count);
         Py_END_ALLOW_THREADS
     } else {
-        k = encode_loop(self, src.data, src.n, out);
+        rc = prepare_and_encode(self, &src, &out, count);
+    }
+    if (source_check(&src, rc) < 0) {
+        source_close(&src);
+        free(out);
+        return NULL;
     }
     source_close(&src);
-    *count = k;
     return out;
 }
 
@@ -743,9 +839,15 @@ static PyObject *Core_encode_batch(Core *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
+    int prepared = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < m; i++) counts[i] = encode_loop(self, srcs[i].data, srcs[i].n, out + starts[i]);
+    for (Py_ssize_t i = 0; i < m && prepared == 0; i++) {
+        prepared = source_prepare(&srcs[i]);
+        counts[i] = prepared == 0 && !srcs[i].bad ? encode_loop(self, srcs[i].data, srcs[i].n, out + starts[i]) : 0;
+    }
     Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < m; i++)
+        if (source_check(&srcs[i], prepared) < 0) goto done;
     result = PyList_New(m);
     if (!result) goto done;
     for (Py_ssize_t i = 0; i < m; i++) {
