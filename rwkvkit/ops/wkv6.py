@@ -178,20 +178,75 @@ def _pair_masks(P: int, device: torch.device, dtype: torch.dtype) -> tuple[Tenso
     return _PAIR_MASKS[key]
 
 
-def _add_earlier_blocks(y: Tensor, q: Tensor, kb: Tensor, v: Tensor, tot: Tensor) -> None:
-    """y += what every query gets from the keys in EARLIER sub-blocks of its parent block (in place).
+def _earlier_blocks(A: Tensor, q: Tensor, kb: Tensor, tot: Tensor) -> None:
+    """Add to the attention matrix A the weights of keys in EARLIER sub-blocks (in place).
 
-    y, q, kb, v: [G, P, l, N] (G parent blocks of P sub-blocks of l tokens); tot: [G, P, N] the sum of
-    w over each sub-block. q = r * exp(a), kb = k * exp(b) with a, b the in-sub-block sums of the
-    module docstring; the sub-blocks strictly between key and reference add exp(D), D <= 0.
+    A: [G, P*l, P*l] (row t, column s); q, kb: [G, P, l, N] (G parent blocks of P sub-blocks of l
+    tokens); tot: [G, P, N] the sum of w over each sub-block. q = r * exp(a), kb = k * exp(b) with
+    a, b the in-sub-block sums of the module docstring; the sub-blocks strictly between key and
+    reference add exp(D), D <= 0. Only rows of sub-blocks 1.. and columns of sub-blocks ..P-2 change.
     """
     G, P, l, N = q.shape
     between, neg = _pair_masks(P, q.device, q.dtype)
     D = (tot.transpose(1, 2) @ between).view(G, N, P - 1, P - 1).permute(0, 2, 3, 1) + neg[..., None]
     kk = kb[:, None, :-1] * torch.exp(D)[:, :, :, None, :]  # [G, I, J, l, N]
     att = q[:, 1:] @ kk.reshape(G, P - 1, (P - 1) * l, N).transpose(-1, -2)  # [G, I, l, J*l]
-    out = att.reshape(G, (P - 1) * l, (P - 1) * l) @ v[:, :-1].reshape(G, (P - 1) * l, N)
-    y[:, 1:] += out.view(G, P - 1, l, N)
+    A[:, l:, : (P - 1) * l] += att.view(G, (P - 1) * l, (P - 1) * l)
+
+
+def _in_chunk(r: Tensor, k: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Everything that stays inside a chunk, for G chunks at once.
+
+    r, k, w: [G, L, N]; u: [G, N] (the bonus of each row's head).
+    Returns the chunk's own attention matrix A [G, L, L] (y_intra = A @ v; row t, column s <= t,
+    the diagonal holds the bonus term), the query and key factors relative to the chunk start / end
+    qc, kc [G, L, N], and the chunk's total log decay [G, N].
+    """
+    G, L, N = r.shape
+    P, G4, G16 = L // 16, G * L // 4, G * L // 16
+    r4, k4_, w4 = (x.reshape(G4, 4, N) for x in (r, k, w))
+
+    # Sums of w inside 4-blocks, over 4-blocks inside 16-blocks, over 16-blocks inside chunks.
+    xa4, xb4, t4 = _block_sums(w4)  # [G4, 4, N] x2, [G4, N]
+    xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # [G16, 4, N] x2, [G16, N]
+    xac, xbc, tc = _block_sums(t16.view(G, P, N))  # [G, P, N] x2, [G, N]
+    # Query/key factors relative to the start/end of their 4-block, 16-block and chunk (all <= 1).
+    q4, k4 = r4 * torch.exp(xa4), k4_ * torch.exp(xb4)
+    q16 = q4.view(G16, 4, 4, N) * torch.exp(xa16)[:, :, None]
+    k16 = k4.view(G16, 4, 4, N) * torch.exp(xb16)[:, :, None]
+
+    # Inside a 4-block, pair by pair: the current token (bonus u); distance 1 has no decay between,
+    # 2 has exp(w_{t-1}), 3 has exp(w_{t-1} + w_{t-2}).
+    dw = torch.exp(w4[:, 1:3])  # [G4, 2, N]
+    band = (
+        ((r * k) @ u[:, :, None]).view(G4, 4),  # r_t . (u * k_t)
+        (r4[:, 1:] * k4_[:, :3]).sum(-1),
+        (r4[:, 2:] * k4_[:, :2] * dw).sum(-1),
+        (r4[:, 3] * k4_[:, 0] * dw[:, 0] * dw[:, 1]).sum(-1, keepdim=True),
+    )
+    A16 = r.new_zeros(G16, 4, 4, 4, 4)  # [16-block, 4-block I, t, 4-block J, s]
+    A4 = torch.diagonal(A16, 0, 1, 3)  # the 4-blocks on the diagonal: [G16, t, s, I]
+    for d, vals in enumerate(band):
+        torch.diagonal(A4, -d, 1, 2).copy_(vals.view(G16, 4, 4 - d))  # [G16, I, t - d]
+    A16 = A16.view(G16, 16, 16)
+    # Earlier 4-blocks of the same 16-block, then earlier 16-blocks of the same chunk.
+    _earlier_blocks(A16, q4.view(G16, 4, 4, N), k4.view(G16, 4, 4, N), t4.view(G16, 4, N))
+    A = r.new_zeros(G, P, 16, P, 16)
+    torch.diagonal(A, 0, 1, 3).copy_(A16.view(G, P, 16, 16).permute(0, 2, 3, 1))
+    A = A.view(G, L, L)
+    if P > 1:
+        _earlier_blocks(A, q16.view(G, P, 16, N), k16.view(G, P, 16, N), t16.view(G, P, N))
+    qc = (q16.view(G, P, 16, N) * torch.exp(xac)[:, :, None]).view(G, L, N)
+    kc = (k16.view(G, P, 16, N) * torch.exp(xbc)[:, :, None]).view(G, L, N)
+    return A, qc, kc, tc
+
+
+def _to_rows(x: Tensor, pad: int, rows: int, L: int) -> Tensor:
+    """[B, T, H, N] -> [B*H*nc, L, N] with `pad` zero tokens at the end, in one copy."""
+    x = x.transpose(1, 2)
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(rows, L, x.shape[-1])
 
 
 def _wkv6_chunked(
@@ -199,48 +254,23 @@ def _wkv6_chunked(
 ) -> tuple[Tensor, Tensor]:
     B, T, H, N = r.shape
     L = min(L, -(-T // 16) * 16)  # no point in a chunk longer than the padded sequence
-    nc, P = -(-T // L), L // 16
-    pad = nc * L - T
-    G4, G16, BH = B * H * nc * L // 4, B * H * nc * L // 16, B * H
-    # [B*H*nc*L/4, 4, N]. Padding tokens have r = k = v = 0 and w = 0: they change neither y nor the state.
-    r, k, v, w = (F.pad(x.permute(0, 2, 1, 3), (0, 0, 0, pad)).reshape(G4, 4, N) for x in (r, k, v, w))
+    nc = -(-T // L)
+    pad, rows = nc * L - T, B * H * nc
+    # [B*H*nc, L, N]: one row per chunk of one head. Padding tokens have r = k = v = 0 and w = 0:
+    # they change neither y nor the state.
+    r, k, v, w = (_to_rows(x, pad, rows, L) for x in (r, k, v, w))
+    uu = u.repeat(B, 1).repeat_interleave(nc, 0)  # [rows, N]
 
-    # Sums of w inside 4-blocks, over 4-blocks inside 16-blocks, over 16-blocks inside chunks.
-    xa4, xb4, t4 = _block_sums(w)  # [G4, 4, N] x2, [G4, N]
-    xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # [G16, 4, N] x2, [G16, N]
-    xac, xbc, tc = _block_sums(t16.view(BH * nc, P, N))  # [BH*nc, P, N] x2, [BH*nc, N]
-    # Query/key factors relative to the start/end of their 4-block, 16-block and chunk (all <= 1).
-    q4, k4 = r * torch.exp(xa4), k * torch.exp(xb4)
-    q16 = q4.view(G16, 4, 4, N) * torch.exp(xa16)[:, :, None]
-    k16 = k4.view(G16, 4, 4, N) * torch.exp(xb16)[:, :, None]
-
-    # The current token (bonus u), then earlier tokens of the same 4-block, pair by pair:
-    # distance 1 has no decay between, 2 has exp(w_{t-1}), 3 has exp(w_{t-1} + w_{t-2}).
-    ru = (r * k).view(BH, nc * L, N) @ u.repeat(B, 1)[:, :, None]  # [BH, nc*L, 1]: r_t . (u * k_t)
-    y = ru.view(G4, 4, 1) * v
-    dw = torch.exp(w[:, 1:3])  # [G4, 2, N]
-    y[:, 1:] += (r[:, 1:] * k[:, :3]).sum(-1, keepdim=True) * v[:, :3]
-    y[:, 2:] += (r[:, 2:] * k[:, :2] * dw).sum(-1, keepdim=True) * v[:, :2]
-    y[:, 3] += (r[:, 3] * k[:, 0] * dw[:, 0] * dw[:, 1]).sum(-1, keepdim=True) * v[:, 0]
-    # Earlier 4-blocks of the same 16-block, then earlier 16-blocks of the same chunk.
-    y16 = y.view(G16, 4, 4, N)
-    _add_earlier_blocks(
-        y16, q4.view(G16, 4, 4, N), k4.view(G16, 4, 4, N), v.view(G16, 4, 4, N), t4.view(G16, 4, N)
-    )
-    if P > 1:
-        shp = (BH * nc, P, 16, N)
-        _add_earlier_blocks(y.view(shp), q16.view(shp), k16.view(shp), v.view(shp), t16.view(BH * nc, P, N))
+    A, qc, kc, tc = _in_chunk(r, k, w, uu)
+    upd = (kc.transpose(-1, -2) @ v).view(B * H, nc, N, N)  # what each chunk adds to the state
 
     # Across chunks: the state entering each chunk (a short loop over chunks), then one matmul.
-    qc = (q16.view(BH * nc, P, 16, N) * torch.exp(xac)[:, :, None]).view(BH, nc, L, N)
-    kc = (k16.view(BH * nc, P, 16, N) * torch.exp(xbc)[:, :, None]).view(BH, nc, L, N)
-    upd = kc.transpose(-1, -2) @ v.view(BH, nc, L, N)  # [BH, nc, N, N]
-    dec = torch.exp(tc).view(BH, nc, N, 1)
-    S = s0.reshape(BH, N, N)
+    dec = torch.exp(tc).view(B * H, nc, N, 1)
+    S = s0.reshape(B * H, N, N)
     starts = []
     for c in range(nc):
         starts.append(S)
         S = dec[:, c] * S + upd[:, c]
-    y = y.view(BH, nc, L, N) + qc @ torch.stack(starts, 1)
+    y = torch.baddbmm(A @ v, qc, torch.stack(starts, 1).view(rows, N, N))
     y = y.view(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
     return y, S.reshape(B, H, N, N)
