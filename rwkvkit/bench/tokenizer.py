@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     text, comp = build_corpus(args.size_mb)
     data_mb = len(text.encode()) / 1e6
     print(f"corpus {data_mb:.2f} MB: " + ", ".join(f"{k} {v:.2f}" for k, v in comp.items()))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load:.1f} (other work on the cores lowers every figure)"
+    )
     rows: list[tuple[str, str, str, str, str]] = []
 
     def mbps(seconds: float, mb: float = data_mb) -> str:
