@@ -79,12 +79,12 @@ def test_chunked_and_naive_match_fp64(T, with_state):
         y64, st64 = wkv4(
             w.double(), u.double(), k.double(), v.double(), None if st is None else st, backend="naive"
         )
-        # the reference step re-rounds pp + w every token, so its fp32 drift grows with T
-        for backend, rtol in (("chunked", 1e-5), ("naive", 1e-4)):
+        # both follow the reference step, which re-rounds pp + w every token: fp32 drift grows with T
+        for backend, rtol in (("chunked", 1e-4), ("naive", 1e-4)):
             y, st1 = wkv4(*xs, backend=backend)
             assert y.dtype == torch.float32 and y.shape == (B, T, C)
             assert_close_rel(y, y64, rtol=rtol, what=f"y {backend} T={T}")
-            assert_state_close(st1, st64, rtol=rtol, steps=T if backend == "naive" else -(-T // 16))
+            assert_state_close(st1, st64, rtol=rtol, steps=T)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 16, 64])
@@ -94,7 +94,7 @@ def test_chunked_stable_for_large_k_and_strong_decay(chunk_size):
     y, st = wkv4(w, u, k, v, chunk_size=chunk_size)
     y64, st64 = wkv4(w.double(), u.double(), k.double(), v.double(), backend="naive")
     assert_close_rel(y, y64, what="y")
-    assert_state_close(st, st64, steps=-(-90 // chunk_size))
+    assert_state_close(st, st64, steps=90)
 
 
 @pytest.mark.parametrize("backend", ["naive", "chunked"])

@@ -8,9 +8,11 @@ The state (aa, bb, pp) holds numerator and denominator scaled by e^{-pp}, pp the
 exponent (pp = -1e30 for an empty state), exactly as the reference (``rwkv`` package, ``att_seq``).
 
 - ``naive``: the reference step, token by token, in fp32 (the source of truth).
-- ``chunked``: blocks of ``chunk_size`` tokens. Inside a block every pair (t, i) is formed
-  explicitly in log space and normalised by the row maximum, so no exponent is positive whatever
-  k is; the state passes from block to block in the same (a, b, p) form (a short loop over blocks).
+- ``chunked``: blocks of ``chunk_size`` tokens, all blocks at once: the reference step runs along
+  the positions of every block in parallel, and only block summaries (a, b, p) pass from block to
+  block (a short loop), so exponents stay <= 0 after max-normalisation whatever k is. About
+  2x the arithmetic of the naive loop in 2L + T/L steps instead of T: it wins at small batch
+  (B=1, C=768, T=512: ~3x), the naive loop wins once B*C is large (B=8).
 - ``auto``: ``naive`` for one token, else ``chunked``; ``recurrent`` is an alias of ``naive``.
 """
 
@@ -34,7 +36,7 @@ def wkv4(
     state: State4 | None = None,
     *,
     backend: str = "chunked",
-    chunk_size: int = 16,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, State4]:
     """RWKV-4 WKV over a sequence.
 
@@ -98,63 +100,79 @@ def _check(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: State4 | None) -> 
     return B, T, C
 
 
+def _step(
+    w: Tensor, u: Tensor, kk: Tensor, vv: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+) -> tuple[Tensor, ...]:
+    """One reference step (rwkv package, ``att_seq``): the output for token (kk, vv), then the update."""
+    ww = u + kk
+    p = torch.maximum(pp, ww)
+    e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+    y = (e1 * aa + e2 * vv) / (e1 * bb + e2)
+    aa, bb, pp = _update(w, kk, vv, aa, bb, pp)
+    return y, aa, bb, pp
+
+
+def _update(
+    w: Tensor, kk: Tensor, vv: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The state update of the reference step: decay by w, add e^k (v, 1), renormalise to the new max."""
+    ww = w + pp
+    p = torch.maximum(ww, kk)
+    e1, e2 = torch.exp(ww - p), torch.exp(kk - p)
+    return e1 * aa + e2 * vv, e1 * bb + e2, p
+
+
 def wkv4_naive(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: State4) -> tuple[Tensor, State4]:
     """The reference step, token by token (no checks; use ``wkv4(..., backend="naive")``)."""
     aa, bb, pp = state
     ys = []
     for t in range(k.shape[1]):
-        kk, vv = k[:, t], v[:, t]
-        ww = u + kk
-        p = torch.maximum(pp, ww)
-        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-        ys.append((e1 * aa + e2 * vv) / (e1 * bb + e2))
-        ww = w + pp
-        p = torch.maximum(ww, kk)
-        e1, e2 = torch.exp(ww - p), torch.exp(kk - p)
-        aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, p
+        y, aa, bb, pp = _step(w, u, k[:, t], v[:, t], aa, bb, pp)
+        ys.append(y)
     return torch.stack(ys, dim=1), (aa, bb, pp)
 
 
 def _wkv4_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: State4, L: int) -> tuple[Tensor, State4]:
+    """Blocks of L tokens, all blocks at once: the reference step runs along the L positions of every
+    block in parallel (a loop of L steps on [B, nb, C]), and only the block summaries go through a
+    loop over blocks. Three passes:
+
+    1. each block from the empty state -> its summary (a, b, p) at the block end;
+    2. entering state of block j+1 = (entering state of j, decayed L steps) (+) summary of j, where (+)
+       adds two max-normalised sums: p = max(p1, p2), a = a1 e^(p1-p) + a2 e^(p2-p);
+    3. each block again from its entering state, now with outputs.
+    Every exponent is <= 0 after max-normalisation, as in the reference step, whatever k is.
+    """
     B, T, C = k.shape
     L = min(L, T)
     nb = -(-T // L)
+    last = T - (nb - 1) * L  # real tokens in the last block
     pad = nb * L - T
-    # Padding keys are -inf (weight 0); the last block's state update uses its real length.
-    kb = F.pad(k, (0, 0, 0, pad), value=float("-inf")).view(B, nb, L, C)
+    # Padding tokens come after the last real one: their outputs and updates are dropped.
+    kb = F.pad(k, (0, 0, 0, pad)).view(B, nb, L, C)
     vb = F.pad(v, (0, 0, 0, pad)).view(B, nb, L, C)
-    tau = torch.arange(L, device=k.device)
-    lens = torch.full((nb,), L, device=k.device)
-    lens[-1] = L - pad
 
-    # Inside each block: exponent of key i in query t is (t-1-i)w + k_i (i < t), u + k_t (i = t).
-    dist = (tau[:, None] - 1 - tau[None, :]).to(k.dtype)  # [t, i]
-    E = dist[..., None] * w + kb[:, :, None]  # [B, nb, t, i, C]
-    E = torch.where((tau[:, None] > tau[None, :])[..., None], E, float("-inf"))
-    E = torch.where(torch.eye(L, dtype=torch.bool, device=k.device)[..., None], (u + kb)[:, :, None], E)
-    m = E.amax(3)  # [B, nb, t, C]; finite: a row holds its own token or earlier real ones
-    P = torch.exp(E - m[:, :, :, None])
-    num, den = (P * vb[:, :, None]).sum(3), P.sum(3)
+    aa, bb = k.new_zeros((B, nb, C)), k.new_zeros((B, nb, C))
+    pp = k.new_full((B, nb, C), EMPTY_PP)
+    for t in range(L):
+        aa, bb, pp = _update(w, kb[:, :, t], vb[:, :, t], aa, bb, pp)
 
-    # What each block adds to the state at its end: exponent (len-1-i)w + k_i, max-normalised.
-    Fx = (lens[:, None] - 1 - tau[None, :]).to(k.dtype)[..., None] * w + kb  # [B, nb, i, C]
-    pm = Fx.amax(2)
-    Px = torch.exp(Fx - pm[:, :, None])
-    add_a, add_b = (Px * vb).sum(2), Px.sum(2)
+    a, b, p = state
+    starts = [(a, b, p)]
+    shift = L * w
+    for j in range(nb - 1):
+        pd = p + shift
+        pn = torch.maximum(pd, pp[:, j])
+        e1, e2 = torch.exp(pd - pn), torch.exp(pp[:, j] - pn)
+        a, b, p = e1 * a + e2 * aa[:, j], e1 * b + e2 * bb[:, j], pn
+        starts.append((a, b, p))
+    aa, bb, pp = (torch.stack(x, 1) for x in zip(*starts))  # entering states [B, nb, C]
 
-    aa, bb, pp = state
-    starts = []
-    for j in range(nb):
-        starts.append((aa, bb, pp))
-        pd = pp + lens[j] * w
-        p = torch.maximum(pd, pm[:, j])
-        e1, e2 = torch.exp(pd - p), torch.exp(pm[:, j] - p)
-        aa, bb, pp = e1 * aa + e2 * add_a[:, j], e1 * bb + e2 * add_b[:, j], p
-    a0, b0, p0 = (torch.stack(x, 1)[:, :, None] for x in zip(*starts))  # [B, nb, 1, C]
-
-    # Combine the entering state (exponent p0 + t w) with the in-block terms (exponent m).
-    se = p0 + tau[:, None].to(k.dtype) * w
-    M = torch.maximum(se, m)
-    e1, e2 = torch.exp(se - M), torch.exp(m - M)
-    y = (e1 * a0 + e2 * num) / (e1 * b0 + e2 * den)
-    return y.reshape(B, nb * L, C)[:, :T], (aa, bb, pp)
+    ys = []
+    for t in range(L):
+        y, aa, bb, pp = _step(w, u, kb[:, :, t], vb[:, :, t], aa, bb, pp)
+        ys.append(y)
+        if t == last - 1:
+            final = (aa[:, -1], bb[:, -1], pp[:, -1])
+    y = torch.stack(ys, 2).view(B, nb * L, C)[:, :T]
+    return y, final
