@@ -257,3 +257,18 @@ def test_subset_vocab_keeps_bytes_and_frequent_tokens(tmp_path):
     text = "def function(self): the fox \u00e9\U0001f600"
     ids = tok.encode(text)
     assert max(ids) < 300 and tok.decode(ids) == text
+
+
+def test_metrics_log_resume_truncation_and_combined_runs(tmp_path):
+    from rwkvkit.train.metrics import MetricsLog, combine_runs, read_metrics
+
+    log = MetricsLog(tmp_path / "a")
+    for s in range(1, 5):
+        log.write({"step": s, "loss": 5.0 - s, "tokens": 10 * s})
+    MetricsLog(tmp_path / "a", keep_upto=2)  # a run resumed from step 2 drops the later records
+    assert [r["step"] for r in read_metrics(tmp_path / "a")] == [1, 2]
+    log_b = MetricsLog(tmp_path / "b")
+    log_b.write({"step": 1, "loss": 1.0, "tokens": 10, "val_loss": 1.5})
+    both = combine_runs([tmp_path / "a", tmp_path / "b"])
+    assert [(r["step"], r["tokens"], r["run"]) for r in both] == [(1, 10, 0), (2, 20, 0), (3, 30, 1)]
+    assert log_b.plot().stat().st_size > 1000

@@ -89,3 +89,37 @@ def plot_metrics(records: list[dict], png: str | Path, title: str = "RWKV traini
     plt.close(fig)
     tmp.replace(png)
     return png
+
+
+def combine_runs(run_dirs: list[str | Path]) -> list[dict]:
+    """The records of runs that continue one another as one log: steps and tokens of each later
+    run are offset by where the previous one ended, and each record is tagged with its ``run``."""
+    out: list[dict] = []
+    step0 = tok0 = 0
+    for i, d in enumerate(run_dirs):
+        recs = read_metrics(d)
+        for r in recs:
+            out.append({**r, "step": r["step"] + step0, "tokens": r["tokens"] + tok0, "run": i})
+        if recs:
+            step0, tok0 = out[-1]["step"], out[-1]["tokens"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rwkvkit.train.metrics OUT_PREFIX RUN_DIR [RUN_DIR ...]``: one log and curve for runs
+    that continue one another (``OUT_PREFIX-metrics.jsonl``, ``OUT_PREFIX-loss.png``)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    prefix, runs = args[0], args[1:]
+    recs = combine_runs(runs)
+    Path(prefix + "-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    plot_metrics(recs, prefix + "-loss.png", title="rwkvkit demo model: Finch L6 C256, CPU training")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
