@@ -15,9 +15,17 @@ SHAPES = list(itertools.product([1, 3], [1, 2], [4, 8, 64]))  # (B, H, N)
 
 
 def log_decay(shape: tuple[int, ...], kind: str, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
-    """w <= 0. realistic: Finch-like -exp(ww) with ww in [-6, 3]; extreme: -1e3 .. -1e-6 mixed."""
+    """w <= 0. realistic: Finch-like -exp(ww) with ww in [-6, 3]; extreme: -1e3 .. -1e-6 mixed;
+    mild: ww in [-6, -1] (RWKV-LM's init range), where whole chunks take the one-matmul path;
+    mixed: mild, except the last head, which is extreme (both paths in one call)."""
     if kind == "realistic":
         return -torch.exp(torch.rand(shape, generator=gen, dtype=dtype) * 9 - 6)
+    if kind == "mild":
+        return -torch.exp(torch.rand(shape, generator=gen, dtype=dtype) * 5 - 6)
+    if kind == "mixed":
+        w = log_decay(shape, "mild", gen, dtype)
+        w[..., -1, :] = log_decay(w[..., -1, :].shape, "extreme", gen, dtype)
+        return w
     # extreme: log-uniform magnitudes over 1e-6..1e3, plus runs of exact extremes
     w = -torch.exp(torch.rand(shape, generator=gen, dtype=dtype) * math.log(1e9) - math.log(1e6))
     pick = torch.rand(shape, generator=gen)
@@ -88,7 +96,7 @@ def test_naive_v5_matches_reference_loop():
 # ---------------------------------------------------------------- chunked vs naive, forward
 
 
-@pytest.mark.parametrize("kind", ["realistic", "extreme"])
+@pytest.mark.parametrize("kind", ["realistic", "extreme", "mild"])
 @pytest.mark.parametrize("T", TS)
 def test_v6_chunked_and_naive_match_fp64(T, kind):
     for i, (B, H, N) in enumerate(SHAPES):
@@ -123,6 +131,16 @@ def test_v6_extreme_decays_stay_finite_in_long_chunks():
         y64, s64 = wkv6(*d64((r, k, v, w, u, s)), backend="naive")
         assert_close_rel(y, y64, what=f"y w={wv}")
         assert_close_rel(sT, s64, what=f"state w={wv}")
+
+
+@pytest.mark.parametrize("T", [16, 64, 150])
+def test_v6_flat_and_hierarchical_chunks_in_one_call(T):
+    """Heads 0..H-2 mild (one-matmul chunks), head H-1 extreme (hierarchical chunks)."""
+    xs = inputs6(2, T, 3, 8, "mixed", seed=9)
+    y64, s64 = wkv6(*d64(xs), backend="naive")
+    y, sT = wkv6(*xs)
+    assert_close_rel(y, y64, what="y")
+    assert_close_rel(sT, s64, what="state")
 
 
 def test_v5_matches_v6_and_fp64():

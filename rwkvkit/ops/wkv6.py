@@ -12,9 +12,11 @@ Backends (chosen by argument, all differentiable by autograd, all computing in f
 
 - ``naive``: the per-step loop above. It is the source of truth; tests chain it to the reference.
 - ``chunked``: the parallel form. Tokens are cut into chunks of ``chunk_size`` (a multiple of 16);
-  chunks talk to each other only through the state (a short loop over chunks), and inside a chunk
-  every pair s < t is handled with batched matmuls, hierarchically: sub-blocks of 16 inside the
-  chunk, sub-blocks of 4 inside each 16, single tokens inside each 4 (``_earlier_blocks``).
+  chunks talk to each other only through the state (a short loop over chunks). Inside a chunk the
+  attention matrix A [L, L] is built, then y = A @ v + (queries @ entering state). A chunk whose
+  cumulative decay stays above -FLAT_SPAN in every channel (every chunk at typical decays) gets A
+  from one matmul of chunk-relative factors; any other chunk gets it hierarchically, exact for any
+  decay: sub-blocks of 16 inside the chunk, of 4 inside each 16, single pairs inside each 4.
 - ``auto``: ``naive`` for a single token (decoding), ``chunked`` otherwise. ``recurrent`` is an
   alias of ``naive``.
 
@@ -28,7 +30,9 @@ s <= ref <= t - 1 and
 
 Both factors are <= 1, whatever the decays: nothing overflows, and a factor that underflows to 0
 belongs to a pair whose true weight is below it too. Pairs inside one sub-block go to the next level
-down, so no factor ever spans more than one chunk. Every exponent is computed as a sum of
+down, so no factor ever spans more than one chunk. (The one-matmul form factorises at the chunk
+start instead: exp(c_{t-1}) * exp(-c_s) with c the cumulative decay from there, used only when
+c >= -FLAT_SPAN over the whole chunk, so both factors stay within exp(+-FLAT_SPAN).) Every exponent is computed as a sum of
 same-sign terms (cumsums restarted at each sub-block, never a difference of two cumsums), so it
 carries relative error ~1e-7 even when the cumulative decay reaches -1e4 inside a chunk.
 """
@@ -194,32 +198,35 @@ def _earlier_blocks(A: Tensor, q: Tensor, kb: Tensor, tot: Tensor) -> None:
     A[:, l:, : (P - 1) * l] += att.view(G, (P - 1) * l, (P - 1) * l)
 
 
-def _in_chunk(r: Tensor, k: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Everything that stays inside a chunk, for G chunks at once.
-
-    r, k, w: [G, L, N]; u: [G, N] (the bonus of each row's head).
-    Returns the chunk's own attention matrix A [G, L, L] (y_intra = A @ v; row t, column s <= t,
-    the diagonal holds the bonus term), the query and key factors relative to the chunk start / end
-    qc, kc [G, L, N], and the chunk's total log decay [G, N].
-    """
+def _factors(r: Tensor, k: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    """Query/key factors of G chunks (r, k, w: [G, L, N]), relative to the start/end of their 4-block,
+    16-block and chunk, all <= 1: (q4, k4 [G*L/4, 4, N], q16, k16 [G*L/16, 4, 4, N], sums of w over
+    4-blocks [G*L/4, N] and 16-blocks [G*L/16, N], qc, kc [G, L, N], chunk total [G, N])."""
     G, L, N = r.shape
     P, G4, G16 = L // 16, G * L // 4, G * L // 16
-    r4, k4_, w4 = (x.reshape(G4, 4, N) for x in (r, k, w))
-
-    # Sums of w inside 4-blocks, over 4-blocks inside 16-blocks, over 16-blocks inside chunks.
-    xa4, xb4, t4 = _block_sums(w4)  # [G4, 4, N] x2, [G4, N]
-    xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # [G16, 4, N] x2, [G16, N]
-    xac, xbc, tc = _block_sums(t16.view(G, P, N))  # [G, P, N] x2, [G, N]
-    # Query/key factors relative to the start/end of their 4-block, 16-block and chunk (all <= 1).
-    q4, k4 = r4 * torch.exp(xa4), k4_ * torch.exp(xb4)
+    xa4, xb4, t4 = _block_sums(w.reshape(G4, 4, N))  # inside 4-blocks: [G4, 4, N] x2, [G4, N]
+    xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # over 4-blocks inside 16-blocks
+    xac, xbc, tc = _block_sums(t16.view(G, P, N))  # over 16-blocks inside chunks
+    q4, k4 = r.reshape(G4, 4, N) * torch.exp(xa4), k.reshape(G4, 4, N) * torch.exp(xb4)
     q16 = q4.view(G16, 4, 4, N) * torch.exp(xa16)[:, :, None]
     k16 = k4.view(G16, 4, 4, N) * torch.exp(xb16)[:, :, None]
+    qc = (q16.view(G, P, 16, N) * torch.exp(xac)[:, :, None]).view(G, L, N)
+    kc = (k16.view(G, P, 16, N) * torch.exp(xbc)[:, :, None]).view(G, L, N)
+    return q4, k4, q16, k16, t4, t16, qc, kc, tc
 
-    # Inside a 4-block, pair by pair: the current token (bonus u); distance 1 has no decay between,
-    # 2 has exp(w_{t-1}), 3 has exp(w_{t-1} + w_{t-2}).
+
+def _hier_attention(r: Tensor, k: Tensor, w: Tensor, ru: Tensor, fac: tuple[Tensor, ...]) -> Tensor:
+    """The chunk's own attention matrix A [G, L, L] (y_intra = A @ v; row t, column s <= t, the
+    bonus term r_t . (u * k_t) = ru [G, L] on the diagonal), exact for any decays: pairs inside a
+    4-block one by one, then earlier 4-blocks of each 16-block, then earlier 16-blocks."""
+    G, L, N = r.shape
+    P, G4, G16 = L // 16, G * L // 4, G * L // 16
+    q4, k4, q16, k16, t4, t16 = fac[:6]
+    r4, k4_, w4 = (x.reshape(G4, 4, N) for x in (r, k, w))
+    # Inside a 4-block: distance 1 has no decay between, 2 has exp(w_{t-1}), 3 exp(w_{t-1} + w_{t-2}).
     dw = torch.exp(w4[:, 1:3])  # [G4, 2, N]
     band = (
-        ((r * k) @ u[:, :, None]).view(G4, 4),  # r_t . (u * k_t)
+        ru.view(G4, 4),
         (r4[:, 1:] * k4_[:, :3]).sum(-1),
         (r4[:, 2:] * k4_[:, :2] * dw).sum(-1),
         (r4[:, 3] * k4_[:, 0] * dw[:, 0] * dw[:, 1]).sum(-1, keepdim=True),
@@ -229,16 +236,50 @@ def _in_chunk(r: Tensor, k: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tenso
     for d, vals in enumerate(band):
         torch.diagonal(A4, -d, 1, 2).copy_(vals.view(G16, 4, 4 - d))  # [G16, I, t - d]
     A16 = A16.view(G16, 16, 16)
-    # Earlier 4-blocks of the same 16-block, then earlier 16-blocks of the same chunk.
     _earlier_blocks(A16, q4.view(G16, 4, 4, N), k4.view(G16, 4, 4, N), t4.view(G16, 4, N))
     A = r.new_zeros(G, P, 16, P, 16)
     torch.diagonal(A, 0, 1, 3).copy_(A16.view(G, P, 16, 16).permute(0, 2, 3, 1))
     A = A.view(G, L, L)
     if P > 1:
         _earlier_blocks(A, q16.view(G, P, 16, N), k16.view(G, P, 16, N), t16.view(G, P, N))
-    qc = (q16.view(G, P, 16, N) * torch.exp(xac)[:, :, None]).view(G, L, N)
-    kc = (k16.view(G, P, 16, N) * torch.exp(xbc)[:, :, None]).view(G, L, N)
-    return A, qc, kc, tc
+    return A
+
+
+def _flat_attention(qc: Tensor, kc: Tensor, tc: Tensor, ru: Tensor) -> Tensor:
+    """The same A in one matmul, for chunks whose total decay is >= -FLAT_SPAN in every channel:
+    exp(c_{t-1} - c_s) = exp(c_{t-1}) * exp(-c_s) with c the cumulative decay from the chunk start,
+    and exp(-c_s) = exp(suffix_s) * exp(-total) <= exp(FLAT_SPAN): no overflow, no underflow."""
+    A = (qc @ (kc * torch.exp(-tc)[:, None]).transpose(-1, -2)).tril(-1)
+    return A + torch.diag_embed(ru)
+
+
+# Chunks whose cumulative decay stays above -FLAT_SPAN (all of them at typical decays) use the one-matmul
+# form; the others the hierarchical one. Both are exact; exp(40) ~ 2e17 keeps r * k * factor far from overflow.
+FLAT_SPAN = 40.0
+
+
+def _rows(x: Tensor, idx: Tensor, G: int) -> Tensor:
+    """Rows idx of a tensor whose leading dimension is G chunk rows, possibly split further."""
+    return x.reshape(G, -1)[idx].reshape(-1, *x.shape[1:])
+
+
+def _chunk_attention(r: Tensor, k: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For G chunks (r, k, w: [G, L, N], u: [G, N] each row's bonus): the attention matrix A [G, L, L],
+    the chunk-relative factors qc, kc [G, L, N] and the chunk's total log decay [G, N]."""
+    G = r.shape[0]
+    fac = _factors(r, k, w)
+    qc, kc, tc = fac[6:]
+    ru = ((r * k) @ u[:, :, None]).squeeze(-1)  # [G, L]: r_t . (u * k_t)
+    flat = tc.amin(-1) >= -FLAT_SPAN
+    if bool(flat.all()):
+        return _flat_attention(qc, kc, tc, ru), qc, kc, tc
+    if not bool(flat.any()):
+        return _hier_attention(r, k, w, ru, fac), qc, kc, tc
+    i_f, i_h = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+    A = r.new_zeros(G, r.shape[1], r.shape[1])
+    A = A.index_put((i_f,), _flat_attention(qc[i_f], kc[i_f], tc[i_f], ru[i_f]))
+    sub = [_rows(x, i_h, G) for x in (r, k, w, ru, *fac[:6])]
+    return A.index_put((i_h,), _hier_attention(*sub[:4], tuple(sub[4:]))), qc, kc, tc
 
 
 def _to_rows(x: Tensor, pad: int, rows: int, L: int) -> Tensor:
@@ -261,7 +302,7 @@ def _wkv6_chunked(
     r, k, v, w = (_to_rows(x, pad, rows, L) for x in (r, k, v, w))
     uu = u.repeat(B, 1).repeat_interleave(nc, 0)  # [rows, N]
 
-    A, qc, kc, tc = _in_chunk(r, k, w, uu)
+    A, qc, kc, tc = _chunk_attention(r, k, w, uu)
     upd = (kc.transpose(-1, -2) @ v).view(B * H, nc, N, N)  # what each chunk adds to the state
 
     # Across chunks: the state entering each chunk (a short loop over chunks), then one matmul.
