@@ -1,8 +1,9 @@
 """``rwkvkit demo`` (``make demo``): generate text with the small Finch shipped in the repository.
 
 The model in ``rwkvkit/assets/`` was trained from scratch by rwkvkit's own trainer on this kind of
-machine (CPU only, 38 minutes in two phases, 1.54M tokens): Finch (RWKV-6) L6 C256 with an 8192-token subset of the World
-vocabulary, on Python's standard library sources, Jane Austen's novels and the World English Bible.
+machine (CPU only, 38 minutes in two phases, 1.54M tokens): Finch (RWKV-6) L6 C256 with an
+8192-token subset of the World vocabulary, on Python's standard library sources, Jane Austen's
+novels and the World English Bible.
 ``scripts/train_demo.sh`` is the exact command that produced it; ``demo-metrics.jsonl`` and
 ``demo-loss.png`` next to it are its training log. It is small and briefly trained: expect
 Python-looking code and Austen- or Bible-flavoured English, not facts.
