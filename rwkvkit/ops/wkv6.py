@@ -39,12 +39,20 @@ carries relative error ~1e-7 even when the cumulative decay reaches -1e4 inside 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
 BACKENDS = ("naive", "chunked", "auto", "recurrent")
+
+# Chunks whose cumulative decay stays above -FLAT_SPAN (all of them at typical decays) use the one-matmul
+# form; the others the hierarchical one, whose decay factors below TINY = exp(-FLAT_SPAN) are flushed to 0.
+# exp(40) ~ 2e17 keeps r * k * factor far from overflow; TINY ~ 4e-18 keeps products of factors normal.
+FLAT_SPAN = 40.0
+TINY = math.exp(-FLAT_SPAN)
 
 
 def wkv6(
@@ -193,12 +201,18 @@ def _earlier_blocks(A: Tensor, q: Tensor, kb: Tensor, tot: Tensor) -> None:
     G, P, l, N = q.shape
     between, neg = _pair_masks(P, q.device, q.dtype)
     D = (tot.transpose(1, 2) @ between).view(G, N, P - 1, P - 1).permute(0, 2, 3, 1) + neg[..., None]
-    kk = kb[:, None, :-1] * torch.exp(D)[:, :, :, None, :]  # [G, I, J, l, N]
+    kk = kb[:, None, :-1] * F.threshold(torch.exp(D), TINY, 0.0)[:, :, :, None, :]  # [G, I, J, l, N]
     att = q[:, 1:] @ kk.reshape(G, P - 1, (P - 1) * l, N).transpose(-1, -2)  # [G, I, l, J*l]
     A[:, l:, : (P - 1) * l] += att.view(G, (P - 1) * l, (P - 1) * l)
 
 
-def _factors(r: Tensor, k: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+def _flush(x: Tensor, flush: bool) -> Tensor:
+    """Decay factors below exp(-FLAT_SPAN) set to 0, so that products of factors never reach fp32
+    denormals (which make CPU matmuls several times slower). The pairs dropped weigh < 4e-18."""
+    return F.threshold(x, TINY, 0.0) if flush else x
+
+
+def _factors(r: Tensor, k: Tensor, w: Tensor, flush: bool) -> tuple[Tensor, ...]:
     """Query/key factors of G chunks (r, k, w: [G, L, N]), relative to the start/end of their 4-block,
     16-block and chunk, all <= 1: (q4, k4 [G*L/4, 4, N], q16, k16 [G*L/16, 4, 4, N], sums of w over
     4-blocks [G*L/4, N] and 16-blocks [G*L/16, N], qc, kc [G, L, N], chunk total [G, N])."""
@@ -207,11 +221,13 @@ def _factors(r: Tensor, k: Tensor, w: Tensor) -> tuple[Tensor, ...]:
     xa4, xb4, t4 = _block_sums(w.reshape(G4, 4, N))  # inside 4-blocks: [G4, 4, N] x2, [G4, N]
     xa16, xb16, t16 = _block_sums(t4.view(G16, 4, N))  # over 4-blocks inside 16-blocks
     xac, xbc, tc = _block_sums(t16.view(G, P, N))  # over 16-blocks inside chunks
-    q4, k4 = r.reshape(G4, 4, N) * torch.exp(xa4), k.reshape(G4, 4, N) * torch.exp(xb4)
-    q16 = q4.view(G16, 4, 4, N) * torch.exp(xa16)[:, :, None]
-    k16 = k4.view(G16, 4, 4, N) * torch.exp(xb16)[:, :, None]
-    qc = (q16.view(G, P, 16, N) * torch.exp(xac)[:, :, None]).view(G, L, N)
-    kc = (k16.view(G, P, 16, N) * torch.exp(xbc)[:, :, None]).view(G, L, N)
+    out = []
+    for x, e4, e16, ec in ((r, xa4, xa16, xac), (k, xb4, xb16, xbc)):
+        f4 = _flush(torch.exp(e4), flush)  # [G4, 4, N]
+        f16 = _flush(f4.view(G16, 4, 4, N) * torch.exp(e16)[:, :, None], flush)
+        fc = _flush(f16.view(G, P, 16, N) * torch.exp(ec)[:, :, None], flush)
+        out.append((x.reshape(G4, 4, N) * f4, x.reshape(G16, 4, 4, N) * f16, x * fc.view(G, L, N)))
+    (q4, q16, qc), (k4, k16, kc) = out
     return q4, k4, q16, k16, t4, t16, qc, kc, tc
 
 
@@ -224,7 +240,7 @@ def _hier_attention(r: Tensor, k: Tensor, w: Tensor, ru: Tensor, fac: tuple[Tens
     q4, k4, q16, k16, t4, t16 = fac[:6]
     r4, k4_, w4 = (x.reshape(G4, 4, N) for x in (r, k, w))
     # Inside a 4-block: distance 1 has no decay between, 2 has exp(w_{t-1}), 3 exp(w_{t-1} + w_{t-2}).
-    dw = torch.exp(w4[:, 1:3])  # [G4, 2, N]
+    dw = F.threshold(torch.exp(w4[:, 1:3]), TINY, 0.0)  # [G4, 2, N]
     band = (
         ru.view(G4, 4),
         (r4[:, 1:] * k4_[:, :3]).sum(-1),
@@ -253,11 +269,6 @@ def _flat_attention(qc: Tensor, kc: Tensor, tc: Tensor, ru: Tensor) -> Tensor:
     return A + torch.diag_embed(ru)
 
 
-# Chunks whose cumulative decay stays above -FLAT_SPAN (all of them at typical decays) use the one-matmul
-# form; the others the hierarchical one. Both are exact; exp(40) ~ 2e17 keeps r * k * factor far from overflow.
-FLAT_SPAN = 40.0
-
-
 def _rows(x: Tensor, idx: Tensor, G: int) -> Tensor:
     """Rows idx of a tensor whose leading dimension is G chunk rows, possibly split further."""
     return x.reshape(G, -1)[idx].reshape(-1, *x.shape[1:])
@@ -267,11 +278,12 @@ def _chunk_attention(r: Tensor, k: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor
     """For G chunks (r, k, w: [G, L, N], u: [G, N] each row's bonus): the attention matrix A [G, L, L],
     the chunk-relative factors qc, kc [G, L, N] and the chunk's total log decay [G, N]."""
     G = r.shape[0]
-    fac = _factors(r, k, w)
+    flat = w.sum(1).amin(-1) >= -FLAT_SPAN  # [G]: chunk rows the one-matmul form can take
+    all_flat = bool(flat.all())
+    fac = _factors(r, k, w, flush=not all_flat)  # flushing changes nothing in flat rows
     qc, kc, tc = fac[6:]
     ru = ((r * k) @ u[:, :, None]).squeeze(-1)  # [G, L]: r_t . (u * k_t)
-    flat = tc.amin(-1) >= -FLAT_SPAN
-    if bool(flat.all()):
+    if all_flat:
         return _flat_attention(qc, kc, tc, ru), qc, kc, tc
     if not bool(flat.any()):
         return _hier_attention(r, k, w, ru, fac), qc, kc, tc
@@ -306,7 +318,7 @@ def _wkv6_chunked(
     upd = (kc.transpose(-1, -2) @ v).view(B * H, nc, N, N)  # what each chunk adds to the state
 
     # Across chunks: the state entering each chunk (a short loop over chunks), then one matmul.
-    dec = torch.exp(tc).view(B * H, nc, N, 1)
+    dec = F.threshold(torch.exp(tc), TINY, 0.0).view(B * H, nc, N, 1)
     S = s0.reshape(B * H, N, N)
     starts = []
     for c in range(nc):
