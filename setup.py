@@ -1,4 +1,4 @@
-"""Build script for rwkvkit's optional native parts (the tokenizer core).
+"""Build script for rwkvkit's optional native parts (the tokenizer core, the CPU WKV kernel).
 
 Everything else is declared in pyproject.toml. The extension is optional: if the C compiler is
 missing the build still succeeds and rwkvkit falls back to its pure-Python twins.
@@ -14,6 +14,13 @@ setup(
             depends=["rwkvkit/tokenizer/_decode.c"],
             extra_compile_args=["-O3", "-std=c99", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "rwkvkit.ops._wkv_cpu",
+            ["rwkvkit/ops/_wkv_cpu.c"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-pthread"],
+            extra_link_args=["-pthread", "-lm"],
+            optional=True,
+        ),
     ]
 )

@@ -1,0 +1,137 @@
+/* rwkvkit.ops._wkv_cpu: the Eagle/Finch WKV recurrence on the CPU, forward only.
+ *
+ * The serial per-token recurrence (the same math as the naive PyTorch loop, which is the source of
+ * truth) in C: for every (batch, head) and token t,
+ *     y_t[j]   = sum_i r_t[i] * (S[i][j] + u[i] * k_t[i] * v_t[j])
+ *     S[i][j]  = exp(w_t[i]) * S[i][j] + k_t[i] * v_t[j]
+ * One pass over the N x N state per token, no exponent ever exceeds 0 (w is a log decay <= 0), so it
+ * is exact and stable for any decay. The inner loop over j is contiguous and vectorises; (batch, head)
+ * pairs are split over POSIX threads. Used for inference (prefill and decode) when no gradient is
+ * needed; training uses the differentiable PyTorch forms.
+ *
+ * Arguments are raw pointers (integers) to contiguous float32 buffers, validated by the Python wrapper
+ * (rwkvkit/ops/native.py):
+ *   r, k, v, y: [B, T, H, N]; w: [B, T, H, N] (w_per_token=1) or [H, N] (0); u: [H, N];
+ *   state: [B, H, N, N] (key x value), updated in place.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    long B, T, H, N;
+    const float *r, *k, *v, *w, *u;
+    float *s, *y;
+    int w_per_token;
+    long first, last; /* range of (b, h) pairs */
+    int failed;
+} job_t;
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+MULTIVERSION
+static void run_pair(const job_t *jb, long bh, float *restrict yt, float *restrict dec) {
+    const long T = jb->T, H = jb->H, N = jb->N;
+    const long b = bh / H, h = bh % H;
+    const long ts = H * N; /* token stride */
+    float *restrict S = jb->s + bh * N * N;
+    const float *restrict u = jb->u + h * N;
+    for (long t = 0; t < T; t++) {
+        const long off = (b * T + t) * ts + h * N;
+        const float *restrict rt = jb->r + off;
+        const float *restrict kt = jb->k + off;
+        const float *restrict vt = jb->v + off;
+        const float *restrict wt = jb->w_per_token ? jb->w + off : jb->w + h * N;
+        for (long j = 0; j < N; j++) yt[j] = 0.0f;
+        for (long i = 0; i < N; i++) dec[i] = expf(wt[i]);
+        for (long i = 0; i < N; i++) {
+            const float ri = rt[i], ki = kt[i], di = dec[i];
+            const float rui = ri * u[i] * ki;
+            float *restrict Si = S + i * N;
+            for (long j = 0; j < N; j++) {
+                const float sij = Si[j];
+                yt[j] += ri * sij + rui * vt[j];
+                Si[j] = sij * di + ki * vt[j];
+            }
+        }
+        float *restrict out = jb->y + off;
+        for (long j = 0; j < N; j++) out[j] = yt[j];
+    }
+}
+
+static void *run_job(void *arg) {
+    job_t *jb = (job_t *)arg;
+    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)jb->N);
+    if (!buf) {
+        jb->failed = 1;
+        return NULL;
+    }
+    for (long bh = jb->first; bh < jb->last; bh++) run_pair(jb, bh, buf, buf + jb->N);
+    free(buf);
+    return NULL;
+}
+
+static PyObject *wkv_forward(PyObject *self, PyObject *args) {
+    long B, T, H, N;
+    unsigned long long pr, pk, pv, pw, pu, ps, py;
+    int w_per_token, nthreads;
+    if (!PyArg_ParseTuple(args, "llllKKKKKKKii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pu, &ps, &py,
+                          &w_per_token, &nthreads))
+        return NULL;
+    if (B <= 0 || T <= 0 || H <= 0 || N <= 0) {
+        PyErr_SetString(PyExc_ValueError, "wkv_forward: B, T, H, N must be positive");
+        return NULL;
+    }
+    long pairs = B * H;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > pairs) nthreads = (int)pairs;
+    if (nthreads > 64) nthreads = 64;
+    job_t jobs[64];
+    pthread_t tids[64];
+    int started[64] = {0};
+    for (int i = 0; i < nthreads; i++) {
+        job_t *jb = &jobs[i];
+        jb->B = B; jb->T = T; jb->H = H; jb->N = N;
+        jb->r = (const float *)(uintptr_t)pr; jb->k = (const float *)(uintptr_t)pk;
+        jb->v = (const float *)(uintptr_t)pv; jb->w = (const float *)(uintptr_t)pw;
+        jb->u = (const float *)(uintptr_t)pu;
+        jb->s = (float *)(uintptr_t)ps; jb->y = (float *)(uintptr_t)py;
+        jb->w_per_token = w_per_token;
+        jb->first = pairs * i / nthreads;
+        jb->last = pairs * (i + 1) / nthreads;
+        jb->failed = 0;
+    }
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 1; i < nthreads; i++)
+        started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
+    run_job(&jobs[0]);
+    for (int i = 1; i < nthreads; i++) {
+        if (started[i])
+            pthread_join(tids[i], NULL);
+        else
+            run_job(&jobs[i]); /* could not start a thread: do its share here */
+    }
+    for (int i = 0; i < nthreads; i++) failed |= jobs[i].failed;
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"wkv_forward", wkv_forward, METH_VARARGS,
+     "wkv_forward(B, T, H, N, r, k, v, w, u, state, y, w_per_token, nthreads): raw float32 pointers"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wkv_cpu", "Eagle/Finch WKV forward on the CPU.",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__wkv_cpu(void) { return PyModule_Create(&module); }
