@@ -101,3 +101,14 @@ def test_v4_bad_arguments_raise_named_errors():
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
             wkv4(*args)
+
+
+def test_empty_sequences_return_the_state_unchanged():
+    r, k, v, w, u, s = inputs6(2, 0, 2, 4)
+    y, sT = wkv6(r, k, v, w, u, s)
+    assert y.shape == (2, 0, 2, 4) and torch.equal(sT, s) and sT is not s
+    kk, vv = torch.zeros(2, 0, 8), torch.zeros(2, 0, 8)
+    y4, (aa, bb, pp) = wkv4(-torch.ones(8), torch.zeros(8), kk, vv)
+    assert (
+        y4.shape == (2, 0, 8) and torch.equal(pp, torch.full((2, 8), -1e30)) and not aa.any() and not bb.any()
+    )
