@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"WKV ops, B=1 H=12 N=64 (C=768), T={args.T}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"WKV ops, B=1 H=12 N=64 (C=768), T={args.T}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(f"{'case':<40} {'naive ms':>10} {'chunked ms':>11} {'speedup':>8}")
     for name, naive, chunked in run(args.T, args.repeat, not args.no_naive_backward):

@@ -32,11 +32,13 @@ Both factors are <= 1, whatever the decays: nothing overflows, and a factor that
 belongs to a pair whose true weight is below it too. Pairs inside one sub-block go to the next level
 down, so no factor ever spans more than one chunk. (The one-matmul form factorises at the chunk
 start instead: exp(c_{t-1}) * exp(-c_s) with c the cumulative decay from there, used only when
-c >= -FLAT_SPAN over the whole chunk, so both factors stay within exp(+-FLAT_SPAN).) Every exponent is computed as a sum of
-same-sign terms (cumsums restarted at each sub-block, never a difference of two cumsums), so it
-carries relative error ~1e-7 even when the cumulative decay reaches -1e4 inside a chunk. In
-hierarchical chunks, decay factors below exp(-40) are flushed to 0: such pairs weigh < 4e-18 of
-r.k v, and fp32 denormals would otherwise make the matmuls several times slower.
+c >= -FLAT_SPAN over the whole chunk, so both factors stay within exp(+-FLAT_SPAN).)
+
+Every exponent is computed as a sum of same-sign terms (cumsums restarted at each sub-block, never
+a difference of two cumsums), so it carries relative error ~1e-7 even when the cumulative decay
+reaches -1e4 inside a chunk. In hierarchical chunks, decay factors below exp(-40) are flushed to 0:
+such pairs weigh < 4e-18 of r.k v, and fp32 denormals would otherwise make the matmuls several
+times slower.
 """
 
 from __future__ import annotations
