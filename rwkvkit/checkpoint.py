@@ -93,8 +93,13 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> Non
             )
 
 
+_LORA = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
+
+
 def _is_matrix(key: str) -> bool:
-    """Keys stored in the model's dtype: linear weights, embedding and head. The rest stays fp32."""
+    """Keys stored in the model's dtype: linear weights, Finch LoRAs, embedding, head. The rest is fp32."""
+    if key.endswith(_LORA):
+        return True
     return key.endswith(".weight") and (
         key == "emb.weight" or not key.split(".")[-2].startswith(("ln", "time"))
     )

@@ -2,9 +2,10 @@
 
 Numerics (the same in every version, chosen to match the reference in fp32 and to lose as little as
 possible in bf16/fp16): the residual stream, LayerNorms, decays, the WKV state and GroupNorm are fp32;
-only the large matrices (``Linear`` weights, the embedding and the head) take the model's dtype. A
-``Linear`` casts its input to its weight's dtype and returns float32, so version code never juggles
-dtypes, and a quantised layer (``rwkvkit.models.quant.Int8Linear``) can stand in for it.
+only the matrices (``Linear`` weights, the Finch LoRAs, the embedding and the head) take the model's
+dtype. A ``Linear`` casts its input to its weight's dtype and returns that dtype (float32 models stay
+float32 throughout); element-wise work between two matrices stays in the compute dtype, as in the
+reference, and a quantised layer (``rwkvkit.models.quant.Int8Linear``) can stand in for a ``Linear``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from ..config import ModelConfig
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias whose input is cast to the weight dtype and whose output is float32."""
+    """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out] fp32
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         w = self.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(w.dtype)
-        return F.linear(x, w).float()
+        return F.linear(x, w)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -77,7 +78,8 @@ class ChannelMix(nn.Module):
         else:
             xk, xr = x * mk + prev * (1 - mk), x * mr + prev * (1 - mr)
         r = torch.sigmoid(self.receptance(xr))
-        k = torch.relu(self.key(xk)).square()
+        k = self.key(xk)
+        k = torch.relu_(k).square_() if not k.requires_grad else torch.relu(k).square()
         return r * self.value(k), x[:, -1]
 
 

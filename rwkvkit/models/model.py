@@ -150,7 +150,7 @@ class RWKV(nn.Module):
             new["wkv"] = torch.stack(wkv)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(self.ln_out(x))
+        logits = self.head(self.ln_out(x)).float()
         return logits, State(self.config.version, new)
 
     def loss(

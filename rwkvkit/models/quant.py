@@ -3,7 +3,7 @@
 Decoding one token reads every weight once, so decode speed is bytes per token over memory
 bandwidth: int8 weights read a quarter of fp32's bytes. Each output row gets its own scale
 (symmetric, absmax / 127); the matrix-vector product runs in ``torch._weight_int8pack_mm`` with bf16
-activations (fast on CPU) and returns float32 like every rwkvkit ``Linear``. The WKV state,
+activations (fast on CPU) and returns bf16. The WKV state,
 LayerNorms and decays are untouched (fp32).
 """
 
@@ -16,7 +16,7 @@ from .common import Linear
 
 
 class Int8Linear(nn.Module):
-    """Per-output-row symmetric int8 weights with bf16 scales: x [..., in] -> [..., out] fp32."""
+    """Per-output-row symmetric int8 weights with bf16 scales: x [..., in] -> [..., out] bf16."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -38,7 +38,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         out = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)
-        return out.float().view(*shape[:-1], self.out_features)
+        return out.view(*shape[:-1], self.out_features)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -37,6 +37,13 @@ class TimeMix6(nn.Module):
         self.output = Linear(C, C)
         self.ln_x = make_ln_x(config)
 
+    @property
+    def maa5(self) -> torch.Tensor:
+        """The five branch mixes (w, k, v, r, g) stacked: [5, 1, 1, C] fp32."""
+        return torch.stack(
+            [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
+        ).float()
+
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,18 +51,18 @@ class TimeMix6(nn.Module):
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
         d = token_shift(x, shift) - x
-        xxx = x + d * self.time_maa_x
-        m = torch.tanh(xxx @ self.time_maa_w1.float())  # [B, T, 5D]
-        m = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), self.time_maa_w2.float())  # [5, B*T, C]
-        mw, mk, mv, mr, mg = m.view(5, B, T, C).unbind(0)
-        r = self.receptance(x + d * (self.time_maa_r + mr)).view(B, T, H, N)
-        k = self.key(x + d * (self.time_maa_k + mk)).view(B, T, H, N)
-        v = self.value(x + d * (self.time_maa_v + mv)).view(B, T, H, N)
-        g = F.silu(self.gate(x + d * (self.time_maa_g + mg)))
-        xw = x + d * (self.time_maa_w + mw)
-        ww = (
-            self.time_decay.float() + torch.tanh(xw @ self.time_decay_w1.float()) @ self.time_decay_w2.float()
-        )
+        w1, w2 = self.time_maa_w1, self.time_maa_w2  # the model's dtype, as the reference
+        m = torch.tanh((x + d * self.time_maa_x).to(w1.dtype) @ w1)  # [B, T, 5D]
+        m = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), w2).view(5, B, T, C)
+        # the five branches (w, k, v, r, g) at once: x + d * (maa_j + m_j)
+        mixed = torch.addcmul(x, d, self.maa5 + m.float())
+        xw, xk, xv, xr, xg = mixed.unbind(0)
+        r = self.receptance(xr).view(B, T, H, N)
+        k = self.key(xk).view(B, T, H, N)
+        v = self.value(xv).view(B, T, H, N)
+        g = F.silu(self.gate(xg))
+        dw1, dw2 = self.time_decay_w1, self.time_decay_w2
+        ww = self.time_decay.float() + (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
         y = group_norm(y.reshape(B, T, C), H, self.ln_x)
