@@ -65,13 +65,15 @@ def test_logits_match_reference(tmp_path, dtype, version, n_layer, n_embd, head_
     assert model.config.version == version and model.config.n_layer == n_layer
     assert model.config.vocab_size == vocab and model.config.n_embd == n_embd
     with torch.no_grad():
-        whole, _ = model(tokens)  # chunked parallel form
+        whole, _ = model(tokens)  # default: the native C recurrence on CPU (v5/v6), else chunked
         assert whole.shape == (1, 64, vocab) and whole.dtype == torch.float32
         assert (whole[0] - want).abs().max().item() <= TOL
+        chunked, _ = model(tokens, backend="chunked")  # the parallel form used for training
+        assert (chunked[0] - want).abs().max().item() <= TOL
 
         state, steps = None, []
-        for t in tokens:  # recurrent form, one token at a time
-            out, state = model([t], state)
+        for i, t in enumerate(tokens):  # recurrent form, one token at a time (both step kernels)
+            out, state = model([t], state, backend="naive" if i % 2 else "auto")
             steps.append(out[0, 0])
         assert (torch.stack(steps) - want).abs().max().item() <= TOL
 

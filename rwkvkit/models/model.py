@@ -25,7 +25,7 @@ from .rwkv5 import TimeMix5
 from .rwkv6 import TimeMix6
 
 _TIME_MIX = {4: TimeMix4, 5: TimeMix5, 6: TimeMix6}
-BACKENDS = ("auto", "chunked", "naive")
+BACKENDS = ("auto", "chunked", "naive", "native")
 
 
 class Block(nn.Module):
@@ -109,8 +109,9 @@ class RWKV(nn.Module):
     ) -> tuple[torch.Tensor, State]:
         """tokens [B, T] -> (logits [B, T, V] float32 (or [B, 1, V] if ``last_only``), new State).
 
-        ``backend``: "auto" (chunked parallel WKV for T > 1, one recurrent step for T == 1),
-        "chunked" or "naive" (the fp32 per-step loop, the source of truth).
+        ``backend``: "auto" (the native C recurrence for CPU inference; otherwise the chunked
+        parallel WKV for T > 1 and one recurrent step for T == 1), "chunked", "naive" (the fp32
+        per-step loop, the source of truth) or "native" (Eagle/Finch only).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -120,8 +121,6 @@ class RWKV(nn.Module):
             state = self.init_state(B)
         else:
             state.check(self.config, B)
-        if backend == "auto":
-            backend = "naive" if T == 1 else "chunked"
 
         x = self.emb(tokens).float()  # [B, T, C]
         if not self.ln0_folded:

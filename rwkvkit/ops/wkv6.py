@@ -48,9 +48,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import native
+
 Tensor = torch.Tensor
 
-BACKENDS = ("naive", "chunked", "auto", "recurrent")
+BACKENDS = ("naive", "chunked", "auto", "recurrent", "native")
 
 # Chunks whose cumulative decay stays above -FLAT_SPAN (all of them at typical decays) use the one-matmul
 # form; the others the hierarchical one, whose decay factors below TINY = exp(-FLAT_SPAN) are flushed to 0.
@@ -77,7 +79,9 @@ def wkv6(
         w: log decay [B, T, H, N], w <= 0 (decay factor exp(w)).
         u: bonus (``time_faaaa``) [H, N].
         state: [B, H, N, N] fp32 laid out [key, value], or None for zeros. Not modified.
-        backend: "chunked" (default), "naive", "auto" (naive when T == 1) or "recurrent" (= naive).
+        backend: "chunked" (default), "naive", "recurrent" (= naive), "native" (the C kernel of
+            ``rwkvkit.ops.native``: CPU, no gradient) or "auto" (native where it applies, else naive
+            when T == 1 and chunked otherwise).
         chunk_size: tokens per chunk of the chunked form, a positive multiple of 16.
 
     Returns:
@@ -142,8 +146,18 @@ def _dispatch(
     # fp32 compute for every dtype, except that all-fp64 inputs stay fp64 (for gradcheck).
     dt = torch.float64 if all(x.dtype == torch.float64 for x in (r, k, v, w, u)) else torch.float32
     s0 = r.new_zeros((B, H, N, N), dtype=dt) if state is None else state.to(dt)
+    if backend == "native" and not native.usable(r, k, v, w, u, state):
+        raise ValueError(
+            "backend='native' needs the built CPU kernel, CPU tensors and no gradient "
+            f"(built: {native.available()}); use 'auto' to fall back to the PyTorch forms"
+        )
     if backend == "auto":
-        backend = "naive" if T == 1 else "chunked"
+        if dt == torch.float32 and T > 0 and native.usable(r, k, v, w, u, state):
+            backend = "native"  # the exact serial recurrence in C: fastest for inference on CPU
+        else:
+            backend = "naive" if T == 1 else "chunked"
+    if backend == "native" and T > 0:
+        return native.wkv6_native(r, k, v, w, u, s0)
     r, k, v, w, u = (x.to(dt) for x in (r, k, v, w, u))
     if T == 0:
         return r.new_zeros((B, 0, H, N)), s0.clone()
