@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CheckpointError, ModelConfig
+from .io import atomic_torch_save, atomic_write
 from .models.model import RWKV
 from .models.quant import quantize_int8
 from .testing import checkpoint_keys
@@ -193,18 +193,9 @@ def save(
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[k] = v.contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-            save_file(out, tmp)
-        else:
-            torch.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: save_file(out, tmp))
+    else:
+        atomic_torch_save(out, path)

@@ -16,14 +16,13 @@ model's compute dtype.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
+from .io import atomic_torch_save
 
 _KEYS = {4: ("att_shift", "aa", "bb", "pp", "ffn_shift"), 5: ("att_shift", "wkv", "ffn_shift")}
 _KEYS[6] = _KEYS[5]
@@ -161,17 +160,9 @@ class State:
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
         payload = {"format": _FORMAT, "version": self.version}
         payload.update({k: v.detach().cpu() for k, v in self.tensors.items()})
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> State:

@@ -50,6 +50,9 @@ def test_save_load_roundtrip_pth_and_safetensors(tmp_path, version):
     with pytest.raises(ValueError, match="fold_ln0=False"):
         rwkvkit.save(folded, tmp_path / "c.pth")
     assert not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_truncated_file(tmp_path, finch):

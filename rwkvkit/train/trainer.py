@@ -18,15 +18,14 @@ an uninterrupted one would have seen.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_torch_save
 from . import distributed as D
 from .config import TrainConfig
 from .data import TokenDataset, global_index, read_tokens, split_train_val, val_batches
@@ -65,12 +64,6 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         decay_lora=cfg.decay_lora,
     )
     return init_weights(RWKV(mc), seed=cfg.seed)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -267,7 +260,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "world": self.ctx.world,
         }
-        _atomic_torch_save(payload, self.out / "train_state.pt")
+        atomic_torch_save(payload, self.out / "train_state.pt")
 
     def load_train_state(self) -> bool:
         path = self.out / "train_state.pt"
