@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rwkvkit.serve:main", "OpenAI-compatible HTTP server"),
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
-    "bench": ("", "benchmarks: forward | tokenizer | serve | train"),
+    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops"),
 }
 
 BENCHES: dict[str, str] = {
@@ -25,6 +25,7 @@ BENCHES: dict[str, str] = {
     "tokenizer": "rwkvkit.bench.tokenizer:main",
     "serve": "rwkvkit.bench.serve:main",
     "train": "rwkvkit.bench.train:main",
+    "ops": "rwkvkit.bench.ops:main",
 }
 
 
