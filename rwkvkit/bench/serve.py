@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embd", type=int, default=768)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["fp32", "bf16", "fp16"],
+        help="server weights (bf16: a batched step of 16 rows costs about one row's weight read on this CPU)",
+    )
     args = p.parse_args(argv)
     levels = [int(x) for x in args.clients.split(",") if x.strip()]
     if not levels or min(levels) <= 0:
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         # The server runs in its own process (its own GIL), as it would in use; clients run here.
         cmd = [sys.executable, "-m", "rwkvkit.cli", "serve", "--model", str(path), "--port", str(port),
                "--max-batch", str(max(levels)), "--max-queue", str(max(levels)), "--max-tokens-limit",
-               str(max(args.tokens, 8)), "--threads", str(args.threads)]  # fmt: skip
+               str(max(args.tokens, 8)), "--threads", str(args.threads), "--dtype", args.dtype]  # fmt: skip
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.time() + 300
@@ -117,7 +123,7 @@ def _run_levels(url: str, levels: list[int], args: argparse.Namespace) -> int:
     import httpx
 
     threads = args.threads or "default"
-    print(f"Finch L{args.layers} D{args.embd} V65536 fp32, server torch threads: {threads}, "
+    print(f"Finch L{args.layers} D{args.embd} V65536 {args.dtype}, server torch threads: {threads}, "
           f"{args.tokens} tokens per client, temperature {args.temperature}")  # fmt: skip
     try:
         run_level(url, 1, 8, args.temperature)  # warm-up
