@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _wkv_cpu = None
 
 Tensor = torch.Tensor
+_THREAD_MIN_WORK = 1 << 22  # state elements updated per call below which one thread is used
 
 
 def available() -> bool:
@@ -49,7 +50,8 @@ def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tenso
         per_token = False
     state = s0.to(f).clone().contiguous()
     y = torch.empty((B, T, H, N), dtype=f)
-    threads = max(1, min(torch.get_num_threads(), B * H))
+    # starting a thread costs more than a few tokens of work: decode steps run on the calling thread
+    threads = max(1, min(torch.get_num_threads(), B * H)) if B * T * H * N * N >= _THREAD_MIN_WORK else 1
     _wkv_cpu.wkv_forward(
         B, T, H, N,
         r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr(), state.data_ptr(), y.data_ptr(),
