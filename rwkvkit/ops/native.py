@@ -44,10 +44,10 @@ def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tenso
     f = torch.float32
     r, k, v, u = (x.to(f).contiguous() for x in (r, k, v, u))
     per_token = w.dim() == 4
-    w = w.to(f).contiguous()
     if per_token and w.stride(1) == 0:  # a broadcast constant decay
-        w = w[0, 0].contiguous()
+        w = w[0, 0]
         per_token = False
+    w = torch.exp(w.to(f)).contiguous()  # decay factors in [0, 1], exponentiated here (vectorised)
     state = s0.to(f).clone().contiguous()
     y = torch.empty((B, T, H, N), dtype=f)
     # starting a thread costs more than a few tokens of work: decode steps run on the calling thread
