@@ -23,6 +23,11 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this layer wants its input in (and returns)."""
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         w = self.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -40,6 +45,12 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(
             x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
         )
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a matrix layer wants its input in: its own ``compute_dtype`` or its weight's dtype."""
+    dt = getattr(layer, "compute_dtype", None)
+    return dt if dt is not None else layer.weight.dtype
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -74,7 +85,7 @@ class ChannelMix(nn.Module):
         mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
         if self.finch:
             d = prev - x
-            xk, xr = x + d * mk, x + d * mr
+            xk, xr = torch.addcmul(x, d, mk), torch.addcmul(x, d, mr)
         else:
             xk, xr = x * mk + prev * (1 - mk), x * mr + prev * (1 - mr)
         r = torch.sigmoid(self.receptance(xr))

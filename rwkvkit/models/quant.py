@@ -29,6 +29,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
+    compute_dtype = torch.bfloat16  # activations go in as bf16
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantised weight (for inspection and export; not used by forward)."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops import wkv6
-from .common import Linear, group_norm, make_ln_x, token_shift
+from .common import Linear, compute_dtype, group_norm, make_ln_x, token_shift
 
 
 class TimeMix6(nn.Module):
@@ -50,19 +50,23 @@ class TimeMix6(nn.Module):
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value)."""
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
+        cdt = compute_dtype(self.receptance)
         d = token_shift(x, shift) - x
-        w1, w2 = self.time_maa_w1, self.time_maa_w2  # the model's dtype, as the reference
-        m = torch.tanh((x + d * self.time_maa_x).to(w1.dtype) @ w1)  # [B, T, 5D]
-        m = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), w2).view(5, B, T, C)
-        # the five branches (w, k, v, r, g) at once: x + d * (maa_j + m_j)
-        mixed = torch.addcmul(x, d, self.maa5 + m.float())
+        w1 = self.time_maa_w1
+        m = torch.tanh(torch.addcmul(x, d, self.time_maa_x).to(w1.dtype) @ w1).float()  # [B, T, 5D]
+        # the five branch mixes at once: maa_j + m_j @ w2_j (one baddbmm, fp32: CPU bf16 bmm at K=32 is slow),
+        # then x + d * (maa_j + m_j), cast once for the five matrices that read them
+        mix = torch.baddbmm(
+            self.maa5.view(5, 1, C), m.view(B * T, 5, D).transpose(0, 1), self.time_maa_w2.float()
+        )
+        mixed = torch.addcmul(x, d, mix.view(5, B, T, C)).to(cdt)
         xw, xk, xv, xr, xg = mixed.unbind(0)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
         dw1, dw2 = self.time_decay_w1, self.time_decay_w2
-        ww = self.time_decay.float() + (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).float()
+        ww = self.time_decay.float() + (torch.tanh(xw @ dw1.to(cdt)) @ dw2.to(cdt)).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
         y = group_norm(y.reshape(B, T, C), H, self.ln_x)
