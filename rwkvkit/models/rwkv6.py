@@ -66,7 +66,7 @@ class TimeMix6(nn.Module):
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
         dw1, dw2 = self.time_decay_w1, self.time_decay_w2
-        ww = self.time_decay.float() + (torch.tanh(xw @ dw1.to(cdt)) @ dw2.to(cdt)).float()
+        ww = self.time_decay.float() + (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
         y = group_norm(y.reshape(B, T, C), H, self.ln_x)
