@@ -70,6 +70,12 @@ def simulate_q8_0(w: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(out_f, in_f)
 
 
+def _q8_0_activations(x: torch.Tensor) -> torch.Tensor:
+    """ggml quantises activations to Q8_0 too (blocks of 32, fp16 scale) before a Q8_0 dot product."""
+    shape = x.shape
+    return simulate_q8_0(x.reshape(-1, shape[-1])).view(shape)
+
+
 def quality(ref: torch.Tensor, got: torch.Tensor) -> str:
     err = (got - ref).abs()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -195,14 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     # ---- Q8_0 simulation (quality only) ---------------------------------------------------------
+    # rwkv.cpp's Q8_0 path: Q8_0 weights times activations that ggml also quantises to Q8_0 (blocks
+    # of 32) before the dot products; fp16 head (activations rounded to fp16)
     model = rwkvkit.load(path)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 w = m.weight
                 m.weight.data = w.half().float() if m is model.head else simulate_q8_0(w)
+        q8w = model(prompt[:64])[0][0]
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                act = (lambda x: x.half().float()) if m is model.head else _q8_0_activations
+                m.register_forward_pre_hook(lambda mod, args, act=act: (act(args[0].float()),))
         q8 = model(prompt[:64])[0][0]
-    q8_quality = quality(fp32_logits, q8)
+    q8w_quality, q8_quality = quality(fp32_logits, q8w), quality(fp32_logits, q8)
 
     print(
         f"\n{'':24} {'prefill tok/s':>14} {'(limit)':>9} {'decode tok/s':>13} {'(limit)':>8}  quality vs fp32 logits"
@@ -212,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         dl_s = f"({dl:.0f})" if dl else ""
         print(f"{name:24} {pre:14.0f} {pl_s:>9} {de:13.1f} {dl_s:>8}  {q}")
     print(
-        f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (weights only, fp16 head)"
+        f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (as rwkv.cpp: q8_0 x q8_0)"
     )
+    print(f"{'  Q8_0 weights only':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8w_quality}  (fp32 activations)")
     if ref_best["prefill"]:
         kit = {name: (pre, de) for name, pre, _, de, _, _ in rows if name.startswith("rwkvkit")}
         best_pre = max(v[0] for v in kit.values())
