@@ -24,6 +24,7 @@ _LAZY = {
     "State": "rwkvkit.state",
     "Tokenizer": "rwkvkit.tokenizer",
     "generate": "rwkvkit.generate",
+    "SamplingParams": "rwkvkit.sampling",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
