@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=512, help="prefill length")
     p.add_argument("--decode", type=int, default=32, help="tokens to decode per measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--repeat", type=int, default=5, help="timed runs per figure, best kept (same for every row)"
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     args = p.parse_args(argv)
     if args.threads:
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             for strat in ("cpu fp32", "cpu bf16"):
                 ref = RefRWKV(model=path[:-4], strategy=strat, verbose=False)
                 with torch.no_grad():
-                    t_pre = _best(lambda ref=ref: ref.forward(prompt, None), 2)
+                    t_pre = _best(lambda ref=ref: ref.forward(prompt, None), args.repeat)
                     _, st = ref.forward(prompt, None)
 
                     def dec(ref=ref, st=st):
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         for t in prompt[: args.decode]:
                             _, s = ref.forward([t], s)
 
-                    t_dec = _best(dec, 2) / args.decode
+                    t_dec = _best(dec, args.repeat) / args.decode
                     if strat == "cpu fp32":
                         ref_logits = ref.forward(prompt[:64], None, full_output=True)[0].float()
                 pre, de = args.prompt / t_pre, 1 / t_dec
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         model = rwkvkit.load(path, **kw)
         cfg = model.config
         with torch.no_grad():
-            t_pre = _best(lambda model=model: model(prompt, last_only=True), 3)
+            t_pre = _best(lambda model=model: model(prompt, last_only=True), args.repeat)
             _, st = model(prompt, last_only=True)
 
             def dec(model=model, st=st):
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 for t in prompt[: args.decode]:
                     _, s = model([t], s)
 
-            t_dec = _best(dec, 3) / args.decode
+            t_dec = _best(dec, args.repeat) / args.decode
             logits = model(prompt[:64])[0][0]
         if fp32_logits is None:
             fp32_logits = logits
