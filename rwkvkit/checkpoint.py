@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import CheckpointError, ModelConfig
+from .config import CheckpointError, ModelConfig, checkpoint_keys
 from .io import atomic_torch_save, atomic_write
 from .models.model import RWKV
 from .models.quant import quantize_int8
-from .testing import checkpoint_keys
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 FP16_RESCALE_EVERY = 6  # the reference's RESCALE_LAYER for fp16

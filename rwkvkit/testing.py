@@ -13,61 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-
-
-def checkpoint_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an official checkpoint for ``config``, with its shape (the order of RWKV-LM's files)."""
-    C, V, L, F = config.n_embd, config.vocab_size, config.n_layer, config.ffn_dim
-    H, N = config.n_head, config.head_size
-    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
-    for i in range(L):
-        b = f"blocks.{i}."
-        if i == 0:
-            shapes[b + "ln0.weight"] = (C,)
-            shapes[b + "ln0.bias"] = (C,)
-        for ln in ("ln1", "ln2"):
-            shapes[f"{b}{ln}.weight"] = (C,)
-            shapes[f"{b}{ln}.bias"] = (C,)
-        a = b + "att."
-        if config.version == 4:
-            for m in "kvr":
-                shapes[a + f"time_mix_{m}"] = (1, 1, C)
-            shapes[a + "time_decay"] = (C,)
-            shapes[a + "time_first"] = (C,)
-        elif config.version == 5:
-            for m in "kvrg":
-                shapes[a + f"time_mix_{m}"] = (1, 1, C)
-            shapes[a + "time_decay"] = (H, N)
-            shapes[a + "time_faaaa"] = (H, N)
-        else:
-            D, Dw = config.mix_lora, config.decay_lora
-            for m in "xwkvrg":
-                shapes[a + f"time_maa_{m}"] = (1, 1, C)
-            shapes[a + "time_maa_w1"] = (C, 5 * D)
-            shapes[a + "time_maa_w2"] = (5, D, C)
-            shapes[a + "time_decay"] = (1, 1, C)
-            shapes[a + "time_decay_w1"] = (C, Dw)
-            shapes[a + "time_decay_w2"] = (Dw, C)
-            shapes[a + "time_faaaa"] = (H, N)
-        for m in ("receptance", "key", "value"):
-            shapes[a + f"{m}.weight"] = (C, C)
-        shapes[a + "output.weight"] = (C, C)
-        if config.version >= 5:
-            shapes[a + "gate.weight"] = (C, C)
-            shapes[a + "ln_x.weight"] = (C,)
-            shapes[a + "ln_x.bias"] = (C,)
-        f = b + "ffn."
-        mix = "time_maa" if config.version == 6 else "time_mix"
-        shapes[f + f"{mix}_k"] = (1, 1, C)
-        shapes[f + f"{mix}_r"] = (1, 1, C)
-        shapes[f + "key.weight"] = (F, C)
-        shapes[f + "receptance.weight"] = (C, C)
-        shapes[f + "value.weight"] = (C, F)
-    shapes["ln_out.weight"] = (C,)
-    shapes["ln_out.bias"] = (C,)
-    shapes["head.weight"] = (V, C)
-    return shapes
+from .config import ModelConfig, checkpoint_keys
 
 
 def random_checkpoint(
