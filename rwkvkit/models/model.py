@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..state import State
+from . import engine
 from .common import ChannelMix, LayerNorm, Linear
 from .rwkv4 import TimeMix4
 from .rwkv5 import TimeMix5
@@ -64,6 +65,22 @@ class RWKV(nn.Module):
         self.rescale_every = 0  # fp16: halve x after every n-th block (weights scaled to match at load)
         self.gradient_checkpointing = False
         self.time_state: torch.Tensor | None = None  # [L, H, N, N] (key x value) from a state-tuned file
+        self._native_step: engine.NativeStep | None = None
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: tensors move, the plan goes
+        self._native_step = None
+        return super()._apply(fn, recurse)
+
+    def native_step(self) -> engine.NativeStep | None:
+        """The one-call C decode step for this model as it is now, or None if it cannot take it."""
+        ns = self._native_step
+        if ns is not None and ns.valid():
+            return ns
+        try:
+            self._native_step = engine.NativeStep(self)
+        except engine.Unsupported:
+            self._native_step = None
+        return self._native_step
 
     # ---- state ----------------------------------------------------------------------------------
     @property
@@ -125,6 +142,11 @@ class RWKV(nn.Module):
         x = self.emb(tokens).float()  # [B, T, C]
         if not self.ln0_folded:
             x = self.blocks[0].ln0(x)
+        if T == 1 and backend in ("auto", "native") and self._native_step_applies(x):
+            step = self.native_step()
+            if step is not None:
+                logits, new_state = step.step(x[:, 0], state)
+                return logits.unsqueeze(1), new_state
         st = state.tensors
         v4 = self.config.version == 4
         att_shift, ffn_shift, wkv = [], [], []
@@ -151,6 +173,11 @@ class RWKV(nn.Module):
             x = x[:, -1:]
         logits = self.head(self.ln_out(x)).float()
         return logits, State(self.config.version, new)
+
+    def _native_step_applies(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or self.config.version == 4 or not engine.enabled():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
 
     def loss(
         self, tokens: torch.Tensor, targets: torch.Tensor, state: State | None = None, **kw

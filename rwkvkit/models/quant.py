@@ -1,45 +1,68 @@
 """Weight-only int8 quantisation for fast CPU decode.
 
 Decoding one token reads every weight once, so decode speed is bytes per token over memory
-bandwidth: int8 weights read a quarter of fp32's bytes. Each output row gets its own scale
-(symmetric, absmax / 127); the matrix-vector product runs in ``torch._weight_int8pack_mm`` with bf16
-activations (fast on CPU) and returns bf16. The WKV state,
-LayerNorms and decays are untouched (fp32).
+bandwidth: int8 weights read a quarter of fp32's bytes. The layout is ggml's Q8_0: every block of 32
+inputs of an output row has its own float16 scale (symmetric, absmax / 127), 34 bytes per 32 weights.
+Activations are not quantised: the products run on float32 inputs in ``rwkvkit.ops._decode_cpu``
+(one row at a time for decode); a long prompt instead dequantises the matrix to bf16 once and uses the
+bf16 matmul. The WKV state, LayerNorms, decays and the Finch LoRAs are untouched.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..ops import decode as native
 from .common import Linear
+
+_GEMV_MAX_ROWS = 32  # up to this many input rows, products read the int8 weights directly
 
 
 class Int8Linear(nn.Module):
-    """Per-output-row symmetric int8 weights with bf16 scales: x [..., in] -> [..., out] bf16."""
+    """Q8_0 weights (int8 [out, in], fp16 scale per 32 inputs): x [..., in] -> [..., out] float32."""
+
+    compute_dtype = torch.float32  # activations stay float32
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         w = weight.detach().float()
-        # round the scale to bf16 FIRST and quantise against the rounded value, so the stored scale
-        # carries no systematic per-row error
-        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127.0).to(torch.bfloat16)
-        q = torch.round(w / scale.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-        self.register_buffer("weight_int8", q.contiguous())
-        self.register_buffer("scale", scale)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        N, K = w.shape
+        if K % native.Q8_BLOCK:
+            raise ValueError(f"int8 needs in_features divisible by {native.Q8_BLOCK}, got {K}")
+        blocks = w.view(N, K // native.Q8_BLOCK, native.Q8_BLOCK)
+        # round the scale to fp16 FIRST and quantise against the rounded value
+        scale = (blocks.abs().amax(dim=-1) / 127.0).clamp(max=65504.0).to(torch.float16)
+        s = scale.float().unsqueeze(-1)
+        q = torch.where(s > 0, torch.round(blocks / s.clamp_min(1e-30)), 0.0).clamp_(-127, 127)
+        self.register_buffer("weight_int8", q.to(torch.int8).view(N, K).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.in_features, self.out_features = K, N
 
-    compute_dtype = torch.bfloat16  # activations go in as bf16
+    def _apply(self, fn, recurse=True):  # .to(device) moves the scales; dtype casts leave them fp16
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight_int8.device)
+        return self
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantised weight (for inspection and export; not used by forward)."""
-        return self.weight_int8.float() * self.scale.float()[:, None]
+        """The dequantised weight, float32 (for inspection and export; not used by forward)."""
+        q = self.weight_int8.view(self.out_features, -1, native.Q8_BLOCK).float()
+        return (q * self.scale.float().unsqueeze(-1)).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(x2, self.weight_int8, self.scale)
+        x2 = x.reshape(-1, shape[-1])
+        if native.available() and x.device.type == "cpu":
+            if x2.shape[0] <= _GEMV_MAX_ROWS:
+                out = native.q8_matmul(x2, self.weight_int8, self.scale)
+            else:
+                w = native.q8_dequantize_bf16(self.weight_int8, self.scale)
+                out = F.linear(x2.to(torch.bfloat16), w).float()
+        else:  # no native kernels (or another device): dequantise and multiply
+            out = F.linear(x2.float(), self.weight.to(x2.device))
         return out.view(*shape[:-1], self.out_features)
 
 

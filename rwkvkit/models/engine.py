@@ -1,0 +1,180 @@
+"""The one-call decode step: Eagle and Finch, one token per row, on the CPU.
+
+``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, Eagle or Finch, fp32,
+bf16 or int8 matrices, backend "auto" or "native"): the native step (``rwkvkit/ops/_decode_cpu.c``)
+then runs every layer and the head in one C call, reading the weights where the model keeps them.
+This module builds the plan (a flat int64 array of addresses and sizes, the layout of the C structs)
+and checks, at every call, that the model still holds the tensors the plan points to; anything it
+cannot take (fp16 with its rescaling, RWKV-4, tensors on another device) stays on the PyTorch path.
+
+``RWKVKIT_NATIVE_STEP=0`` in the environment turns the step off (the PyTorch modules are then used,
+which is how the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..ops import decode as native
+from ..state import State
+from .quant import Int8Linear
+
+_HEADER_INTS, _LAYER_INTS = native._decode_cpu.layout() if native.available() else (0, 0)
+
+
+class Unsupported(Exception):
+    """The model (as it is now) cannot run through the native step; the message says why."""
+
+
+def enabled() -> bool:
+    return native.available() and os.environ.get("RWKVKIT_NATIVE_STEP", "1") != "0"
+
+
+class _PlanBuilder:
+    def __init__(self) -> None:
+        self.ints: list[int] = []
+        self.tensors: list[torch.Tensor] = []  # everything the plan points to (kept alive, re-checked)
+        self.owners: list[tuple[dict, str, object]] = []  # (module dict, key, object) that must still hold
+
+    def own(self, module: nn.Module, name: str) -> torch.Tensor:
+        """``module.name`` (a parameter, buffer or submodule), remembered so a swap invalidates the plan."""
+        for d in (module._parameters, module._buffers, module._modules):
+            if name in d:
+                self.owners.append((d, name, d[name]))
+                return d[name]
+        raise Unsupported(f"{type(module).__name__} has no {name!r}")
+
+    def ptr(self, t: torch.Tensor, dtype: torch.dtype = torch.float32, numel: int | None = None) -> None:
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            raise Unsupported(
+                f"a {t.dtype} {tuple(t.shape)} tensor on {t.device} (need contiguous {dtype} on cpu)"
+            )
+        if numel is not None and t.numel() != numel:
+            raise Unsupported(f"tensor of {t.numel()} elements where {numel} were expected")
+        self.tensors.append(t)
+        self.ints.append(t.data_ptr())
+
+    def vec(self, module: nn.Module, name: str, numel: int) -> None:
+        """A float32 vector parameter (LayerNorm weights, mixes, decays)."""
+        self.ptr(self.own(module, name), numel=numel)
+
+    def matrix(self, parent: nn.Module, name: str) -> None:
+        """A (kind, n_out, n_in, data, scales) record for a Linear or Int8Linear ``parent.name``."""
+        layer = self.own(parent, name)
+        if isinstance(layer, Int8Linear):
+            self.ints += [native.MK_Q8, layer.out_features, layer.in_features]
+            self.ptr(self.own(layer, "weight_int8"), torch.int8)
+            self.ptr(self.own(layer, "scale"), torch.float16)
+            return
+        w = self.own(layer, "weight")
+        kind = native.matrix_kind(w)
+        if kind is None:
+            raise Unsupported(f"a {w.dtype} matrix on {w.device} (the native step takes fp32, bf16 or int8)")
+        self.ints += [kind, w.shape[0], w.shape[1]]
+        self.ptr(w, w.dtype)
+        self.ints.append(0)
+
+    def lora(self, module: nn.Module | None, name: str, n_out: int, n_in: int) -> None:
+        """An input-major matrix [n_in, n_out] (the Finch LoRAs), or an empty record."""
+        if module is None:
+            self.ints += [native.MK_F32, 0, 0, 0, 0]
+            return
+        w = self.own(module, name)
+        kind = native.matrix_kind(w)
+        if kind is None:
+            raise Unsupported(f"a {w.dtype} LoRA on {w.device}")
+        self.ints += [kind, n_out, n_in]
+        self.ptr(w, w.dtype, 5 * n_out * n_in if name == "time_maa_w2" else n_out * n_in)
+        self.ints.append(0)
+
+
+class NativeStep:
+    """A plan for one model; ``step(x, state)`` runs a token for every row. Build with ``for_model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        if cfg.version not in (5, 6):
+            raise Unsupported(f"RWKV-{cfg.version} (the native step runs Eagle and Finch)")
+        if getattr(model, "rescale_every", 0):
+            raise Unsupported("fp16 layer rescaling")
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        finch = cfg.version == 6
+        D, Dw = (cfg.mix_lora, cfg.decay_lora) if finch else (0, 0)
+        b = _PlanBuilder()
+        b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, D, Dw]
+        b.vec(b.own(model, "ln_out"), "weight", C)
+        b.vec(model.ln_out, "bias", C)
+        b.matrix(model, "head")
+        if len(b.ints) != _HEADER_INTS:
+            raise AssertionError("plan header layout")
+        blocks = b.own(model, "blocks")
+        for i in range(cfg.n_layer):
+            blk = b.own(blocks, str(i))
+            att, ffn = b.own(blk, "att"), b.own(blk, "ffn")
+            start = len(b.ints)
+            for ln in ("ln1", "ln2"):
+                b.vec(b.own(blk, ln), "weight", C)
+                b.vec(getattr(blk, ln), "bias", C)
+            if finch:
+                for m in "xwkvrg":
+                    b.vec(att, f"time_maa_{m}", C)
+            else:
+                b.ints += [0, 0]  # no maa_x, no w branch
+                for m in "kvrg":
+                    b.vec(att, f"time_mix_{m}", C)
+            b.vec(att, "time_decay", C)
+            b.vec(att, "time_faaaa", C)
+            b.vec(b.own(att, "ln_x"), "weight", C)
+            b.vec(att.ln_x, "bias", C)
+            b.vec(ffn, ffn.mix_k_name, C)
+            b.vec(ffn, ffn.mix_r_name, C)
+            if finch:
+                b.lora(att, "time_maa_w1", 5 * D, C)
+                b.lora(att, "time_maa_w2", C, D)  # [5, D, C]: the C side takes slice j
+                b.lora(att, "time_decay_w1", Dw, C)
+                b.lora(att, "time_decay_w2", C, Dw)
+            else:
+                for _ in range(4):
+                    b.lora(None, "", 0, 0)
+            for name in ("receptance", "key", "value", "gate", "output"):
+                b.matrix(att, name)
+            for name in ("key", "receptance", "value"):
+                b.matrix(ffn, name)
+            if len(b.ints) - start != _LAYER_INTS:
+                raise AssertionError("plan layer layout")
+        self.config = cfg
+        self.plan = torch.tensor(b.ints, dtype=torch.int64)
+        self.tensors = b.tensors
+        self.pointers = [t.data_ptr() for t in b.tensors]
+        self.owners = b.owners
+
+    def valid(self) -> bool:
+        """Whether the model still holds every module and tensor the plan points to, at the same address
+        (a swapped module, a replaced parameter or ``param.data = ...`` all invalidate it)."""
+        return all(d.get(k) is o for d, k, o in self.owners) and all(
+            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers)
+        )
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """x [B, C] float32 embeddings (consumed: the residual is updated in place) -> (logits [B, V], new state)."""
+        cfg = self.config
+        B = x.shape[0]
+        st = state.tensors
+        f32 = torch.float32
+        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", "wkv")}
+        outs = {k: torch.empty_like(v) for k, v in ins.items()}
+        x = x.to(f32).contiguous()
+        logits = torch.empty((B, cfg.vocab_size), dtype=f32)
+        native._decode_cpu.step(
+            self.plan.data_ptr(), B, x.data_ptr(),
+            ins["att_shift"].data_ptr(), outs["att_shift"].data_ptr(),
+            ins["ffn_shift"].data_ptr(), outs["ffn_shift"].data_ptr(),
+            ins["wkv"].data_ptr(), outs["wkv"].data_ptr(),
+            logits.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        for k in ("att_shift", "ffn_shift"):
+            outs[k] = outs[k].to(st[k].dtype)
+        return logits, State(cfg.version, outs)

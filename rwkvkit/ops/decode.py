@@ -1,0 +1,51 @@
+"""Bindings of the native one-token step and int8 matrix kernels (``rwkvkit.ops._decode_cpu``).
+
+The C side is described in ``rwkvkit/ops/_decode_cpu.c``; this module only says whether it was built
+and exposes its entry points with the matrix kinds it understands. The extension is optional (built by
+the install step when a C compiler with OpenMP is present); callers fall back to PyTorch without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _decode_cpu
+except ImportError:  # pragma: no cover - depends on the build
+    _decode_cpu = None
+
+MK_F32, MK_BF16, MK_Q8 = 0, 1, 2
+Q8_BLOCK = 32  # inputs per int8 scale, as ggml's Q8_0
+
+
+def available() -> bool:
+    return _decode_cpu is not None
+
+
+def matrix_kind(weight: torch.Tensor) -> int | None:
+    """The kernel kind for a dense weight (fp32 or bf16, contiguous, CPU), or None if unsupported."""
+    if weight.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    return {torch.float32: MK_F32, torch.bfloat16: MK_BF16}.get(weight.dtype)
+
+
+def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ (q * scale)^T`` in float32: q int8 [N, K], scale fp16 [N, K / 32]; M small (decode)."""
+    assert _decode_cpu is not None
+    x = x.to(torch.float32).contiguous()
+    M, K = x.shape
+    N = q.shape[0]
+    y = torch.empty((M, N), dtype=torch.float32)
+    _decode_cpu.matmul(
+        MK_Q8, q.data_ptr(), scale.data_ptr(), N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+    )
+    return y
+
+
+def q8_dequantize_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The bf16 matrix ``q * scale`` (for prefill, where a bf16 matmul beats M matrix-vector products)."""
+    assert _decode_cpu is not None
+    N, K = q.shape
+    out = torch.empty((N, K), dtype=torch.bfloat16)
+    _decode_cpu.dequantize_q8(q.data_ptr(), scale.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+    return out
