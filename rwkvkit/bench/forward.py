@@ -45,22 +45,27 @@ def matmul_flops(dtype: torch.dtype, m: int = 512, n: int = 768, k: int = 768) -
 
 
 def matvec_bandwidth(kind: str, n: int = 2688, k: int = 768, layers: int = 40) -> float:
-    """Bytes of weights per second for batch-1 products over many distinct matrices (not cache-resident)."""
+    """Bytes of weights per second for batch-1 products over many distinct matrices (not cache-resident),
+    with the fastest kernel on hand: PyTorch's or the native step's (int8: the step's Q8_0 kernel)."""
+    from ..ops import decode as native
+
     if kind == "int8":
+        if not native.available():
+            return float("nan")
         ws = [torch.randint(-127, 127, (n, k), dtype=torch.int8) for _ in range(layers)]
-        sc = torch.rand(n, dtype=torch.bfloat16)
-        x = torch.randn(1, k, dtype=torch.bfloat16)
-        fn = lambda: [torch._weight_int8pack_mm(x, w, sc) for w in ws]
-        nbytes = n * k
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
-        ws = [torch.randn(n, k).to(dtype) for _ in range(layers)]
-        x = torch.randn(1, k).to(dtype)
-        fn = lambda: [torch.nn.functional.linear(x, w) for w in ws]
-        if dtype == torch.bfloat16:  # the kernel rwkvkit uses for one bf16 row (faster than F.linear's)
-            fn = lambda: [torch.mv(w, x[0]) for w in ws]
-        nbytes = n * k * ws[0].element_size()
-    return nbytes * layers / _best(fn, 5)
+        sc = torch.rand(n, k // 32).to(torch.float16)
+        x = torch.randn(1, k)
+        nbytes = n * k + sc.numel() * 2
+        return nbytes * layers / _best(lambda: [native.q8_matmul(x, w, sc) for w in ws], 5)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+    ws = [torch.randn(n, k).to(dtype) for _ in range(layers)]
+    x = torch.randn(1, k).to(dtype)
+    fns = [lambda: [torch.nn.functional.linear(x, w) for w in ws]]
+    if dtype == torch.bfloat16:  # PyTorch's matrix-vector kernel reads one bf16 row faster than F.linear
+        fns.append(lambda: [torch.mv(w, x[0]) for w in ws])
+    if native.available() and native.matrix_kind(ws[0]) is not None:
+        fns.append(lambda: [native.dense_matmul(x, w) for w in ws])
+    return n * k * ws[0].element_size() * layers / min(_best(fn, 5) for fn in fns)
 
 
 def simulate_q8_0(w: torch.Tensor) -> torch.Tensor:
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         ("fp32", dict(dtype=torch.float32), "fp32"),
         ("bf16", dict(dtype=torch.bfloat16), "bf16"),
         ("fp16", dict(dtype=torch.float16), "fp16"),
-        ("int8", dict(quantize="int8"), "int8"),
+        ("int8", dict(quantize="int8", dtype=torch.bfloat16), "int8"),  # bf16: LoRAs, embedding
     ]
     for name, kw, lim in variants:
         model = rwkvkit.load(path, **kw)

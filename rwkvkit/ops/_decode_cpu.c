@@ -154,6 +154,12 @@ AVX512 static inline __m512 load_q8x16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
+/* The hardware prefetcher alone leaves these loops waiting on memory (measured: 10 -> 16 GB/s on two
+ * cores with it): fetch the same cache line of the weight rows 8 ahead, i.e. two groups of four later. */
+#define PREFETCH_AHEAD 8
+#define PREFETCH_ROWS(p, K)                                                                                   \
+    for (int r_ = 0; r_ < 4; r_++) _mm_prefetch((const char *)((p) + (PREFETCH_AHEAD + r_) * (K)), _MM_HINT_T0)
+
 /* One input row, four weight rows at a time: four independent accumulation chains (one chain per row
  * would wait on the FMA latency every block) sharing each load of x. */
 AVX512 static void rows4_avx512_b1(const mat_t *m, int64_t n, const float *x, float *y) {
@@ -171,6 +177,7 @@ AVX512 static void rows4_avx512_b1(const mat_t *m, int64_t n, const float *x, fl
     }
         for (int64_t j = 0; j < nb; j++) {
             const __m512 x0 = _mm512_loadu_ps(x + 32 * j), x1 = _mm512_loadu_ps(x + 32 * j + 16);
+            if (!(j & 1)) PREFETCH_ROWS(q + 32 * j, K);
             Q8_ROW(a0, 0) Q8_ROW(a1, 1) Q8_ROW(a2, 2) Q8_ROW(a3, 3)
         }
 #undef Q8_ROW
@@ -178,6 +185,7 @@ AVX512 static void rows4_avx512_b1(const mat_t *m, int64_t n, const float *x, fl
         const uint16_t *w = (const uint16_t *)m->w + n * K;
         for (int64_t i = 0; i < K; i += 16) {
             const __m512 xv = _mm512_loadu_ps(x + i);
+            if (!(i & 31)) PREFETCH_ROWS(w + i, K);
             a0 = _mm512_fmadd_ps(load_bf16x16(w + i), xv, a0);
             a1 = _mm512_fmadd_ps(load_bf16x16(w + K + i), xv, a1);
             a2 = _mm512_fmadd_ps(load_bf16x16(w + 2 * K + i), xv, a2);
@@ -187,6 +195,7 @@ AVX512 static void rows4_avx512_b1(const mat_t *m, int64_t n, const float *x, fl
         const float *w = (const float *)m->w + n * K;
         for (int64_t i = 0; i < K; i += 16) {
             const __m512 xv = _mm512_loadu_ps(x + i);
+            PREFETCH_ROWS(w + i, K);
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), xv, a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + K + i), xv, a1);
             a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + 2 * K + i), xv, a2);

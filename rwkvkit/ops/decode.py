@@ -42,6 +42,22 @@ def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return y
 
 
+def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32 or bf16 [N, K] (benchmarks, tests)."""
+    assert _decode_cpu is not None
+    kind = matrix_kind(w)
+    if kind is None:
+        raise ValueError(
+            f"dense_matmul takes a contiguous fp32 or bf16 CPU matrix, got {w.dtype} on {w.device}"
+        )
+    x = x.to(torch.float32).contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), dtype=torch.float32)
+    _decode_cpu.matmul(kind, w.data_ptr(), 0, N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
 def q8_dequantize_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The bf16 matrix ``q * scale`` (for prefill, where a bf16 matmul beats M matrix-vector products)."""
     assert _decode_cpu is not None
