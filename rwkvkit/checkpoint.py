@@ -117,7 +117,8 @@ def load(
     ``dtype`` (fp32, bf16 or fp16) applies to the large matrices; LayerNorms, decays and the WKV state
     stay fp32. fp16 uses the reference's rescaling (``att.output``/``ffn.value`` halved every 6 layers,
     x halved after every 6th block) so it does not overflow. ``quantize="int8"`` stores the matrices as
-    int8 (per-row scales) for fast CPU decode. ``fold_ln0=True`` (default) folds ln0 into the embedding
+    int8 (ggml's Q8_0 layout: an fp16 scale per 32 inputs) for fast CPU decode; ``dtype`` then applies to
+    the embedding and the Finch LoRAs. ``fold_ln0=True`` (default) folds ln0 into the embedding
     like the reference and returns a frozen inference model; ``fold_ln0=False`` keeps every parameter
     as in the file and trainable, for fine-tuning and re-saving.
     """
