@@ -4,16 +4,19 @@
  * truth) in C: for every (batch, head) and token t,
  *     y_t[j]   = sum_i r_t[i] * (S[i][j] + u[i] * k_t[i] * v_t[j])
  *     S[i][j]  = d_t[i] * S[i][j] + k_t[i] * v_t[j]        (d = exp(w), the decay factor in [0, 1])
- * One pass over the N x N state per token; the decay factors are exponentiated by the caller
- * (vectorised), and since they lie in [0, 1] the recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises; (batch, head)
+ * One pass over the N x N state per token; the decay factors come exponentiated from the caller or
+ * are computed here per token from Finch's raw decay (vectorised), and since they lie in [0, 1] the recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises; (batch, head)
  * pairs are split over POSIX threads. Used for inference (prefill and decode) when no gradient is
  * needed; training uses the differentiable PyTorch forms.
  *
- * Arguments are raw pointers (integers) to contiguous float32 buffers, validated by the Python wrapper
+ * Arguments are raw pointers (integers) to contiguous buffers, validated by the Python wrapper
  * (rwkvkit/ops/native.py):
- *   r, k, v, y: [B, T, H, N]; w: decay factors exp(log decay), [B, T, H, N] (w_per_token=1) or [H, N] (0);
- *   u: [H, N];
- *   state: [B, H, N, N] (key x value), updated in place.
+ *   r, k, v: [B, T, H, N], float32 or bfloat16 (rkv_bf16), read as fp32 token by token (no cast pass);
+ *   w: [B, T, H, N] (w_per_token=1) or [H, N] (0), either the decay factors exp(log decay) (float32,
+ *      w_base = 0) or Finch's decay before its two exps (float32 or bfloat16, w_bf16), the factor then
+ *      being exp(-exp(w_base + w)) with w_base [H, N] float32 (time_decay) - computed here per token;
+ *   u: [H, N] float32; y: [B, T, H, N] float32;
+ *   state: [B, H, N, N] float32 (key x value), updated in place.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,12 +36,66 @@
 
 typedef struct {
     long B, T, H, N;
-    const float *r, *k, *v, *w, *u;
+    const void *r, *k, *v, *w;
+    const float *u, *w_base;
     float *s, *y;
-    int w_per_token;
+    int w_per_token, rkv_bf16, w_bf16;
     long first, last; /* range of (b, h) pairs */
     int failed;
 } job_t;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* exp(x), vectorisable (Cephes expf: 2^n times a degree-7 polynomial, about 1 ulp); 0 below -87.3,
+   +inf above 88.37. The same function as in _fused_cpu.c. */
+static inline float fexp(float x) {
+    const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float y = p * scale;
+    return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
+}
+
+static inline void load_vec(float *restrict dst, const void *src, int bf16, long off, long n) {
+    if (bf16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (long i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, (const float *)src + off, sizeof(float) * (size_t)n);
+    }
+}
+
+/* One token of one head as fp32: r, k, v and the decay factors d (exp(-exp(w_base + w)) for Finch's
+   raw decay). off is the token's offset in [B, T, H, N], h the head. */
+static inline void load_token(const job_t *jb, long off, long h, float *restrict rt, float *restrict kt,
+                              float *restrict vt, float *restrict dt) {
+    const long N = jb->N;
+    load_vec(rt, jb->r, jb->rkv_bf16, off, N);
+    load_vec(kt, jb->k, jb->rkv_bf16, off, N);
+    load_vec(vt, jb->v, jb->rkv_bf16, off, N);
+    load_vec(dt, jb->w, jb->w_bf16, jb->w_per_token ? off : h * N, N);
+    if (jb->w_base) {
+        const float *restrict base = jb->w_base + h * N;
+        for (long i = 0; i < N; i++) dt[i] = fexp(base[i] + dt[i]); /* two loops: each vectorises */
+        for (long i = 0; i < N; i++) dt[i] = fexp(-dt[i]);
+    }
+}
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
 #define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -47,7 +104,7 @@ typedef struct {
 #endif
 
 MULTIVERSION
-static void run_pair(const job_t *jb, long bh, float *restrict yt) {
+static void run_pair(const job_t *jb, long bh, float *restrict buf) {
     const long T = jb->T, H = jb->H, N = jb->N;
     const long b = bh / H, h = bh % H;
     const long ts = H * N; /* token stride */
@@ -55,10 +112,9 @@ static void run_pair(const job_t *jb, long bh, float *restrict yt) {
     const float *restrict u = jb->u + h * N;
     for (long t = 0; t < T; t++) {
         const long off = (b * T + t) * ts + h * N;
-        const float *restrict rt = jb->r + off;
-        const float *restrict kt = jb->k + off;
-        const float *restrict vt = jb->v + off;
-        const float *restrict wt = jb->w_per_token ? jb->w + off : jb->w + h * N;
+        float *restrict yt = buf, *restrict rt = buf + N, *restrict kt = buf + 2 * N;
+        float *restrict vt = buf + 3 * N, *restrict wt = buf + 4 * N;
+        load_token(jb, off, h, rt, kt, vt, wt);
         for (long j = 0; j < N; j++) yt[j] = 0.0f;
         for (long i = 0; i < N; i++) {
             const float ri = rt[i], ki = kt[i], di = wt[i];
@@ -80,7 +136,9 @@ static void run_pair(const job_t *jb, long bh, float *restrict yt) {
 #define HAVE_N64_AVX512 1
 /* N == 64 (every released Eagle/Finch) with AVX-512: the four 16-lane column blocks of a state row
    are updated together, so the output accumulators are four independent register chains. */
-__attribute__((target("avx512f"))) static void run_pair_n64(const job_t *jb, long bh) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void run_pair_n64(const job_t *jb,
+                                                                                           long bh,
+                                                                                           float *buf) {
     const long T = jb->T, H = jb->H, N = 64;
     const long b = bh / H, h = bh % H;
     const long ts = H * N;
@@ -88,8 +146,8 @@ __attribute__((target("avx512f"))) static void run_pair_n64(const job_t *jb, lon
     const float *u = jb->u + h * N;
     for (long t = 0; t < T; t++) {
         const long off = (b * T + t) * ts + h * N;
-        const float *rt = jb->r + off, *kt = jb->k + off, *vt = jb->v + off;
-        const float *dt = jb->w_per_token ? jb->w + off : jb->w + h * N;
+        float *rt = buf, *kt = buf + N, *vt = buf + 2 * N, *dt = buf + 3 * N;
+        load_token(jb, off, h, rt, kt, vt, dt);
         const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16);
         const __m512 v2 = _mm512_loadu_ps(vt + 32), v3 = _mm512_loadu_ps(vt + 48);
         float bonus = 0.0f;
@@ -122,7 +180,7 @@ __attribute__((target("avx512f"))) static void run_pair_n64(const job_t *jb, lon
 
 static void *run_job(void *arg) {
     job_t *jb = (job_t *)arg;
-    float *buf = (float *)malloc(sizeof(float) * (size_t)jb->N);
+    float *buf = (float *)malloc(sizeof(float) * 5 * (size_t)jb->N); /* one token: y, r, k, v, d */
     if (!buf) {
         jb->failed = 1;
         return NULL;
@@ -131,8 +189,9 @@ static void *run_job(void *arg) {
        tolerance) instead of paying their ~100x slower arithmetic */
     FTZ_ON();
 #ifdef HAVE_N64_AVX512
-    if (jb->N == 64 && __builtin_cpu_supports("avx512f")) {
-        for (long bh = jb->first; bh < jb->last; bh++) run_pair_n64(jb, bh);
+    if (jb->N == 64 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+        for (long bh = jb->first; bh < jb->last; bh++) run_pair_n64(jb, bh, buf);
     } else
 #endif
         for (long bh = jb->first; bh < jb->last; bh++) run_pair(jb, bh, buf);
@@ -143,10 +202,10 @@ static void *run_job(void *arg) {
 
 static PyObject *wkv_forward(PyObject *self, PyObject *args) {
     long B, T, H, N;
-    unsigned long long pr, pk, pv, pw, pu, ps, py;
-    int w_per_token, nthreads;
-    if (!PyArg_ParseTuple(args, "llllKKKKKKKii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pu, &ps, &py,
-                          &w_per_token, &nthreads))
+    unsigned long long pr, pk, pv, pw, pb, pu, ps, py;
+    int w_per_token, rkv_bf16, w_bf16, nthreads;
+    if (!PyArg_ParseTuple(args, "llllKKKKKKKKiiii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pb, &pu, &ps, &py,
+                          &w_per_token, &rkv_bf16, &w_bf16, &nthreads))
         return NULL;
     if (B <= 0 || T <= 0 || H <= 0 || N <= 0) {
         PyErr_SetString(PyExc_ValueError, "wkv_forward: B, T, H, N must be positive");
@@ -162,9 +221,11 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
     for (int i = 0; i < nthreads; i++) {
         job_t *jb = &jobs[i];
         jb->B = B; jb->T = T; jb->H = H; jb->N = N;
-        jb->r = (const float *)(uintptr_t)pr; jb->k = (const float *)(uintptr_t)pk;
-        jb->v = (const float *)(uintptr_t)pv; jb->w = (const float *)(uintptr_t)pw;
+        jb->r = (const void *)(uintptr_t)pr; jb->k = (const void *)(uintptr_t)pk;
+        jb->v = (const void *)(uintptr_t)pv; jb->w = (const void *)(uintptr_t)pw;
+        jb->w_base = (const float *)(uintptr_t)pb; /* 0: w holds the decay factors */
         jb->u = (const float *)(uintptr_t)pu;
+        jb->rkv_bf16 = rkv_bf16; jb->w_bf16 = w_bf16;
         jb->s = (float *)(uintptr_t)ps; jb->y = (float *)(uintptr_t)py;
         jb->w_per_token = w_per_token;
         jb->first = pairs * i / nthreads;
@@ -190,7 +251,8 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"wkv_forward", wkv_forward, METH_VARARGS,
-     "wkv_forward(B, T, H, N, r, k, v, w, u, state, y, w_per_token, nthreads): raw float32 pointers"},
+     "wkv_forward(B, T, H, N, r, k, v, w, w_base, u, state, y, w_per_token, rkv_bf16, w_bf16, nthreads): "
+     "raw pointers"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wkv_cpu", "Eagle/Finch WKV forward on the CPU.",

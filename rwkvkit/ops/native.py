@@ -32,9 +32,15 @@ def usable(*tensors: Tensor) -> bool:
     return not grad and all(t is None or t.device.type == "cpu" for t in tensors)
 
 
-def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:
-    """Same contract as ``wkv6_naive``: r, k, v [B, T, H, N]; w [B, T, H, N] or [H, N] log decay;
-    u [H, N]; s0 [B, H, N, N] (not modified). Returns y [B, T, H, N] fp32 and the final state."""
+def _rkv(r: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, ...], int]:
+    """r, k, v as the kernel reads them: all bf16 as they are (converted per token in C), else fp32."""
+    if r.dtype == k.dtype == v.dtype == torch.bfloat16:
+        return tuple(x.contiguous() for x in (r, k, v)), 1
+    return tuple(x.to(torch.float32).contiguous() for x in (r, k, v)), 0
+
+
+def _run(r: Tensor, k: Tensor, v: Tensor, w: Tensor, w_base: Tensor | None, u: Tensor, s0: Tensor,
+         per_token: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     if _wkv_cpu is None:
         raise RuntimeError(
             "the native WKV kernel is not built; reinstall rwkvkit with a C compiler "
@@ -42,19 +48,46 @@ def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tenso
         )
     B, T, H, N = r.shape
     f = torch.float32
-    r, k, v, u = (x.to(f).contiguous() for x in (r, k, v, u))
-    per_token = w.dim() == 4
-    if per_token and w.stride(1) == 0:  # a broadcast constant decay
-        w = w[0, 0]
-        per_token = False
-    w = torch.exp(w.to(f)).contiguous()  # decay factors in [0, 1], exponentiated here (vectorised)
+    (r, k, v), rkv_bf16 = _rkv(r, k, v)
+    u = u.to(f).contiguous()
+    w_bf16 = int(w.dtype == torch.bfloat16 and w_base is not None)
+    w = w.contiguous() if w_bf16 else w.to(f).contiguous()
+    base = 0 if w_base is None else w_base
     state = s0.to(f).clone().contiguous()
     y = torch.empty((B, T, H, N), dtype=f)
     # starting a thread costs more than a few tokens of work: decode steps run on the calling thread
     threads = max(1, min(torch.get_num_threads(), B * H)) if B * T * H * N * N >= _THREAD_MIN_WORK else 1
     _wkv_cpu.wkv_forward(
         B, T, H, N,
-        r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr(), state.data_ptr(), y.data_ptr(),
-        int(per_token), threads,
+        r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), 0 if w_base is None else base.data_ptr(),
+        u.data_ptr(), state.data_ptr(), y.data_ptr(), int(per_token), rkv_bf16, w_bf16, threads,
     )  # fmt: skip
     return y, state
+
+
+def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """Same contract as ``wkv6_naive``: r, k, v [B, T, H, N]; w [B, T, H, N] or [H, N] log decay;
+    u [H, N]; s0 [B, H, N, N] (not modified). Returns y [B, T, H, N] fp32 and the final state.
+    bf16 r, k, v are read as they are; other dtypes are cast to fp32 first."""
+    B, T, H, N = r.shape
+    per_token = w.dim() == 4
+    if per_token and w.stride(1) == 0:  # a broadcast constant decay
+        w = w[0, 0]
+        per_token = False
+    w = torch.exp(w.to(torch.float32))  # decay factors in [0, 1], exponentiated here (vectorised)
+    return _run(r, k, v, w, None, u, s0, per_token)
+
+
+def wkv6_native_finch(
+    r: Tensor, k: Tensor, v: Tensor, ww: Tensor, time_decay: Tensor, u: Tensor, s0: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``wkv6_native`` with Finch's decay given before its two exps: the log decay is
+    ``-exp(time_decay + ww)``, computed in the kernel token by token (no passes over [B, T, C]).
+
+    ww [B, T, H, N] fp32 or bf16 (the decay LoRA's output); time_decay [H * N] (any shape with H * N
+    elements, cast to fp32); r, k, v, u, s0 as in ``wkv6_native``."""
+    B, T, H, N = r.shape
+    if tuple(ww.shape) != (B, T, H, N) or time_decay.numel() != H * N:
+        raise ValueError(f"ww must be [B, T, H, N] = {(B, T, H, N)} and time_decay have {H * N} elements")
+    base = time_decay.to(torch.float32).reshape(H * N).contiguous()
+    return _run(r, k, v, ww, base, u, s0, True)
