@@ -1,0 +1,401 @@
+/* rwkvkit.ops._fused_cpu: fused element-wise kernels around the matrices of an RWKV block (CPU, forward).
+ *
+ * Inference on the CPU spends a large share of a prefill on element-wise passes between the matrix
+ * products: dtype casts, token-shift mixes, GroupNorm, gates. Each kernel here does one such chain in
+ * a single pass over rows of [R, C] (R = B * T), reading and writing fp32 or bf16 directly, so the
+ * intermediates never go to memory. The math is the PyTorch fallback's (rwkvkit/models/common.py,
+ * rwkv5.py, rwkv6.py), including where that path rounds an intermediate to the compute dtype.
+ *
+ * Conventions (validated by the Python wrapper, rwkvkit/ops/fused.py):
+ *   - pointers are raw integers to contiguous buffers; a dtype code says what each holds:
+ *     0 = float32, 1 = bfloat16 (fp32 -> bf16 rounds to nearest even, like torch's cast);
+ *   - token shift: row r = b * T + t reads as its previous token row r - 1, or prev[b] when t == 0;
+ *   - rows are split over OpenMP threads (nthreads from the caller, which follows
+ *     torch.get_num_threads() and uses one thread for small inputs); the OpenMP runtime is the one
+ *     torch already loaded (libgomp.so.1), so both share one thread pool.
+ *
+ * Rounding follows torch's: the file is compiled without FMA contraction, and fmaf is written out
+ * exactly where torch fuses (addcmul), so fp32 results agree bit for bit or within an ulp or two.
+ *
+ * exp is a vectorisable Cephes-style polynomial (about 1 ulp, as Sleef's in torch), so every loop
+ * here vectorises (AVX-512, AVX2 or baseline code, picked at import).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Each row worker is written once (an always-inlined body) and compiled three times: for AVX-512
+   (F + BW, so 16-bit bf16 lanes fill a zmm register), AVX2 + FMA, and the baseline; the best the CPU
+   supports is picked once at import. (target_clones cannot name avx512bw.) */
+#define BODY static inline __attribute__((always_inline))
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_VARIANTS 1
+#define VARIANTS(name, args_t)                                                                        \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void name##_avx512(     \
+        const args_t *a, long i0, long i1) {                                                          \
+        name##_body(a, i0, i1);                                                                       \
+    }                                                                                                 \
+    __attribute__((target("avx2,fma"))) static void name##_avx2(const args_t *a, long i0, long i1) { \
+        name##_body(a, i0, i1);                                                                       \
+    }                                                                                                 \
+    static void name##_base(const args_t *a, long i0, long i1) { name##_body(a, i0, i1); }            \
+    static void name(const args_t *a, long i0, long i1) {                                             \
+        if (isa_level == 2)                                                                           \
+            name##_avx512(a, i0, i1);                                                                 \
+        else if (isa_level == 1)                                                                      \
+            name##_avx2(a, i0, i1);                                                                   \
+        else                                                                                          \
+            name##_base(a, i0, i1);                                                                   \
+    }
+#else
+#define VARIANTS(name, args_t) \
+    static void name(const args_t *a, long i0, long i1) { name##_body(a, i0, i1); }
+#endif
+static int isa_level = 0; /* 2: AVX-512 F+BW, 1: AVX2+FMA, 0: baseline; set at import */
+
+#define DT_F32 0
+#define DT_BF16 1
+#define MAX_C 16384 /* longest row a kernel keeps in its on-stack scratch (floats) */
+
+/* ---- scalar helpers, all inlined into the vectorised row loops ------------------------------- */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
+    const uint32_t quiet = (u >> 16) | 0x40u;                         /* NaN stays NaN (quietened) */
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
+}
+
+/* exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (Cephes expf),
+   2^n put into the exponent bits. Below -87.3 (results under FLT_MIN) it returns 0, above 88.37 +inf. */
+static inline float fexp(float x) {
+    const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float y = p * scale;
+    return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
+}
+
+/* round an fp32 value to the given dtype and back (what storing it in that dtype keeps) */
+static inline float round_to(float f, int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
+
+/* a row of n values of dtype dt -> fp32 */
+static inline void load_row(float *restrict dst, const void *src, int dt, long n) {
+    if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (long i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* fp32 row -> n values of dtype dt */
+static inline void store_row(void *dst, int dt, const float *restrict src, long n) {
+    if (dt == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (long i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, sizeof(float) * (size_t)n);
+    }
+}
+
+/* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1) over n values, in 16 interleaved
+   partial sums so that the loop vectorises (a single running sum is one long dependency chain) */
+static inline float row_sum(const float *restrict x, long n, int squares, float center) {
+    float acc[16] = {0};
+    long i = 0;
+    if (!squares)
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
+    else
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += (x[i + l] - center) * (x[i + l] - center);
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += squares ? (x[i] - center) * (x[i] - center) : x[i];
+    return s;
+}
+
+static inline size_t dt_size(int dt) { return dt == DT_BF16 ? 2 : 4; }
+
+/* rows [r0, r1) of R for thread `i` of `n` */
+static inline void split_rows(long R, long *r0, long *r1) {
+    const int n = omp_get_num_threads(), i = omp_get_thread_num();
+    *r0 = R * i / n;
+    *r1 = R * (i + 1) / n;
+}
+
+/* ---- token-shift mixes ----------------------------------------------------------------------- */
+
+typedef struct {
+    long R, T, C, M;
+    const float *x, *prev, *mix; /* x [R, C], prev [B, C], mix [M, C] or [M, R, C] */
+    const float *base;           /* NULL or [M, C], added to a per-row mix (Finch: maa_j + m_j @ w2_j) */
+    int mix_rows, lerp, out_dt;
+    char *out; /* [M, R, C] */
+} mix_args;
+
+/* out_j = x + (prev - x) * mix_j (Finch, lerp = 0) or x * mix_j + prev * (1 - mix_j) (RWKV-4/5),
+   for j < M, rounded to out_dt; prev is the token-shifted x, read from the row above. With a base,
+   mix_j is base_j + mix_j (Finch lerp only). The Finch form is one fused multiply-add, as torch's
+   addcmul; the lerp rounds every step, as the four tensor ops of the PyTorch path. */
+BODY void mix_rows_body(const mix_args *a, long r0, long r1) {
+    const long C = a->C;
+    float buf[C];
+    for (long r = r0; r < r1; r++) {
+        const float *restrict x = a->x + r * C;
+        const float *restrict p = (r % a->T == 0) ? a->prev + (r / a->T) * C : x - C;
+        for (long j = 0; j < a->M; j++) {
+            const float *restrict m = a->mix + (a->mix_rows ? (j * a->R + r) * C : j * C);
+            if (a->base) {
+                const float *restrict base = a->base + j * C;
+                for (long c = 0; c < C; c++) buf[c] = fmaf(p[c] - x[c], base[c] + m[c], x[c]);
+            } else if (a->lerp)
+                for (long c = 0; c < C; c++) buf[c] = x[c] * m[c] + p[c] * (1.0f - m[c]);
+            else
+                for (long c = 0; c < C; c++) buf[c] = fmaf(p[c] - x[c], m[c], x[c]);
+            store_row(a->out + (size_t)(j * a->R + r) * C * dt_size(a->out_dt), a->out_dt, buf, C);
+        }
+    }
+}
+VARIANTS(mix_rows, mix_args)
+
+static PyObject *py_mix(PyObject *self, PyObject *args) {
+    mix_args a;
+    unsigned long long px, pp, pm, pb, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "llllKKKKiiiKi", &a.R, &a.T, &a.C, &a.M, &px, &pp, &pm, &pb, &a.mix_rows,
+                          &a.lerp, &a.out_dt, &po, &nthreads))
+        return NULL;
+    if (a.R <= 0 || a.T <= 0 || a.C <= 0 || a.C > MAX_C || a.M <= 0) {
+        PyErr_SetString(PyExc_ValueError, "mix: bad sizes");
+        return NULL;
+    }
+    a.x = (const float *)(uintptr_t)px;
+    a.prev = (const float *)(uintptr_t)pp;
+    a.mix = (const float *)(uintptr_t)pm;
+    a.base = (const float *)(uintptr_t)pb;
+    a.out = (char *)(uintptr_t)po;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        mix_rows(&a, 0, a.R);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            long r0, r1;
+            split_rows(a.R, &r0, &r1);
+            mix_rows(&a, r0, r1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- per-head GroupNorm times silu(gate) ----------------------------------------------------- */
+
+typedef struct {
+    long R, C, N;
+    const float *y, *weight, *bias; /* y [R, C] fp32 (the WKV output); weight, bias [C] */
+    const char *g;                  /* [R, C] gate pre-activation, dtype g_dt */
+    float eps;
+    int g_dt, out_dt;
+    char *out; /* [R, C] */
+} gn_args;
+
+/* out = (LayerNorm_N(y) * weight + bias) * silu(g) per head of N channels. silu(g) is rounded to g's
+   dtype first, as F.silu on a bf16 tensor returns bf16. */
+BODY void gn_rows_body(const gn_args *a, long r0, long r1) {
+    const long C = a->C, N = a->N;
+    float buf[C], gate[C];
+    for (long r = r0; r < r1; r++) {
+        const float *restrict y = a->y + r * C;
+        load_row(gate, a->g + (size_t)r * C * dt_size(a->g_dt), a->g_dt, C);
+        for (long c = 0; c < C; c++) gate[c] = round_to(gate[c] / (1.0f + fexp(-gate[c])), a->g_dt);
+        for (long h = 0; h < C; h += N) {
+            const float mean = row_sum(y + h, N, 0, 0.0f) / (float)N;
+            const float rstd = 1.0f / sqrtf(row_sum(y + h, N, 1, mean) / (float)N + a->eps);
+            for (long i = h; i < h + N; i++)
+                buf[i] = fmaf((y[i] - mean) * rstd, a->weight[i], a->bias[i]) * gate[i];
+        }
+        store_row(a->out + (size_t)r * C * dt_size(a->out_dt), a->out_dt, buf, C);
+    }
+}
+VARIANTS(gn_rows, gn_args)
+
+static PyObject *py_group_norm_gate(PyObject *self, PyObject *args) {
+    gn_args a;
+    unsigned long long py, pg, pw, pb, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "lllKKiKKfKii", &a.R, &a.C, &a.N, &py, &pg, &a.g_dt, &pw, &pb, &a.eps, &po,
+                          &a.out_dt, &nthreads))
+        return NULL;
+    if (a.R <= 0 || a.C <= 0 || a.C > MAX_C || a.N <= 0 || a.C % a.N) {
+        PyErr_SetString(PyExc_ValueError, "group_norm_gate: bad sizes");
+        return NULL;
+    }
+    a.y = (const float *)(uintptr_t)py;
+    a.g = (const char *)(uintptr_t)pg;
+    a.weight = (const float *)(uintptr_t)pw;
+    a.bias = (const float *)(uintptr_t)pb;
+    a.out = (char *)(uintptr_t)po;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        gn_rows(&a, 0, a.R);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            long r0, r1;
+            split_rows(a.R, &r0, &r1);
+            gn_rows(&a, r0, r1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- channel-mix activations ----------------------------------------------------------------- */
+
+/* k = relu(k)^2 in place over n values of dtype dt (rounded once, as relu_().square_()); in blocks of
+   1024 through fp32 so that every loop vectorises. */
+typedef struct {
+    char *k;
+    int dt;
+} rs_args;
+
+BODY void relu_square_range_body(const rs_args *a, long i0, long i1) {
+    char *k = a->k;
+    const int dt = a->dt;
+    float buf[1024];
+    const size_t sz = dt_size(dt);
+    for (long b = i0; b < i1; b += 1024) {
+        const long n = i1 - b < 1024 ? i1 - b : 1024;
+        load_row(buf, k + (size_t)b * sz, dt, n);
+        for (long i = 0; i < n; i++) {
+            const float z = buf[i] > 0.0f ? buf[i] : 0.0f;
+            buf[i] = z * z;
+        }
+        store_row(k + (size_t)b * sz, dt, buf, n);
+    }
+}
+VARIANTS(relu_square_range, rs_args)
+
+static PyObject *py_relu_square(PyObject *self, PyObject *args) {
+    long n;
+    unsigned long long pk;
+    int dt, nthreads;
+    if (!PyArg_ParseTuple(args, "lKii", &n, &pk, &dt, &nthreads)) return NULL;
+    const rs_args a = {(char *)(uintptr_t)pk, dt};
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        relu_square_range(&a, 0, n);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            long i0, i1;
+            split_rows(n, &i0, &i1);
+            relu_square_range(&a, i0, i1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    long R, C;
+    const char *r, *v; /* [R, C], dtype in_dt each */
+    int in_dt, out_dt;
+    char *out;
+} sm_args;
+
+/* out = sigmoid(r) * v: sigmoid rounded to the input dtype, then the product rounded to it (as
+   torch.sigmoid(r) * v on bf16 tensors), then stored in out_dt. */
+BODY void sigmoid_mul_rows_body(const sm_args *a, long r0, long r1) {
+    const long C = a->C;
+    const size_t in_sz = dt_size(a->in_dt);
+    float rr[C], vv[C];
+    for (long row = r0; row < r1; row++) {
+        load_row(rr, a->r + (size_t)row * C * in_sz, a->in_dt, C);
+        load_row(vv, a->v + (size_t)row * C * in_sz, a->in_dt, C);
+        for (long c = 0; c < C; c++) {
+            const float s = round_to(1.0f / (1.0f + fexp(-rr[c])), a->in_dt);
+            rr[c] = round_to(s * vv[c], a->in_dt);
+        }
+        store_row(a->out + (size_t)row * C * dt_size(a->out_dt), a->out_dt, rr, C);
+    }
+}
+VARIANTS(sigmoid_mul_rows, sm_args)
+
+static PyObject *py_sigmoid_mul(PyObject *self, PyObject *args) {
+    sm_args a;
+    unsigned long long pr, pv, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "llKKiKii", &a.R, &a.C, &pr, &pv, &a.in_dt, &po, &a.out_dt, &nthreads))
+        return NULL;
+    if (a.R <= 0 || a.C <= 0 || a.C > MAX_C) {
+        PyErr_SetString(PyExc_ValueError, "sigmoid_mul: bad sizes");
+        return NULL;
+    }
+    a.r = (const char *)(uintptr_t)pr;
+    a.v = (const char *)(uintptr_t)pv;
+    a.out = (char *)(uintptr_t)po;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        sigmoid_mul_rows(&a, 0, a.R);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            long r0, r1;
+            split_rows(a.R, &r0, &r1);
+            sigmoid_mul_rows(&a, r0, r1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"mix", py_mix, METH_VARARGS,
+     "mix(R, T, C, M, x, prev, mix, base, mix_rows, lerp, out_dt, out, nthreads): token-shift mixes"},
+    {"group_norm_gate", py_group_norm_gate, METH_VARARGS,
+     "group_norm_gate(R, C, N, y, g, g_dt, weight, bias, eps, out, out_dt, nthreads)"},
+    {"relu_square", py_relu_square, METH_VARARGS, "relu_square(n, k, dt, nthreads): k = relu(k)^2 in place"},
+    {"sigmoid_mul", py_sigmoid_mul, METH_VARARGS, "sigmoid_mul(R, C, r, v, in_dt, out, out_dt, nthreads)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_cpu",
+                                    "Fused element-wise kernels of an RWKV block on the CPU.", -1, methods};
+
+PyMODINIT_FUNC PyInit__fused_cpu(void) {
+#ifdef HAVE_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        isa_level = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        isa_level = 1;
+#endif
+    return PyModule_Create(&module);
+}

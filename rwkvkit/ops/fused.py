@@ -1,0 +1,155 @@
+"""Fused element-wise CPU kernels around an RWKV block's matrices (``rwkvkit.ops._fused_cpu``), inference only.
+
+Between the matrix products a block runs chains of element-wise work: token-shift mixes, GroupNorm
+times the gate, relu^2, sigmoid gating, and the dtype casts between them. Each function here does one
+chain in a single C pass over the rows, reading and writing fp32 or bf16 directly. The math is the
+PyTorch path's (``rwkvkit.models``), rounding intermediates to the compute dtype where that path does,
+so a bf16 model gives the same numbers up to an occasional last-bit difference.
+
+The models call these only when ``usable(...)`` says so: the extension is built (it is optional; the
+project's install step compiles it), every tensor is on the CPU, no gradient is wanted, and the
+kernels are enabled (``set_enabled(False)`` switches the models back to the plain PyTorch path, for
+tests and comparisons). The functions check shapes and dtypes and make inputs contiguous; rows are
+split over the same number of threads as torch uses (one thread for small inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _fused_cpu
+except ImportError:  # pragma: no cover - depends on the build
+    _fused_cpu = None
+
+Tensor = torch.Tensor
+DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the kernels read and write
+_CODE = {torch.float32: 0, torch.bfloat16: 1}
+_ROW_MIN_WORK = 1 << 15  # elements per call below which one thread is used
+_enabled = True
+
+
+def available() -> bool:
+    """True when the C extension was built."""
+    return _fused_cpu is not None
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the fused kernels on or off for the models (on by default when built)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def usable(*tensors: Tensor | None) -> bool:
+    """True when the models may use the fused kernels for these tensors: built, enabled, all on the CPU,
+    no gradient wanted."""
+    if _fused_cpu is None or not _enabled:
+        return False
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not grad and all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _threads(work: int) -> int:
+    return max(1, min(torch.get_num_threads(), work // _ROW_MIN_WORK))
+
+
+def _code(name: str, t: Tensor) -> int:
+    if t.dtype not in _CODE:
+        raise ValueError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+    return _CODE[t.dtype]
+
+
+def _ext():
+    if _fused_cpu is None:
+        raise RuntimeError(
+            "the fused CPU kernels are not built; reinstall rwkvkit with a C compiler "
+            "(pip install --no-build-isolation -e .)"
+        )
+    return _fused_cpu
+
+
+def shift_mix(
+    x: Tensor, prev: Tensor, mix: Tensor, *, lerp: bool, dtype: torch.dtype, base: Tensor | None = None
+) -> Tensor:
+    """The token-shift mixes of x with its previous token, in ``dtype``.
+
+    x [B, T, C] (fp32); prev [B, C], the token before x[:, 0]; mix [M, C] (one vector per mix) or
+    [M, B, T, C] (per position, Finch's data-dependent mixes). Returns [M, B, T, C] with
+    ``x + (p - x) * mix_j`` (Finch, ``lerp=False``) or ``x * mix_j + p * (1 - mix_j)`` (RWKV-4/5),
+    p the previous token's x. ``base`` [M, C] (Finch only): the mixes are ``base_j + mix_j``.
+    """
+    ext = _ext()
+    B, T, C = x.shape
+    if tuple(prev.shape) != (B, C):
+        raise ValueError(f"prev must be [B, C] = {(B, C)}, got {tuple(prev.shape)}")
+    per_row = mix.dim() == 4
+    M = mix.shape[0]
+    if tuple(mix.shape) not in ((M, C), (M, B, T, C)):
+        raise ValueError(f"mix must be [M, C] or [M, B, T, C], got {tuple(mix.shape)}")
+    if base is not None and (lerp or tuple(base.shape) != (M, C)):
+        raise ValueError(f"base must be [M, C] = {(M, C)} and lerp False, got {tuple(base.shape)}")
+    out_dt = _code("dtype", torch.empty(0, dtype=dtype))
+    f = torch.float32
+    x, prev, mix = (t.to(f).contiguous() for t in (x, prev, mix))
+    base = None if base is None else base.to(f).contiguous()
+    out = torch.empty((M, B, T, C), dtype=dtype)
+    ext.mix(
+        B * T, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), 0 if base is None else base.data_ptr(),
+        int(per_row), int(lerp), out_dt, out.data_ptr(), _threads(M * B * T * C),
+    )  # fmt: skip
+    return out
+
+
+def group_norm_gate(
+    y: Tensor, g: Tensor, weight: Tensor, bias: Tensor, n_head: int, eps: float, dtype: torch.dtype
+) -> Tensor:
+    """``(GroupNorm(y) * weight + bias) * silu(g)`` in ``dtype``: y [B, T, C] (the WKV output, fp32),
+    g [B, T, C] the gate before its silu (fp32 or bf16; silu is rounded to g's dtype as ``F.silu``
+    does), per-head LayerNorm over ``C // n_head`` channels with ``eps``, weight and bias [C]."""
+    ext = _ext()
+    B, T, C = y.shape
+    if tuple(g.shape) != (B, T, C):
+        raise ValueError(f"g must have the shape of y {(B, T, C)}, got {tuple(g.shape)}")
+    if C % n_head or tuple(weight.shape) != (C,) or tuple(bias.shape) != (C,):
+        raise ValueError(f"need n_head | C and weight, bias [C]; got C={C}, n_head={n_head}")
+    g_dt, out_dt = _code("g", g), _code("dtype", torch.empty(0, dtype=dtype))
+    f = torch.float32
+    y, weight, bias = (t.to(f).contiguous() for t in (y, weight, bias))
+    g = g.contiguous()
+    out = torch.empty((B, T, C), dtype=dtype)
+    ext.group_norm_gate(
+        B * T, C, C // n_head, y.data_ptr(), g.data_ptr(), g_dt, weight.data_ptr(), bias.data_ptr(),
+        float(eps), out.data_ptr(), out_dt, _threads(B * T * C),
+    )  # fmt: skip
+    return out
+
+
+def relu_square_(k: Tensor) -> Tensor:
+    """``k = relu(k) ** 2`` in place (fp32 or bf16, contiguous); returns k."""
+    ext = _ext()
+    dt = _code("k", k)
+    if not k.is_contiguous():
+        raise ValueError("relu_square_ needs a contiguous tensor")
+    ext.relu_square(k.numel(), k.data_ptr(), dt, _threads(k.numel()))
+    return k
+
+
+def sigmoid_mul(r: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``sigmoid(r) * v`` computed as on tensors of r's dtype (sigmoid and product rounded to it),
+    returned in ``dtype`` (default r's dtype). r, v [..., C] of the same shape and dtype."""
+    ext = _ext()
+    if r.shape != v.shape or r.dtype != v.dtype:
+        raise ValueError(f"r and v must match: {tuple(r.shape)} {r.dtype} vs {tuple(v.shape)} {v.dtype}")
+    in_dt = _code("r", r)
+    dtype = r.dtype if dtype is None else dtype
+    out_dt = _code("dtype", torch.empty(0, dtype=dtype))
+    r, v = r.contiguous(), v.contiguous()
+    C = r.shape[-1]
+    out = torch.empty(r.shape, dtype=dtype)
+    ext.sigmoid_mul(r.numel() // C, C, r.data_ptr(), v.data_ptr(), in_dt, out.data_ptr(), out_dt,
+                    _threads(r.numel()))  # fmt: skip
+    return out
