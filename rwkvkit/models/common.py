@@ -6,6 +6,10 @@ only the matrices (``Linear`` weights, the Finch LoRAs, the embedding and the he
 dtype. A ``Linear`` casts its input to its weight's dtype and returns that dtype (float32 models stay
 float32 throughout); element-wise work between two matrices stays in the compute dtype, as in the
 reference, and a quantised layer (``rwkvkit.models.quant.Int8Linear``) can stand in for a ``Linear``.
+
+CPU inference runs the element-wise chains between the matrices through the fused C kernels of
+``rwkvkit.ops.fused`` when they apply (``fusable``); the PyTorch code next to each call is the
+fallback (training, other devices, fp16, the extension not built) and the definition of the math.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops import fused
 
 
 class Linear(nn.Linear):
@@ -57,6 +62,15 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
     return dt if dt is not None else layer.weight.dtype
 
 
+def fusable(module: nn.Module, x: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """True when ``module`` may run its fused CPU kernels on input ``x``: built and enabled, x on the
+    CPU, no gradient wanted (of x or of any of the module's parameters) and every dtype in ``dtypes``
+    (the compute dtypes involved) one the kernels read and write."""
+    if not all(dt in fused.DTYPES for dt in dtypes) or not fused.usable(x):
+        return False
+    return not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters())
+
+
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """The previous token's input at every position: [B, T, C] from x [B, T, C] and prev [B, C]."""
     if x.shape[1] == 1:
@@ -85,8 +99,16 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""
-        prev = token_shift(x, shift)
         mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
+        cdt = compute_dtype(self.key)
+        if fusable(self, x, cdt) and compute_dtype(self.receptance) == compute_dtype(self.value) == cdt:
+            # mixes straight to the compute dtype, relu^2 in place, sigmoid(r) * v in one pass; the
+            # output is stored fp32 (the same values) so the caller's residual add needs no cast
+            C = x.shape[-1]
+            xk, xr = fused.shift_mix(x, shift, torch.cat([mk, mr]).view(2, C), lerp=not self.finch, dtype=cdt)
+            k = fused.relu_square_(self.key(xk))
+            return fused.sigmoid_mul(self.receptance(xr), self.value(k), torch.float32), x[:, -1]
+        prev = token_shift(x, shift)
         if self.finch:
             d = prev - x
             xk, xr = torch.addcmul(x, d, mk), torch.addcmul(x, d, mr)

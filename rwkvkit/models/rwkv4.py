@@ -1,4 +1,8 @@
-"""RWKV-4 time-mix (the paper's baseline): per-channel decay and bonus, vector-valued state."""
+"""RWKV-4 time-mix (the paper's baseline): per-channel decay and bonus, vector-valued state.
+
+On the CPU without gradients (``fusable``) the three token-shift mixes come out of one C pass in the
+compute dtype (``rwkvkit.ops.fused``); the PyTorch lerps are the fallback.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops import wkv4
-from .common import Linear, token_shift
+from ..ops import fused, wkv4
+from .common import Linear, compute_dtype, fusable, token_shift
 
 
 class TimeMix4(nn.Module):
@@ -28,11 +32,15 @@ class TimeMix4(nn.Module):
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: tuple[torch.Tensor, ...], backend: str
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (aa, bb, pp) [B, C] fp32 each."""
-        prev = token_shift(x, shift)
         mk, mv, mr = self.time_mix_k, self.time_mix_v, self.time_mix_r
-        xk = x * mk + prev * (1 - mk)
-        xv = x * mv + prev * (1 - mv)
-        xr = x * mr + prev * (1 - mr)
+        cdt = compute_dtype(self.key)
+        if fusable(self, x, cdt):
+            xk, xv, xr = fused.shift_mix(x, shift, torch.cat([mk, mv, mr]).view(3, -1), lerp=True, dtype=cdt)
+        else:
+            prev = token_shift(x, shift)
+            xk = x * mk + prev * (1 - mk)
+            xv = x * mv + prev * (1 - mv)
+            xr = x * mr + prev * (1 - mr)
         r = torch.sigmoid(self.receptance(xr))
         k, v = self.key(xk), self.value(xv)
         w = -torch.exp(self.time_decay.float())

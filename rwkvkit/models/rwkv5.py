@@ -1,4 +1,9 @@
-"""Eagle (RWKV-5.2) time-mix: multi-headed matrix-valued state with a per-channel constant decay."""
+"""Eagle (RWKV-5.2) time-mix: multi-headed matrix-valued state with a per-channel constant decay.
+
+On the CPU without gradients (``fusable``) the four token-shift mixes come out of one C pass in the
+compute dtype and GroupNorm * silu(gate) is one pass (``rwkvkit.ops.fused``); the PyTorch code is
+the fallback.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops import wkv5
-from .common import Linear, group_norm, make_ln_x, token_shift
+from ..ops import fused, wkv5
+from .common import Linear, compute_dtype, fusable, group_norm, make_ln_x, token_shift
 
 
 class TimeMix5(nn.Module):
@@ -33,6 +38,20 @@ class TimeMix5(nn.Module):
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        cdt = compute_dtype(self.receptance)
+        if fusable(self, x, cdt):
+            mixes = torch.cat([self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g]).view(4, C)
+            xr, xk, xv, xg = fused.shift_mix(x, shift, mixes, lerp=True, dtype=cdt)
+            r = self.receptance(xr).view(B, T, H, N)
+            k = self.key(xk).view(B, T, H, N)
+            v = self.value(xv).view(B, T, H, N)
+            w = -torch.exp(self.time_decay.float())
+            y, s = wkv5(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
+            ln = self.ln_x
+            y = fused.group_norm_gate(
+                y.reshape(B, T, C), self.gate(xg), ln.weight, ln.bias, H, ln.eps, dtype=cdt
+            )
+            return self.output(y), x[:, -1], s
         prev = token_shift(x, shift)
 
         def lerp(mix: torch.Tensor) -> torch.Tensor:

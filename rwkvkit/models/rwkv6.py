@@ -3,6 +3,10 @@
 ``d = prev - x``; ``m = tanh((x + d*maa_x) @ maa_w1)`` split in five (w, k, v, r, g) and projected back
 by ``maa_w2``; each branch mixes ``x + d*(maa_j + m_j)``. The decay is per token and channel:
 ``w_t = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2))``, computed in fp32.
+
+On the CPU without gradients (``fusable``) the element-wise steps run fused (``_forward_fused``): the
+mixes come out of one C pass each straight in the compute dtype, the native WKV kernel takes the decay
+before its two exps, and GroupNorm * silu(gate) is one pass. ``forward``'s PyTorch code is the fallback.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops import wkv6
-from .common import Linear, compute_dtype, group_norm, make_ln_x, token_shift
+from ..ops import fused, native, wkv6
+from .common import Linear, compute_dtype, fusable, group_norm, make_ln_x, token_shift
 
 
 class TimeMix6(nn.Module):
@@ -51,6 +55,8 @@ class TimeMix6(nn.Module):
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
         cdt = compute_dtype(self.receptance)
+        if fusable(self, x, cdt, self.time_maa_w1.dtype):
+            return self._forward_fused(x, shift, wkv_state, backend, cdt)
         d = token_shift(x, shift) - x
         w1 = self.time_maa_w1
         m = torch.tanh(torch.addcmul(x, d, self.time_maa_x).to(w1.dtype) @ w1).float()  # [B, T, 5D]
@@ -71,3 +77,31 @@ class TimeMix6(nn.Module):
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), wkv_state, backend=backend)
         y = group_norm(y.reshape(B, T, C), H, self.ln_x)
         return self.output(y * g), x[:, -1], s
+
+    def _forward_fused(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str, cdt: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` with the element-wise steps in the fused CPU kernels (same math, same roundings)."""
+        B, T, C = x.shape
+        H, N, D = self.n_head, self.head_size, self.mix_lora
+        w1 = self.time_maa_w1
+        xxx = fused.shift_mix(x, shift, self.time_maa_x.view(1, C), lerp=False, dtype=w1.dtype)[0]
+        m = torch.tanh(xxx @ w1).float()  # [B, T, 5D]
+        mix = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), self.time_maa_w2.float())  # [5, B*T, C]
+        mix = mix.view(5, B, T, C)  # m_j @ w2_j; the kernel adds maa_j (no [5, B*T, C] copy of maa5)
+        xw, xk, xv, xr, xg = fused.shift_mix(x, shift, mix, lerp=False, dtype=cdt, base=self.maa5.view(5, C))
+        r = self.receptance(xr).view(B, T, H, N)
+        k = self.key(xk).view(B, T, H, N)
+        v = self.value(xv).view(B, T, H, N)
+        g = self.gate(xg)  # silu applied in group_norm_gate
+        dw1, dw2 = self.time_decay_w1, self.time_decay_w2
+        ww = (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).view(B, T, H, N)  # decay before time_decay, exps
+        u = self.time_faaaa.float()
+        if backend in ("auto", "native") and native.usable(r, k, v, ww, u, wkv_state):
+            y, s = native.wkv6_native_finch(r, k, v, ww, self.time_decay, u, wkv_state)
+        else:
+            w = -torch.exp(self.time_decay.float().view(H, N) + ww.float())
+            y, s = wkv6(r, k, v, w, u, wkv_state, backend=backend)
+        ln = self.ln_x
+        y = fused.group_norm_gate(y.reshape(B, T, C), g, ln.weight, ln.bias, H, ln.eps, dtype=cdt)
+        return self.output(y), x[:, -1], s

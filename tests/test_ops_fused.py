@@ -1,0 +1,181 @@
+"""The fused CPU kernels (rwkvkit.ops.fused, the Finch WKV decay path of rwkvkit.ops.native) against the
+PyTorch code they replace, kernel by kernel and as whole models (fused vs unfused, v4/v5/v6, fp32/bf16).
+
+Tolerances. The kernels are compiled without FMA contraction, so the token-shift mixes, relu^2 and
+the gating compute torch's expressions with torch's roundings. What may differ: GroupNorm sums in
+another order, and exp (sigmoid, silu, the Finch decay) is the kernels' own, within about 1 ulp of
+torch's. fp32 results therefore agree to a few ulps (bound 2e-6 relative to the largest value). bf16
+results are identical except where such a difference sits on a bf16 rounding boundary: then they
+differ by one bf16 ulp. The kernel tests bound the size (one ulp) and share (under 1%) of those.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rwkvkit
+from rwkvkit.models.common import fusable, group_norm, make_ln_x, token_shift
+from rwkvkit.ops import fused, native, wkv6_naive
+from rwkvkit.testing import random_checkpoint
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="fused CPU kernels not built")
+bf16 = torch.bfloat16
+DTYPES = [torch.float32, bf16]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: within 2e-6 of the largest value; bf16: equal but for rare one-ulp rounding flips."""
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    g, w = got.float(), want.float()
+    scale = w.abs().max().clamp_min(1e-6)
+    if dtype == torch.float32:
+        assert (g - w).abs().max() / scale < 2e-6
+        return
+    diff = (g - w).abs()
+    ulp = torch.maximum(g.abs(), w.abs()) * 2.0**-7  # a bf16 ulp is at most 2^-7 of the value
+    assert (diff <= ulp).all(), f"off by more than one bf16 ulp: {diff.max()}"
+    assert (diff > 0).float().mean() < 0.01
+
+
+def test_one_openmp_runtime_is_loaded():
+    maps = open("/proc/self/maps").read()
+    assert len(set(re.findall(r"\S*libgomp\S*", maps))) <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 300])
+@pytest.mark.parametrize("form", ["finch", "lerp", "finch-per-token"])
+def test_shift_mix(dtype, T, form):
+    g = torch.Generator().manual_seed(T)
+    B, C, M = 2, 96, 3
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    p = token_shift(x, prev)
+    if form == "finch-per-token":
+        base, mix = torch.randn(M, C, generator=g), torch.randn(M, B, T, C, generator=g)
+        want = torch.addcmul(x, p - x, base.view(M, 1, 1, C) + mix).to(dtype)
+        got = fused.shift_mix(x, prev, mix, lerp=False, dtype=dtype, base=base)
+    else:
+        mix = torch.rand(M, C, generator=g)
+        m = mix.view(M, 1, 1, C)
+        want = (torch.addcmul(x, p - x, m) if form == "finch" else x * m + p * (1 - m)).to(dtype)
+        got = fused.shift_mix(x, prev, mix, lerp=form == "lerp", dtype=dtype)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,N", [(1, 1, 2, 64), (2, 33, 3, 32), (1, 200, 12, 64)])
+def test_group_norm_gate(dtype, B, T, H, N):
+    g = torch.Generator().manual_seed(T)
+    C = H * N
+    y = torch.randn(B, T, C, generator=g) * 3 + 1
+    gate = torch.randn(B, T, C, generator=g).to(dtype)
+    ln = make_ln_x(type("Cfg", (), {"n_head": H, "n_embd": C})())
+    with torch.no_grad():
+        ln.weight.normal_(generator=g)
+        ln.bias.normal_(generator=g)
+    want = (group_norm(y, H, ln) * F.silu(gate)).to(dtype)  # the model's unfused expression
+    got = fused.group_norm_gate(y, gate, ln.weight, ln.bias, H, ln.eps, dtype)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_square_is_exact(dtype):
+    k = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = torch.relu(k).square()
+    assert torch.equal(fused.relu_square_(k), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out", [None, torch.float32])
+def test_sigmoid_mul(dtype, out):
+    g = torch.Generator().manual_seed(1)
+    r, v = (torch.randn(2, 70, 96, generator=g).mul(4).to(dtype) for _ in range(2))
+    want = torch.sigmoid(r) * v  # rounded to r's dtype, as in ChannelMix
+    got = fused.sigmoid_mul(r, v, out)
+    assert got.dtype == (out or dtype)
+    assert_close(got.to(dtype), want, dtype)
+
+
+def test_kernels_check_their_inputs():
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError):
+        fused.shift_mix(x, torch.randn(2, 8), torch.rand(1, 8), lerp=False, dtype=torch.float32)
+    with pytest.raises(ValueError):
+        fused.shift_mix(x, torch.randn(1, 8), torch.rand(1, 8), lerp=False, dtype=torch.float16)
+    with pytest.raises(ValueError):
+        fused.sigmoid_mul(x, x.to(bf16))
+    with pytest.raises(ValueError):
+        fused.relu_square_(x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rkv_dtype", DTYPES)
+@pytest.mark.parametrize("shift", [-3.0, 0.0, 4.0])  # 4: time_decay + ww up to ~8, decays of e^-3000
+def test_native_finch_decay_matches_naive(rkv_dtype, shift):
+    g = torch.Generator().manual_seed(int(shift) + 10)
+    B, T, H, N = 2, 40, 2, 64
+    r, k, v = (torch.randn(B, T, H, N, generator=g).to(rkv_dtype) for _ in range(3))
+    ww = torch.randn(B, T, H, N, generator=g).to(rkv_dtype)
+    td = torch.randn(1, 1, H * N, generator=g) + shift
+    u, s0 = torch.randn(H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    w = -torch.exp(td.view(H, N) + ww.float())
+    want_y, want_s = wkv6_naive(r.float(), k.float(), v.float(), w, u, s0)
+    y, s = native.wkv6_native_finch(r, k, v, ww, td, u, s0)
+    assert (y - want_y).abs().max() / want_y.abs().max().clamp_min(1.0) < 1e-5
+    assert (s - want_s).abs().max() / want_s.abs().max().clamp_min(1.0) < 1e-5
+
+
+# ---- whole models: fused vs unfused --------------------------------------------------------------
+
+# worst logit difference allowed, relative to the largest logit. fp32: the few-ulp differences grow
+# through 2 layers and the head to ~5e-7 (bound 5e-6). bf16: the logits are the head's bf16 outputs,
+# and in these cases they come out identical; a rare one-ulp flip of an activation can move a logit by
+# at most one bf16 ulp of the largest logit, 2^-7 of it (the bound).
+MODEL_TOL = {torch.float32: 5e-6, bf16: 2.0**-7}
+
+
+def _run(model, tokens, enabled: bool):
+    """Whole-sequence logits and state, and the logits of the last token decoded as a T == 1 step."""
+    fused.set_enabled(enabled)
+    try:
+        with torch.no_grad():
+            whole, state = model(tokens)
+            _, prefix = model(tokens[:, :-1])
+            step, _ = model(tokens[:, -1:], prefix)
+    finally:
+        fused.set_enabled(True)
+    return whole, state, step
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_model_fused_matches_unfused(version, dtype, tmp_path):
+    path = tmp_path / "m.pth"
+    random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)
+    model = rwkvkit.load(path, dtype=dtype)
+    tokens = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(0))
+    want, want_state, want_step = _run(model, tokens, enabled=False)
+    got, got_state, got_step = _run(model, tokens, enabled=True)
+    scale = want.abs().max()
+    assert (got - want).abs().max() / scale <= MODEL_TOL[dtype]
+    assert (got_step - want_step).abs().max() / scale <= MODEL_TOL[dtype]  # the T == 1 path
+    for name, t in want_state.tensors.items():
+        d = (got_state.tensors[name].float() - t.float()).abs().max() / t.float().abs().max().clamp_min(1.0)
+        assert d <= MODEL_TOL[dtype], name
+
+
+def test_fused_path_is_skipped_when_training(tmp_path):
+    path = tmp_path / "m.pth"
+    random_checkpoint(6, 1, 64, 50, head_size=32, path=path)
+    model = rwkvkit.load(path, fold_ln0=False)  # trainable parameters
+    x, att = torch.randn(1, 3, 64), model.blocks[0].att
+    assert not fusable(att, x, torch.float32)
+    with torch.no_grad():
+        assert fusable(att, x, torch.float32)
+        assert not fusable(att, x, torch.float16)
+    # training through the model reaches every time-mix parameter (the PyTorch path ran)
+    model.loss(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]])).backward()
+    assert all(p.grad is not None for p in att.parameters())
