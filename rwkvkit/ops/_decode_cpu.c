@@ -341,6 +341,64 @@ static void split16(int64_t total, int tid, int nt, int64_t *lo, int64_t *hi) {
     *hi = b * 16 < total ? b * 16 : total;
 }
 
+/* ---- team synchronisation ------------------------------------------------------------------------
+ * OpenMP's own barrier spins for a long time before it sleeps; on a machine with more runnable threads
+ * than cores, a thread spinning there keeps the one it waits for off the core (measured: a step went
+ * from 10 ms to 300 ms with one other busy process on two cores). This barrier spins briefly, then
+ * yields the core. Matrix rows are handed out in chunks from a shared counter, so a thread that loses
+ * its core holds up one chunk, not its whole share. */
+#include <sched.h>
+#include <stdatomic.h>
+
+typedef struct {
+    atomic_int count, gen;
+} team_barrier_t;
+
+static void team_barrier(team_barrier_t *b, int team) {
+    if (team == 1) return;
+    const int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == team - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; spins++) {
+        if (spins < 2000) {
+#if HAVE_X86
+            _mm_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+#define ROW_CHUNK 32 /* fewest rows per claim; chunks are multiples of 4 (the kernels' row groups) */
+
+/* Several matrices with their own inputs and outputs; the team claims chunks of their rows from *next
+ * (zero before the phase, used once). About 64 chunks per phase: enough to balance, few enough that
+ * the shared counter costs nothing. */
+static void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next) {
+    int64_t rows = 0, total = 0;
+    for (int j = 0; j < n_jobs; j++) rows += jobs[j].m->n;
+    int64_t ch = (rows / 64) & ~(int64_t)3;
+    if (ch < ROW_CHUNK) ch = ROW_CHUNK;
+    for (int j = 0; j < n_jobs; j++) total += (jobs[j].m->n + ch - 1) / ch;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+        if (c >= total) return;
+        for (int j = 0; j < n_jobs; j++) {
+            const int64_t n = jobs[j].m->n, chunks = (n + ch - 1) / ch;
+            if (c < chunks) {
+                const int64_t r0 = c * ch, r1 = r0 + ch < n ? r0 + ch : n;
+                mat_rows(jobs[j].m, r0, r1, jobs[j].x, B, jobs[j].y, n);
+                break;
+            }
+            c -= chunks;
+        }
+    }
+}
+
 /* ---- element-wise pieces (one row of C) --------------------------------------------------------- */
 
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out) {
@@ -386,7 +444,11 @@ typedef struct {
     const float *att_in, *ffn_in, *wkv_in;
     float *att_out, *ffn_out, *wkv_out, *logits;
     float *buf;
+    team_barrier_t *bar;
+    atomic_long *claims; /* one zeroed counter per matrix phase */
 } step_args;
+
+#define CLAIMS_PER_LAYER 4
 
 static void step_team(const step_args *a, int tid, int nt) {
     const plan_t *P = a->P;
@@ -399,6 +461,7 @@ static void step_team(const step_args *a, int tid, int nt) {
     float *y = g + B * C, *o = y + B * C, *fk = o + B * C, *fr = fk + B * Fd, *fv = fr + B * C;
     float *xw = xj, *xk = xj + B * C, *xv = xj + 2 * B * C, *xr = xj + 3 * B * C, *xg = xj + 4 * B * C;
     int64_t lo, hi;
+#define SYNC() team_barrier(a->bar, nt)
 
     for (int64_t l = 0; l < P->n_layer; l++) {
         const layer_t *L = &P->layers[l];
@@ -406,6 +469,7 @@ static void step_team(const step_args *a, int tid, int nt) {
         float *att_out = a->att_out + l * B * C, *ffn_out = a->ffn_out + l * B * C;
         const float *S = a->wkv_in + l * B * H * N * N;
         float *So = a->wkv_out + l * B * H * N * N;
+        atomic_long *claims = a->claims + CLAIMS_PER_LAYER * l;
 
         /* 1. LayerNorm, token shift (and Eagle's static mixes) */
         if (tid == 0) {
@@ -427,14 +491,14 @@ static void step_team(const step_args *a, int tid, int nt) {
                 }
             }
         }
-#pragma omp barrier
+SYNC();
         if (finch) {
             /* 2. m = tanh(xxx @ maa_w1), the five branch LoRA codes [B, 5D] */
             split16(5 * D, tid, nt, &lo, &hi);
             lora_cols(&L->w1, lo, hi, xw, B, m5);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t n = lo; n < hi; n++) m5[b * 5 * D + n] = tanhf(m5[b * 5 * D + n]);
-#pragma omp barrier
+SYNC();
             /* 3. x_j = x + d * (maa_j + m_j @ maa_w2[j]) for w, k, v, r, g (columns split) */
             split16(C, tid, nt, &lo, &hi);
             for (int j = 0; j < 5; j++) {
@@ -449,13 +513,13 @@ static void step_team(const step_args *a, int tid, int nt) {
                     for (int64_t c = lo; c < hi; c++)
                         out[b * C + c] = xn[b * C + c] + d[b * C + c] * (maa[c] + out[b * C + c]);
             }
-#pragma omp barrier
+SYNC();
             /* 4. the decay LoRA's code: tanh(x_w @ decay_w1) */
             split16(Dw, tid, nt, &lo, &hi);
             lora_cols(&L->dw1, lo, hi, xw, B, tw);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t n = lo; n < hi; n++) tw[b * Dw + n] = tanhf(tw[b * Dw + n]);
-#pragma omp barrier
+SYNC();
             /* 5a. decay factor exp(-exp(time_decay + code @ decay_w2)) (columns split) */
             split16(C, tid, nt, &lo, &hi);
             lora_cols(&L->dw2, lo, hi, tw, B, dec);
@@ -470,9 +534,9 @@ static void step_team(const step_args *a, int tid, int nt) {
         /* 5b. r, k, v, g */
         {
             const job_t jobs[4] = {{&L->r, xr, r}, {&L->k, xk, k}, {&L->v, xv, v}, {&L->g, xg, g}};
-            mats_team(jobs, 4, B, tid, nt);
+            mats_claim(jobs, 4, B, claims + 0);
         }
-#pragma omp barrier
+SYNC();
         /* 6. WKV per (row, head), then the head's GroupNorm times silu(gate) */
         split(B * H, tid, nt, &lo, &hi);
         for (int64_t bh = lo; bh < hi; bh++) {
@@ -485,13 +549,13 @@ static void step_team(const step_args *a, int tid, int nt) {
                 yh[j] *= gj * sigmoidf_(gj);
             }
         }
-#pragma omp barrier
+SYNC();
         /* 7. output matrix */
         {
             const job_t jobs[1] = {{&L->o, y, o}};
-            mats_team(jobs, 1, B, tid, nt);
+            mats_claim(jobs, 1, B, claims + 1);
         }
-#pragma omp barrier
+SYNC();
         /* 8. residual, LayerNorm, channel-mix token shift */
         if (tid == 0) {
             const float *mk = F(L->fmix_k), *mr = F(L->fmix_r);
@@ -513,38 +577,40 @@ static void step_team(const step_args *a, int tid, int nt) {
                 }
             }
         }
-#pragma omp barrier
+SYNC();
         /* 9. key (then relu^2) and receptance */
         {
             const job_t jobs[2] = {{&L->fk, xk, fk}, {&L->fr, xr, fr}};
-            mats_team(jobs, 2, B, tid, nt);
+            mats_claim(jobs, 2, B, claims + 2);
         }
-#pragma omp barrier
+SYNC();
         split16(B * Fd, tid, nt, &lo, &hi);
         for (int64_t i = lo; i < hi; i++) {
             const float z = fk[i] > 0.f ? fk[i] : 0.f;
             fk[i] = z * z;
         }
-#pragma omp barrier
+SYNC();
         /* 10. value */
         {
             const job_t jobs[1] = {{&L->fv, fk, fv}};
-            mats_team(jobs, 1, B, tid, nt);
+            mats_claim(jobs, 1, B, claims + 3);
         }
-#pragma omp barrier
+SYNC();
         /* 11. residual */
         if (tid == 0)
             for (int64_t i = 0; i < B * C; i++) x[i] += sigmoidf_(fr[i]) * fv[i];
-#pragma omp barrier
+SYNC();
     }
     /* head */
     if (tid == 0)
         for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
-#pragma omp barrier
+SYNC();
     {
         const job_t jobs[1] = {{&P->head, xn, a->logits}};
-        mats_team(jobs, 1, B, tid, nt);
+        mats_claim(jobs, 1, B, a->claims + CLAIMS_PER_LAYER * P->n_layer);
     }
+    SYNC(); /* everyone is done before OpenMP's own (long-spinning) end-of-region barrier */
+#undef SYNC
 }
 
 static int64_t scratch_floats(const plan_t *P, int64_t B) {
@@ -565,10 +631,19 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KLKKKKKKKKl", &plan, &B, &x, &ai, &ao, &fi, &fo, &wi, &wo, &lg, &nt)) return NULL;
     const plan_t *P = (const plan_t *)(uintptr_t)plan;
     float *buf = malloc(sizeof(float) * (size_t)scratch_floats(P, B));
-    if (!buf) return PyErr_NoMemory();
+    const size_t n_claims = (size_t)(CLAIMS_PER_LAYER * P->n_layer + 1);
+    atomic_long *claims = calloc(n_claims, sizeof(atomic_long));
+    team_barrier_t bar;
+    atomic_init(&bar.count, 0);
+    atomic_init(&bar.gen, 0);
+    if (!buf || !claims) {
+        free(buf);
+        free(claims);
+        return PyErr_NoMemory();
+    }
     step_args a = {P, B, (float *)(uintptr_t)x, (const float *)(uintptr_t)ai, (const float *)(uintptr_t)fi,
                    (const float *)(uintptr_t)wi, (float *)(uintptr_t)ao, (float *)(uintptr_t)fo,
-                   (float *)(uintptr_t)wo, (float *)(uintptr_t)lg, buf};
+                   (float *)(uintptr_t)wo, (float *)(uintptr_t)lg, buf, &bar, claims};
     const int n_threads = threads_arg(nt);
     Py_BEGIN_ALLOW_THREADS
 #if HAVE_X86
@@ -591,6 +666,7 @@ static PyObject *py_step(PyObject *self, PyObject *args) {
 #endif
     Py_END_ALLOW_THREADS
     free(buf);
+    free(claims);
     Py_RETURN_NONE;
 }
 
