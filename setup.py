@@ -19,8 +19,8 @@ setup(
         Extension(
             "rwkvkit.ops._wkv_cpu",
             ["rwkvkit/ops/_wkv_cpu.c"],
-            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-pthread"],
-            extra_link_args=["-pthread", "-lm"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: PyTorch's, already loaded
             optional=True,
         ),
         Extension(  # OpenMP: at run time this is PyTorch's own libgomp, already loaded

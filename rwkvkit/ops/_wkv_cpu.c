@@ -6,7 +6,7 @@
  *     S[i][j]  = d_t[i] * S[i][j] + k_t[i] * v_t[j]        (d = exp(w), the decay factor in [0, 1])
  * One pass over the N x N state per token; the decay factors come exponentiated from the caller or
  * are computed here per token from Finch's raw decay (vectorised), and since they lie in [0, 1] the recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises; (batch, head)
- * pairs are split over POSIX threads. Used for inference (prefill and decode) when no gradient is
+ * pairs are split over OpenMP threads (PyTorch's own pool). Used for inference (prefill and decode) when no gradient is
  * needed; training uses the differentiable PyTorch forms.
  *
  * Arguments are raw pointers (integers) to contiguous buffers, validated by the Python wrapper
@@ -21,7 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #define FTZ_ON() unsigned int csr_saved_ = _mm_getcsr(); _mm_setcsr(csr_saved_ | 0x8040)
@@ -216,8 +216,6 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
     if (nthreads > pairs) nthreads = (int)pairs;
     if (nthreads > 64) nthreads = 64;
     job_t jobs[64];
-    pthread_t tids[64];
-    int started[64] = {0};
     for (int i = 0; i < nthreads; i++) {
         job_t *jb = &jobs[i];
         jb->B = B; jb->T = T; jb->H = H; jb->N = N;
@@ -234,14 +232,17 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
     }
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (int i = 1; i < nthreads; i++)
-        started[i] = pthread_create(&tids[i], NULL, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i])
-            pthread_join(tids[i], NULL);
-        else
-            run_job(&jobs[i]); /* could not start a thread: do its share here */
+    if (nthreads == 1) {
+        run_job(&jobs[0]);
+    } else {
+        /* OpenMP, not threads of our own: the pool is PyTorch's (the same libgomp), whose workers
+           would otherwise spin on the cores between its ops while our threads wait for them */
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int i = omp_get_thread_num(), n = omp_get_num_threads();
+            /* the team may be smaller than asked: thread i takes every n-th job */
+            for (int j = i; j < nthreads; j += n) run_job(&jobs[j]);
+        }
     }
     for (int i = 0; i < nthreads; i++) failed |= jobs[i].failed;
     Py_END_ALLOW_THREADS
