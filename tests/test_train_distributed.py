@@ -47,9 +47,10 @@ def _yaml(tmp_path: Path) -> Path:
     return y
 
 
-def _run(args: list[str], nproc: int = 1) -> None:
+def _run(args: list[str], nproc: int = 1, torchrun: bool | None = None) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "rwkvkit.train.cli", *args]
+    torchrun = nproc > 1 if torchrun is None else torchrun
+    cmd = (launcher if torchrun else [sys.executable]) + ["-m", "rwkvkit.train.cli", *args]
     p = subprocess.run(
         cmd,
         cwd=ROOT,
@@ -90,6 +91,15 @@ def test_two_processes_match_one_with_the_same_global_batch(single_run, strategy
     for k in a:  # bf16 files: allow one bf16 ulp of difference
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-2, atol=1e-3, msg=k)
     rwkvkit.load(tmp / strategy / "rwkv-final.pth")  # an official checkpoint
+
+
+@pytest.mark.parametrize("torchrun", [True, False], ids=["torchrun-x1", "plain-python"])
+def test_ddp_with_one_process_follows_the_single_run(single_run, torchrun):
+    """DDP needs a process group even for one process: under torchrun and without it."""
+    tmp, y = single_run
+    out = tmp / f"ddp1-{torchrun}"
+    _run(["--config", str(y), "micro_bsz=4", "strategy=ddp", f"out_dir={out}"], torchrun=torchrun)
+    assert _curve(out)[0] == pytest.approx(_curve(tmp / "one")[0], rel=1e-5)
 
 
 def test_deepspeed_strategy_is_optional_with_a_clear_error(tmp_path):

@@ -52,8 +52,17 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return dev
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def setup(strategy: str = "auto", device: str = "auto") -> DistContext:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """Initialise the process group when launched by torchrun with several processes, or for ddp/fsdp
+    with any number of processes (a group of one is made when there is no torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,7 +82,10 @@ def setup(strategy: str = "auto", device: str = "auto") -> DistContext:
                 "PyTorch's own DDP and FSDP2 need nothing extra: strategy=ddp or strategy=fsdp"
             ) from e
     initialized = False
-    if world > 1 and not dist.is_initialized():
+    if world == 1 and strategy in ("ddp", "fsdp") and "MASTER_ADDR" not in os.environ:
+        # one process outside torchrun: a group of one on this machine (DDP needs a group even then)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    if (world > 1 or strategy in ("ddp", "fsdp")) and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(
