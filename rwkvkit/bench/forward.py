@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- rwkvkit --------------------------------------------------------------------------------
     fp32_logits = None
+    decode_quality: dict[str, str] = {}
     variants = [
         ("fp32", dict(dtype=torch.float32), "fp32"),
         ("bf16", dict(dtype=torch.bfloat16), "bf16"),
@@ -192,13 +193,20 @@ def main(argv: list[str] | None = None) -> int:
                     _, s = model([t], s)
 
             t_dec = _best(dec, args.repeat) / args.decode
-            logits = model(prompt[:64])[0][0]
+            logits = model(prompt[:64])[0][0]  # the prompt path
+            s, steps = None, []
+            for t in prompt[:64]:  # the decode path (one token per call)
+                out, s = model([t], s)
+                steps.append(out[0, 0])
+            steps = torch.stack(steps)
         if fp32_logits is None:
             fp32_logits = logits
             q = "reference (max diff to rwkv fp32: "
             q += f"{(logits - ref_logits).abs().max().item():.1e})" if ref_logits is not None else "n/a)"
+            q += f"; decode path {(steps - logits).abs().max().item():.1e}"
         else:
             q = quality(fp32_logits, logits)
+            decode_quality[name] = quality(fp32_logits, steps)
         # FLOPs per prefill token: 2 per weight of every block matrix (the head runs once per prompt)
         block_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks."))
         block_params += sum(
@@ -238,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (as rwkv.cpp: q8_0 x q8_0)"
     )
     print(f"{'  Q8_0 weights only':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8w_quality}  (fp32 activations)")
+    print("\nquality of the decode path (64 tokens, one per call) vs fp32 logits:")
+    for name, q in decode_quality.items():
+        print(f"{'rwkvkit ' + name:24} {q}")
     if ref_best["prefill"]:
         kit = {name: (pre, de) for name, pre, _, de, _, _ in rows if name.startswith("rwkvkit")}
         best_pre = max(v[0] for v in kit.values())
