@@ -48,22 +48,29 @@ def test_one_openmp_runtime_is_loaded():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 300])
-@pytest.mark.parametrize("form", ["finch", "lerp", "finch-per-token"])
+@pytest.mark.parametrize("form", ["finch", "lerp"])
 def test_shift_mix(dtype, T, form):
     g = torch.Generator().manual_seed(T)
     B, C, M = 2, 96, 3
     x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
     p = token_shift(x, prev)
-    if form == "finch-per-token":
-        base, mix = torch.randn(M, C, generator=g), torch.randn(M, B, T, C, generator=g)
-        want = torch.addcmul(x, p - x, base.view(M, 1, 1, C) + mix).to(dtype)
-        got = fused.shift_mix(x, prev, mix, lerp=False, dtype=dtype, base=base)
-    else:
-        mix = torch.rand(M, C, generator=g)
-        m = mix.view(M, 1, 1, C)
-        want = (torch.addcmul(x, p - x, m) if form == "finch" else x * m + p * (1 - m)).to(dtype)
-        got = fused.shift_mix(x, prev, mix, lerp=form == "lerp", dtype=dtype)
-    assert_close(got, want, dtype)
+    mix = torch.rand(M, C, generator=g)
+    m = mix.view(M, 1, 1, C)
+    want = (torch.addcmul(x, p - x, m) if form == "finch" else x * m + p * (1 - m)).to(dtype)
+    assert_close(fused.shift_mix(x, prev, mix, lerp=form == "lerp", dtype=dtype), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C,D", [(1, 1, 64, 32), (2, 13, 96, 32), (1, 70, 80, 8)])  # partial blocks too
+def test_finch_mix(dtype, B, T, C, D):
+    g = torch.Generator().manual_seed(T)
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    m = torch.tanh(torch.randn(B, T, 5 * D, generator=g))
+    w2, maa = torch.randn(5, D, C, generator=g) * 0.3, torch.rand(5, C, generator=g)
+    # the model's unfused expression: one baddbmm for the five LoRA products, one addcmul
+    mix = torch.baddbmm(maa.view(5, 1, C), m.view(B * T, 5, D).transpose(0, 1), w2).view(5, B, T, C)
+    want = torch.addcmul(x, token_shift(x, prev) - x, mix).to(dtype)
+    assert_close(fused.finch_mix(x, prev, m, w2, maa, dtype), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

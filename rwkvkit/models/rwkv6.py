@@ -5,8 +5,9 @@ by ``maa_w2``; each branch mixes ``x + d*(maa_j + m_j)``. The decay is per token
 ``w_t = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2))``, computed in fp32.
 
 On the CPU without gradients (``fusable``) the element-wise steps run fused (``_forward_fused``): the
-mixes come out of one C pass each straight in the compute dtype, the native WKV kernel takes the decay
-before its two exps, and GroupNorm * silu(gate) is one pass. ``forward``'s PyTorch code is the fallback.
+mixes come out of C passes straight in the compute dtype (the five branches together with their
+``maa_w2`` product), the native WKV kernel takes the decay before its two exps, and GroupNorm *
+silu(gate) is one pass. ``forward``'s PyTorch code is the fallback and defines the math.
 """
 
 from __future__ import annotations
@@ -83,13 +84,12 @@ class TimeMix6(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward`` with the element-wise steps in the fused CPU kernels (same math, same roundings)."""
         B, T, C = x.shape
-        H, N, D = self.n_head, self.head_size, self.mix_lora
+        H, N = self.n_head, self.head_size
         w1 = self.time_maa_w1
         xxx = fused.shift_mix(x, shift, self.time_maa_x.view(1, C), lerp=False, dtype=w1.dtype)[0]
-        m = torch.tanh(xxx @ w1).float()  # [B, T, 5D]
-        mix = torch.bmm(m.view(B * T, 5, D).transpose(0, 1), self.time_maa_w2.float())  # [5, B*T, C]
-        mix = mix.view(5, B, T, C)  # m_j @ w2_j; the kernel adds maa_j (no [5, B*T, C] copy of maa5)
-        xw, xk, xv, xr, xg = fused.shift_mix(x, shift, mix, lerp=False, dtype=cdt, base=self.maa5.view(5, C))
+        m = torch.tanh(xxx @ w1)  # [B, T, 5D]
+        # x + d * (maa_j + m_j @ w2_j) for the five branches, the LoRA product inside the kernel
+        xw, xk, xv, xr, xg = fused.finch_mix(x, shift, m, self.time_maa_w2, self.maa5.view(5, C), cdt)
         r = self.receptance(xr).view(B, T, H, N)
         k = self.key(xk).view(B, T, H, N)
         v = self.value(xv).view(B, T, H, N)

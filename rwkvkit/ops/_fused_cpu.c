@@ -152,16 +152,15 @@ static inline void split_rows(long R, long *r0, long *r1) {
 
 typedef struct {
     long R, T, C, M;
-    const float *x, *prev, *mix; /* x [R, C], prev [B, C], mix [M, C] or [M, R, C] */
-    const float *base;           /* NULL or [M, C], added to a per-row mix (Finch: maa_j + m_j @ w2_j) */
-    int mix_rows, lerp, out_dt;
+    const float *x, *prev, *mix; /* x [R, C], prev [B, C], mix [M, C] */
+    int lerp, out_dt;
     char *out; /* [M, R, C] */
 } mix_args;
 
 /* out_j = x + (prev - x) * mix_j (Finch, lerp = 0) or x * mix_j + prev * (1 - mix_j) (RWKV-4/5),
-   for j < M, rounded to out_dt; prev is the token-shifted x, read from the row above. With a base,
-   mix_j is base_j + mix_j (Finch lerp only). The Finch form is one fused multiply-add, as torch's
-   addcmul; the lerp rounds every step, as the four tensor ops of the PyTorch path. */
+   for j < M, rounded to out_dt; prev is the token-shifted x, read from the row above. The Finch form
+   is one fused multiply-add, as torch's addcmul; the lerp rounds every step, as the four tensor ops
+   of the PyTorch path. */
 BODY void mix_rows_body(const mix_args *a, long r0, long r1) {
     const long C = a->C;
     float buf[C];
@@ -169,11 +168,8 @@ BODY void mix_rows_body(const mix_args *a, long r0, long r1) {
         const float *restrict x = a->x + r * C;
         const float *restrict p = (r % a->T == 0) ? a->prev + (r / a->T) * C : x - C;
         for (long j = 0; j < a->M; j++) {
-            const float *restrict m = a->mix + (a->mix_rows ? (j * a->R + r) * C : j * C);
-            if (a->base) {
-                const float *restrict base = a->base + j * C;
-                for (long c = 0; c < C; c++) buf[c] = fmaf(p[c] - x[c], base[c] + m[c], x[c]);
-            } else if (a->lerp)
+            const float *restrict m = a->mix + j * C;
+            if (a->lerp)
                 for (long c = 0; c < C; c++) buf[c] = x[c] * m[c] + p[c] * (1.0f - m[c]);
             else
                 for (long c = 0; c < C; c++) buf[c] = fmaf(p[c] - x[c], m[c], x[c]);
@@ -185,10 +181,10 @@ VARIANTS(mix_rows, mix_args)
 
 static PyObject *py_mix(PyObject *self, PyObject *args) {
     mix_args a;
-    unsigned long long px, pp, pm, pb, po;
+    unsigned long long px, pp, pm, po;
     int nthreads;
-    if (!PyArg_ParseTuple(args, "llllKKKKiiiKi", &a.R, &a.T, &a.C, &a.M, &px, &pp, &pm, &pb, &a.mix_rows,
-                          &a.lerp, &a.out_dt, &po, &nthreads))
+    if (!PyArg_ParseTuple(args, "llllKKKiiKi", &a.R, &a.T, &a.C, &a.M, &px, &pp, &pm, &a.lerp, &a.out_dt, &po,
+                          &nthreads))
         return NULL;
     if (a.R <= 0 || a.T <= 0 || a.C <= 0 || a.C > MAX_C || a.M <= 0) {
         PyErr_SetString(PyExc_ValueError, "mix: bad sizes");
@@ -197,7 +193,6 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
     a.x = (const float *)(uintptr_t)px;
     a.prev = (const float *)(uintptr_t)pp;
     a.mix = (const float *)(uintptr_t)pm;
-    a.base = (const float *)(uintptr_t)pb;
     a.out = (char *)(uintptr_t)po;
     Py_BEGIN_ALLOW_THREADS
     if (nthreads <= 1) {
@@ -208,6 +203,103 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
             long r0, r1;
             split_rows(a.R, &r0, &r1);
             mix_rows(&a, r0, r1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ---- Finch: the five data-dependent mixes with their LoRA product --------------------------- */
+
+typedef struct {
+    long R, T, C, D;
+    const float *x, *prev; /* x [R, C], prev [B, C] */
+    const float *m;        /* [R, 5 * D]: tanh((x + d * maa_x) @ maa_w1), fp32 */
+    const float *w2;       /* [5, D, C] maa_w2, fp32 */
+    const float *maa;      /* [5, C] maa_w, maa_k, maa_v, maa_r, maa_g */
+    int out_dt;
+    char *out; /* [5, R, C] */
+} fm_args;
+
+#define FM_ROWS 8 /* rows per block: each w2 vector loaded serves 8 rows */
+#define FM_COLS 32 /* columns per block: FM_ROWS x FM_COLS accumulators stay in registers */
+
+/* out_j = x + d * (maa_j + m_j @ w2_j), d = prev - x, for the five branches j: the [5, R, C] LoRA
+   product never goes to memory. Rows in blocks of FM_ROWS, columns in blocks of FM_COLS; the sum
+   over the D inputs runs in order k = 0..D-1 with one FMA per term. */
+BODY void finch_mix_rows_body(const fm_args *a, long r0, long r1) {
+    const long C = a->C, D = a->D, R = a->R;
+    const size_t osz = dt_size(a->out_dt);
+    float buf[FM_ROWS][FM_COLS];
+    for (long rb = r0; rb < r1; rb += FM_ROWS) {
+        const long nr = r1 - rb < FM_ROWS ? r1 - rb : FM_ROWS;
+        for (long j = 0; j < 5; j++) {
+            const float *restrict w2 = a->w2 + j * D * C;
+            for (long c0 = 0; c0 < C; c0 += FM_COLS) {
+                const long nc = C - c0 < FM_COLS ? C - c0 : FM_COLS;
+                float acc[FM_ROWS][FM_COLS] = {{0}};
+                if (nr == FM_ROWS && nc == FM_COLS) { /* full block: constant trip counts vectorise */
+                    for (long k = 0; k < D; k++) {
+                        const float *restrict wk = w2 + k * C + c0;
+#pragma GCC unroll 8
+                        for (long i = 0; i < FM_ROWS; i++) {
+                            const float mk = a->m[(rb + i) * 5 * D + j * D + k];
+#pragma GCC unroll 32
+                            for (long c = 0; c < FM_COLS; c++) acc[i][c] = fmaf(mk, wk[c], acc[i][c]);
+                        }
+                    }
+                } else {
+                    for (long k = 0; k < D; k++) {
+                        const float *restrict wk = w2 + k * C + c0;
+                        for (long i = 0; i < nr; i++) {
+                            const float mk = a->m[(rb + i) * 5 * D + j * D + k];
+                            for (long c = 0; c < nc; c++) acc[i][c] = fmaf(mk, wk[c], acc[i][c]);
+                        }
+                    }
+                }
+                for (long i = 0; i < nr; i++) {
+                    const long r = rb + i;
+                    const float *restrict x = a->x + r * C + c0;
+                    const float *restrict p = (r % a->T == 0) ? a->prev + (r / a->T) * C + c0 : x - C;
+                    const float *restrict maa = a->maa + j * C + c0;
+                    for (long c = 0; c < nc; c++) buf[i][c] = fmaf(p[c] - x[c], maa[c] + acc[i][c], x[c]);
+                    store_row(a->out + ((size_t)(j * R + r) * C + c0) * osz, a->out_dt, buf[i], nc);
+                }
+            }
+        }
+    }
+}
+VARIANTS(finch_mix_rows, fm_args)
+
+static PyObject *py_finch_mix(PyObject *self, PyObject *args) {
+    fm_args a;
+    unsigned long long px, pp, pm, pw, pa, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "llllKKKKKiKi", &a.R, &a.T, &a.C, &a.D, &px, &pp, &pm, &pw, &pa, &a.out_dt,
+                          &po, &nthreads))
+        return NULL;
+    if (a.R <= 0 || a.T <= 0 || a.C <= 0 || a.D <= 0) {
+        PyErr_SetString(PyExc_ValueError, "finch_mix: bad sizes");
+        return NULL;
+    }
+    a.x = (const float *)(uintptr_t)px;
+    a.prev = (const float *)(uintptr_t)pp;
+    a.m = (const float *)(uintptr_t)pm;
+    a.w2 = (const float *)(uintptr_t)pw;
+    a.maa = (const float *)(uintptr_t)pa;
+    a.out = (char *)(uintptr_t)po;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        finch_mix_rows(&a, 0, a.R);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            /* whole row blocks per thread */
+            const long blocks = (a.R + FM_ROWS - 1) / FM_ROWS;
+            long b0, b1;
+            split_rows(blocks, &b0, &b1);
+            const long r1 = b1 * FM_ROWS < a.R ? b1 * FM_ROWS : a.R;
+            if (b0 * FM_ROWS < r1) finch_mix_rows(&a, b0 * FM_ROWS, r1);
         }
     }
     Py_END_ALLOW_THREADS
@@ -378,7 +470,9 @@ static PyObject *py_sigmoid_mul(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"mix", py_mix, METH_VARARGS,
-     "mix(R, T, C, M, x, prev, mix, base, mix_rows, lerp, out_dt, out, nthreads): token-shift mixes"},
+     "mix(R, T, C, M, x, prev, mix, lerp, out_dt, out, nthreads): token-shift mixes"},
+    {"finch_mix", py_finch_mix, METH_VARARGS,
+     "finch_mix(R, T, C, D, x, prev, m, w2, maa, out_dt, out, nthreads): Finch's five mixes with maa_w2"},
     {"group_norm_gate", py_group_norm_gate, METH_VARARGS,
      "group_norm_gate(R, C, N, y, g, g_dt, weight, bias, eps, out, out_dt, nthreads)"},
     {"relu_square", py_relu_square, METH_VARARGS, "relu_square(n, k, dt, nthreads): k = relu(k)^2 in place"},

@@ -150,9 +150,12 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void ru
         load_token(jb, off, h, rt, kt, vt, dt);
         const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16);
         const __m512 v2 = _mm512_loadu_ps(vt + 32), v3 = _mm512_loadu_ps(vt + 48);
-        float bonus = 0.0f;
-        for (long i = 0; i < N; i++) bonus += rt[i] * u[i] * kt[i];
-        const __m512 bb = _mm512_set1_ps(bonus);
+        /* bonus = sum_i r_i u_i k_i, in 16 lanes (a serial sum would be a 64-add dependency chain) */
+        __m512 rk = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(rt), _mm512_loadu_ps(u)), _mm512_loadu_ps(kt));
+        for (long i = 16; i < N; i += 16)
+            rk = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(rt + i), _mm512_loadu_ps(u + i)),
+                                 _mm512_loadu_ps(kt + i), rk);
+        const __m512 bb = _mm512_set1_ps(_mm512_reduce_add_ps(rk));
         __m512 a0 = _mm512_mul_ps(bb, v0), a1 = _mm512_mul_ps(bb, v1);
         __m512 a2 = _mm512_mul_ps(bb, v2), a3 = _mm512_mul_ps(bb, v3);
         for (long i = 0; i < N; i++) {

@@ -72,34 +72,52 @@ def _ext():
     return _fused_cpu
 
 
-def shift_mix(
-    x: Tensor, prev: Tensor, mix: Tensor, *, lerp: bool, dtype: torch.dtype, base: Tensor | None = None
-) -> Tensor:
+def shift_mix(x: Tensor, prev: Tensor, mix: Tensor, *, lerp: bool, dtype: torch.dtype) -> Tensor:
     """The token-shift mixes of x with its previous token, in ``dtype``.
 
-    x [B, T, C] (fp32); prev [B, C], the token before x[:, 0]; mix [M, C] (one vector per mix) or
-    [M, B, T, C] (per position, Finch's data-dependent mixes). Returns [M, B, T, C] with
-    ``x + (p - x) * mix_j`` (Finch, ``lerp=False``) or ``x * mix_j + p * (1 - mix_j)`` (RWKV-4/5),
-    p the previous token's x. ``base`` [M, C] (Finch only): the mixes are ``base_j + mix_j``.
+    x [B, T, C] (fp32); prev [B, C], the token before x[:, 0]; mix [M, C], one vector per mix. Returns
+    [M, B, T, C] with ``x + (p - x) * mix_j`` (Finch, ``lerp=False``) or ``x * mix_j + p * (1 - mix_j)``
+    (RWKV-4/5), p the previous token's x. (Finch's data-dependent mixes: ``finch_mix``.)
     """
     ext = _ext()
     B, T, C = x.shape
     if tuple(prev.shape) != (B, C):
         raise ValueError(f"prev must be [B, C] = {(B, C)}, got {tuple(prev.shape)}")
-    per_row = mix.dim() == 4
+    if mix.dim() != 2 or mix.shape[1] != C:
+        raise ValueError(f"mix must be [M, C] with C = {C}, got {tuple(mix.shape)}")
     M = mix.shape[0]
-    if tuple(mix.shape) not in ((M, C), (M, B, T, C)):
-        raise ValueError(f"mix must be [M, C] or [M, B, T, C], got {tuple(mix.shape)}")
-    if base is not None and (lerp or tuple(base.shape) != (M, C)):
-        raise ValueError(f"base must be [M, C] = {(M, C)} and lerp False, got {tuple(base.shape)}")
     out_dt = _code("dtype", torch.empty(0, dtype=dtype))
     f = torch.float32
     x, prev, mix = (t.to(f).contiguous() for t in (x, prev, mix))
-    base = None if base is None else base.to(f).contiguous()
     out = torch.empty((M, B, T, C), dtype=dtype)
     ext.mix(
-        B * T, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), 0 if base is None else base.data_ptr(),
-        int(per_row), int(lerp), out_dt, out.data_ptr(), _threads(M * B * T * C),
+        B * T, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), int(lerp), out_dt, out.data_ptr(),
+        _threads(M * B * T * C),
+    )  # fmt: skip
+    return out
+
+
+def finch_mix(x: Tensor, prev: Tensor, m: Tensor, w2: Tensor, maa: Tensor, dtype: torch.dtype) -> Tensor:
+    """Finch's five branch mixes ``x + d * (maa_j + m_j @ w2_j)`` (j = w, k, v, r, g) in ``dtype``, the
+    LoRA product computed in the same pass (it never goes to memory).
+
+    x [B, T, C] fp32; prev [B, C]; m [B, T, 5D] (``tanh(xxx @ maa_w1)``); w2 [5, D, C] (``maa_w2``);
+    maa [5, C] (``maa_w, maa_k, ...`` stacked). Returns [5, B, T, C]. d = previous token's x - x.
+    """
+    ext = _ext()
+    B, T, C = x.shape
+    D = w2.shape[1]
+    if tuple(prev.shape) != (B, C) or tuple(w2.shape) != (5, D, C) or tuple(maa.shape) != (5, C):
+        raise ValueError(f"need prev [B, C], w2 [5, D, C], maa [5, C] for x {(B, T, C)}")
+    if tuple(m.shape) != (B, T, 5 * D):
+        raise ValueError(f"m must be [B, T, 5D] = {(B, T, 5 * D)}, got {tuple(m.shape)}")
+    out_dt = _code("dtype", torch.empty(0, dtype=dtype))
+    f = torch.float32
+    x, prev, m, w2, maa = (t.to(f).contiguous() for t in (x, prev, m, w2, maa))
+    out = torch.empty((5, B, T, C), dtype=dtype)
+    ext.finch_mix(
+        B * T, T, C, D, x.data_ptr(), prev.data_ptr(), m.data_ptr(), w2.data_ptr(), maa.data_ptr(),
+        out_dt, out.data_ptr(), _threads(5 * B * T * C * 8),
     )  # fmt: skip
     return out
 
