@@ -174,6 +174,19 @@ def test_model_fused_matches_unfused(version, dtype, tmp_path):
         assert d <= MODEL_TOL[dtype], name
 
 
+def test_models_fall_back_when_the_extension_is_missing(tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    random_checkpoint(6, 1, 64, 50, head_size=32, path=path)
+    model = rwkvkit.load(path, dtype=bf16)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want, _ = model(tokens)
+        monkeypatch.setattr(fused, "_fused_cpu", None)
+        assert not fused.available() and not fusable(model.blocks[0].att, torch.zeros(1, 1, 64), bf16)
+        got, _ = model(tokens)  # the PyTorch path
+    assert (got - want).abs().max() / want.abs().max() <= MODEL_TOL[bf16]
+
+
 def test_fused_path_is_skipped_when_training(tmp_path):
     path = tmp_path / "m.pth"
     random_checkpoint(6, 1, 64, 50, head_size=32, path=path)

@@ -264,7 +264,8 @@ BODY void finch_mix_rows_body(const fm_args *a, long r0, long r1) {
                     const float *restrict p = (r % a->T == 0) ? a->prev + (r / a->T) * C + c0 : x - C;
                     char *dst = a->out + ((size_t)(j * R + r) * C + c0) * osz;
                     if (nc == FM_COLS) { /* constant trip counts: unrolled, no loop overhead */
-                        for (long c = 0; c < FM_COLS; c++) buf[i][c] = fmaf(p[c] - x[c], maa[c] + acc[i][c], x[c]);
+                        for (long c = 0; c < FM_COLS; c++)
+                            buf[i][c] = fmaf(p[c] - x[c], maa[c] + acc[i][c], x[c]);
                         store_row(dst, a->out_dt, buf[i], FM_COLS);
                     } else {
                         for (long c = 0; c < nc; c++) buf[i][c] = fmaf(p[c] - x[c], maa[c] + acc[i][c], x[c]);

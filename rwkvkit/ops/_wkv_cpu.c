@@ -5,9 +5,10 @@
  *     y_t[j]   = sum_i r_t[i] * (S[i][j] + u[i] * k_t[i] * v_t[j])
  *     S[i][j]  = d_t[i] * S[i][j] + k_t[i] * v_t[j]        (d = exp(w), the decay factor in [0, 1])
  * One pass over the N x N state per token; the decay factors come exponentiated from the caller or
- * are computed here per token from Finch's raw decay (vectorised), and since they lie in [0, 1] the recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises; (batch, head)
- * pairs are split over OpenMP threads (PyTorch's own pool). Used for inference (prefill and decode) when no gradient is
- * needed; training uses the differentiable PyTorch forms.
+ * are computed here per token from Finch's raw decay (vectorised), and since they lie in [0, 1] the
+ * recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises;
+ * (batch, head) pairs are split over OpenMP threads (PyTorch's own pool: the same libgomp). Used for
+ * inference (prefill and decode) when no gradient is needed; training uses the PyTorch forms.
  *
  * Arguments are raw pointers (integers) to contiguous buffers, validated by the Python wrapper
  * (rwkvkit/ops/native.py):
@@ -151,7 +152,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void ru
         const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16);
         const __m512 v2 = _mm512_loadu_ps(vt + 32), v3 = _mm512_loadu_ps(vt + 48);
         /* bonus = sum_i r_i u_i k_i, in 16 lanes (a serial sum would be a 64-add dependency chain) */
-        __m512 rk = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(rt), _mm512_loadu_ps(u)), _mm512_loadu_ps(kt));
+        __m512 rk = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(rt), _mm512_loadu_ps(u)),
+                                  _mm512_loadu_ps(kt));
         for (long i = 16; i < N; i += 16)
             rk = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(rt + i), _mm512_loadu_ps(u + i)),
                                  _mm512_loadu_ps(kt + i), rk);

@@ -1,4 +1,4 @@
-"""Fused element-wise CPU kernels around an RWKV block's matrices (``rwkvkit.ops._fused_cpu``), inference only.
+"""Fused element-wise CPU kernels around an RWKV block's matrices (``rwkvkit.ops._fused_cpu``), inference.
 
 Between the matrix products a block runs chains of element-wise work: token-shift mixes, GroupNorm
 times the gate, relu^2, sigmoid gating, and the dtype casts between them. Each function here does one

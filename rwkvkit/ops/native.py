@@ -1,10 +1,12 @@
 """The native CPU WKV kernel (``rwkvkit.ops._wkv_cpu``), a fast twin of ``wkv6_naive`` for inference.
 
 The C kernel runs the exact per-token recurrence with one pass over the state per token, vectorised
-over the value dimension and threaded over (batch, head) pairs. It has no autograd: the dispatcher
-uses it only for CPU tensors when no gradient is needed, and otherwise falls back to the PyTorch
-forms. ``available()`` says whether the extension was built (it is optional; the project's install
-step builds it with the C compiler).
+over the value dimension and threaded over (batch, head) pairs (OpenMP, PyTorch's thread pool). bf16
+r, k, v are read as they are, and ``wkv6_native_finch`` takes Finch's decay before its two exps, so
+the model's fused path (``rwkvkit.models.rwkv6``) makes no cast or exp passes over [B, T, C]. It has
+no autograd: the dispatcher uses it only for CPU tensors when no gradient is needed, and otherwise
+falls back to the PyTorch forms. ``available()`` says whether the extension was built (it is
+optional; the project's install step builds it with the C compiler).
 """
 
 from __future__ import annotations
