@@ -135,6 +135,28 @@ def test_native_finch_decay_matches_naive(rkv_dtype, shift):
     assert (s - want_s).abs().max() / want_s.abs().max().clamp_min(1.0) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [64, 32])  # the AVX-512 N = 64 kernel and the generic one
+def test_native_finch_group_norm_gate_epilogue(dtype, N):
+    g = torch.Generator().manual_seed(N)
+    B, T, H = 2, 30, 3
+    C = H * N
+    r, k, v, ww = (torch.randn(B, T, H, N, generator=g).to(dtype) for _ in range(4))
+    td, u = torch.randn(C, generator=g), torch.randn(H, N, generator=g)
+    s0 = torch.randn(B, H, N, N, generator=g)
+    gate = torch.randn(B, T, C, generator=g).to(dtype)
+    ln = make_ln_x(type("Cfg", (), {"n_head": H, "n_embd": C})())
+    with torch.no_grad():
+        ln.weight.normal_(generator=g)
+        ln.bias.normal_(generator=g)
+    y, s = native.wkv6_native_finch(r, k, v, ww, td, u, s0)
+    want = (group_norm(y.reshape(B, T, C), H, ln) * F.silu(gate)).to(dtype)  # the unfused model's steps
+    gn = native.GroupNormGate(gate, ln.weight, ln.bias, ln.eps, dtype)
+    got, s2 = native.wkv6_native_finch(r, k, v, ww, td, u, s0, gn)
+    assert torch.equal(s, s2)
+    assert_close(got.reshape(B, T, C), want, dtype)
+
+
 # ---- whole models: fused vs unfused --------------------------------------------------------------
 
 # worst logit difference allowed, relative to the largest logit. fp32: the few-ulp differences grow

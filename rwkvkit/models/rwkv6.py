@@ -6,8 +6,9 @@ by ``maa_w2``; each branch mixes ``x + d*(maa_j + m_j)``. The decay is per token
 
 On the CPU without gradients (``fusable``) the element-wise steps run fused (``_forward_fused``): the
 mixes come out of C passes straight in the compute dtype (the five branches together with their
-``maa_w2`` product), the native WKV kernel takes the decay before its two exps, and GroupNorm *
-silu(gate) is one pass. ``forward``'s PyTorch code is the fallback and defines the math.
+``maa_w2`` product), and the native WKV kernel takes the decay before its two exps and applies
+GroupNorm * silu(gate) to each token's head output as it produces it. ``forward``'s PyTorch code is
+the fallback and defines the math.
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ class TimeMix6(nn.Module):
         g = self.gate(xg)  # silu applied in group_norm_gate
         dw1, dw2 = self.time_decay_w1, self.time_decay_w2
         ww = (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).view(B, T, H, N)  # decay before time_decay, exps
-        u = self.time_faaaa.float()
+        u, ln = self.time_faaaa.float(), self.ln_x
         if backend in ("auto", "native") and native.usable(r, k, v, ww, u, wkv_state):
-            y, s = native.wkv6_native_finch(r, k, v, ww, self.time_decay, u, wkv_state)
-        else:
-            w = -torch.exp(self.time_decay.float().view(H, N) + ww.float())
-            y, s = wkv6(r, k, v, w, u, wkv_state, backend=backend)
-        ln = self.ln_x
+            # decay, WKV, GroupNorm and gate in one kernel: out [B, T, H, N] in the compute dtype
+            gn = native.GroupNormGate(g, ln.weight, ln.bias, ln.eps, cdt)
+            y, s = native.wkv6_native_finch(r, k, v, ww, self.time_decay, u, wkv_state, gn)
+            return self.output(y.view(B, T, C)), x[:, -1], s
+        w = -torch.exp(self.time_decay.float().view(H, N) + ww.float())
+        y, s = wkv6(r, k, v, w, u, wkv_state, backend=backend)
         y = fused.group_norm_gate(y.reshape(B, T, C), g, ln.weight, ln.bias, H, ln.eps, dtype=cdt)
         return self.output(y), x[:, -1], s

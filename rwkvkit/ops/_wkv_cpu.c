@@ -17,7 +17,11 @@
  *      w_base = 0) or Finch's decay before its two exps (float32 or bfloat16, w_bf16), the factor then
  *      being exp(-exp(w_base + w)) with w_base [H, N] float32 (time_decay) - computed here per token;
  *   u: [H, N] float32; y: [B, T, H, N] float32;
- *   state: [B, H, N, N] float32 (key x value), updated in place.
+ *   state: [B, H, N, N] float32 (key x value), updated in place;
+ *   g (optional, 0 = none): [B, T, H, N] the gate before its silu, float32 or bfloat16 (g_bf16); then
+ *      instead of y the kernel writes out [B, T, H, N] (float32 or bfloat16, out_bf16) =
+ *      (LayerNorm over each head's N outputs, eps, times ln_w plus ln_b [H, N]) * silu(g): Eagle/Finch's
+ *      GroupNorm and gate, done while the token's head output is in registers.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,12 +39,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* the per-token helpers are inlined into each ISA variant of the kernels (a call to the baseline
+   version would run their loops unvectorised) */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
 typedef struct {
     long B, T, H, N;
     const void *r, *k, *v, *w;
     const float *u, *w_base;
     float *s, *y;
     int w_per_token, rkv_bf16, w_bf16;
+    /* optional GroupNorm epilogue (g != NULL): out = (LN_head(y) * ln_w + ln_b) * silu(g), y not stored */
+    const void *g;
+    const float *ln_w, *ln_b;
+    float eps;
+    void *out;
+    int g_bf16, out_bf16;
     long first, last; /* range of (b, h) pairs */
     int failed;
 } job_t;
@@ -54,7 +68,7 @@ static inline float bf16_to_f32(uint16_t h) {
 
 /* exp(x), vectorisable (Cephes expf: 2^n times a degree-7 polynomial, about 1 ulp); 0 below -87.3,
    +inf above 88.37. The same function as in _fused_cpu.c. */
-static inline float fexp(float x) {
+ALWAYS_INLINE float fexp(float x) {
     const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
     float r = xc - n * 0.693359375f;
@@ -73,7 +87,7 @@ static inline float fexp(float x) {
     return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
 }
 
-static inline void load_vec(float *restrict dst, const void *src, int bf16, long off, long n) {
+ALWAYS_INLINE void load_vec(float *restrict dst, const void *src, int bf16, long off, long n) {
     if (bf16) {
         const uint16_t *s = (const uint16_t *)src + off;
         for (long i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
@@ -84,8 +98,8 @@ static inline void load_vec(float *restrict dst, const void *src, int bf16, long
 
 /* One token of one head as fp32: r, k, v and the decay factors d (exp(-exp(w_base + w)) for Finch's
    raw decay). off is the token's offset in [B, T, H, N], h the head. */
-static inline void load_token(const job_t *jb, long off, long h, float *restrict rt, float *restrict kt,
-                              float *restrict vt, float *restrict dt) {
+ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, float *restrict rt,
+                              float *restrict kt, float *restrict vt, float *restrict dt) {
     const long N = jb->N;
     load_vec(rt, jb->r, jb->rkv_bf16, off, N);
     load_vec(kt, jb->k, jb->rkv_bf16, off, N);
@@ -95,6 +109,55 @@ static inline void load_token(const job_t *jb, long off, long h, float *restrict
         const float *restrict base = jb->w_base + h * N;
         for (long i = 0; i < N; i++) dt[i] = fexp(base[i] + dt[i]); /* two loops: each vectorises */
         for (long i = 0; i < N; i++) dt[i] = fexp(-dt[i]);
+    }
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
+    const uint32_t quiet = (u >> 16) | 0x40u;                         /* NaN stays NaN (quietened) */
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
+}
+
+/* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1), in 16 interleaved partial sums
+   (the same order as _fused_cpu.c's group_norm_gate) */
+ALWAYS_INLINE float row_sum(const float *restrict x, long n, int squares, float center) {
+    float acc[16] = {0};
+    long i = 0;
+    if (!squares)
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
+    else
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += (x[i + l] - center) * (x[i + l] - center);
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += squares ? (x[i] - center) * (x[i] - center) : x[i];
+    return s;
+}
+
+/* The GroupNorm epilogue for one token of head h (off its offset in [B, T, H, N]): the head's N
+   outputs yt normalised, affine, times silu(g) (rounded to g's dtype, as F.silu), stored in out's
+   dtype. tmp, e: N floats of scratch each. */
+ALWAYS_INLINE void gn_token(const job_t *jb, long off, long h, const float *restrict yt,
+                            float *restrict tmp, float *restrict e) {
+    const long N = jb->N;
+    load_vec(tmp, jb->g, jb->g_bf16, off, N);
+    /* silu; exp and division in separate loops, each of which vectorises */
+    for (long i = 0; i < N; i++) e[i] = fexp(-tmp[i]);
+    for (long i = 0; i < N; i++) tmp[i] = tmp[i] / (1.0f + e[i]);
+    if (jb->g_bf16)
+        for (long i = 0; i < N; i++) tmp[i] = bf16_to_f32(f32_to_bf16(tmp[i]));
+    const float mean = row_sum(yt, N, 0, 0.0f) / (float)N;
+    const float rstd = 1.0f / sqrtf(row_sum(yt, N, 1, mean) / (float)N + jb->eps);
+    const float *restrict w = jb->ln_w + h * N, *restrict b = jb->ln_b + h * N;
+    for (long i = 0; i < N; i++) tmp[i] = fmaf((yt[i] - mean) * rstd, w[i], b[i]) * tmp[i];
+    if (jb->out_bf16) {
+        uint16_t *o = (uint16_t *)jb->out + off;
+        for (long i = 0; i < N; i++) o[i] = f32_to_bf16(tmp[i]);
+    } else {
+        memcpy((float *)jb->out + off, tmp, sizeof(float) * (size_t)N);
     }
 }
 
@@ -127,8 +190,12 @@ static void run_pair(const job_t *jb, long bh, float *restrict buf) {
                 Si[j] = sij * di + ki * vt[j];
             }
         }
-        float *restrict out = jb->y + off;
-        for (long j = 0; j < N; j++) out[j] = yt[j];
+        if (jb->g) {
+            gn_token(jb, off, h, yt, buf + 5 * N, wt); /* the decays are used up: scratch */
+        } else {
+            float *restrict out = jb->y + off;
+            for (long j = 0; j < N; j++) out[j] = yt[j];
+        }
     }
 }
 
@@ -174,18 +241,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void ru
             _mm512_storeu_ps(Si + 32, _mm512_fmadd_ps(s2, di, _mm512_mul_ps(ki, v2)));
             _mm512_storeu_ps(Si + 48, _mm512_fmadd_ps(s3, di, _mm512_mul_ps(ki, v3)));
         }
-        float *out = jb->y + off;
+        float *out = jb->g ? buf + 4 * N : jb->y + off;
         _mm512_storeu_ps(out, a0);
         _mm512_storeu_ps(out + 16, a1);
         _mm512_storeu_ps(out + 32, a2);
         _mm512_storeu_ps(out + 48, a3);
+        if (jb->g) gn_token(jb, off, h, out, buf + 5 * N, dt); /* the decays are used up: scratch */
     }
 }
 #endif
 
 static void *run_job(void *arg) {
     job_t *jb = (job_t *)arg;
-    float *buf = (float *)malloc(sizeof(float) * 5 * (size_t)jb->N); /* one token: y, r, k, v, d */
+    float *buf = (float *)malloc(sizeof(float) * 6 * (size_t)jb->N); /* one token: y, r, k, v, d, scratch */
     if (!buf) {
         jb->failed = 1;
         return NULL;
@@ -207,10 +275,12 @@ static void *run_job(void *arg) {
 
 static PyObject *wkv_forward(PyObject *self, PyObject *args) {
     long B, T, H, N;
-    unsigned long long pr, pk, pv, pw, pb, pu, ps, py;
-    int w_per_token, rkv_bf16, w_bf16, nthreads;
-    if (!PyArg_ParseTuple(args, "llllKKKKKKKKiiii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pb, &pu, &ps, &py,
-                          &w_per_token, &rkv_bf16, &w_bf16, &nthreads))
+    unsigned long long pr, pk, pv, pw, pb, pu, ps, py, pg, plw, plb, po;
+    int w_per_token, rkv_bf16, w_bf16, g_bf16, out_bf16, nthreads;
+    float eps;
+    if (!PyArg_ParseTuple(args, "llllKKKKKKKKiiiKKKfKiii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pb, &pu, &ps,
+                          &py, &w_per_token, &rkv_bf16, &w_bf16, &pg, &plw, &plb, &eps, &po, &g_bf16,
+                          &out_bf16, &nthreads))
         return NULL;
     if (B <= 0 || T <= 0 || H <= 0 || N <= 0) {
         PyErr_SetString(PyExc_ValueError, "wkv_forward: B, T, H, N must be positive");
@@ -229,6 +299,10 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
         jb->w_base = (const float *)(uintptr_t)pb; /* 0: w holds the decay factors */
         jb->u = (const float *)(uintptr_t)pu;
         jb->rkv_bf16 = rkv_bf16; jb->w_bf16 = w_bf16;
+        jb->g = (const void *)(uintptr_t)pg; /* 0: y is stored, no GroupNorm epilogue */
+        jb->ln_w = (const float *)(uintptr_t)plw; jb->ln_b = (const float *)(uintptr_t)plb;
+        jb->eps = eps; jb->out = (void *)(uintptr_t)po;
+        jb->g_bf16 = g_bf16; jb->out_bf16 = out_bf16;
         jb->s = (float *)(uintptr_t)ps; jb->y = (float *)(uintptr_t)py;
         jb->w_per_token = w_per_token;
         jb->first = pairs * i / nthreads;
@@ -257,8 +331,8 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"wkv_forward", wkv_forward, METH_VARARGS,
-     "wkv_forward(B, T, H, N, r, k, v, w, w_base, u, state, y, w_per_token, rkv_bf16, w_bf16, nthreads): "
-     "raw pointers"},
+     "wkv_forward(B, T, H, N, r, k, v, w, w_base, u, state, y, w_per_token, rkv_bf16, w_bf16, "
+     "g, ln_w, ln_b, eps, out, g_bf16, out_bf16, nthreads): raw pointers (g = 0: no GroupNorm epilogue)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wkv_cpu", "Eagle/Finch WKV forward on the CPU.",

@@ -11,6 +11,8 @@ optional; the project's install step builds it with the C compiler).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -42,7 +44,7 @@ def _rkv(r: Tensor, k: Tensor, v: Tensor) -> tuple[tuple[Tensor, ...], int]:
 
 
 def _run(r: Tensor, k: Tensor, v: Tensor, w: Tensor, w_base: Tensor | None, u: Tensor, s0: Tensor,
-         per_token: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+         per_token: bool, gn: GroupNormGate | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     if _wkv_cpu is None:
         raise RuntimeError(
             "the native WKV kernel is not built; reinstall rwkvkit with a C compiler "
@@ -56,15 +58,27 @@ def _run(r: Tensor, k: Tensor, v: Tensor, w: Tensor, w_base: Tensor | None, u: T
     w = w.contiguous() if w_bf16 else w.to(f).contiguous()
     base = 0 if w_base is None else w_base
     state = s0.to(f).clone().contiguous()
-    y = torch.empty((B, T, H, N), dtype=f)
+    if gn is None:
+        y = out = torch.empty((B, T, H, N), dtype=f)
+        g = ln_w = ln_b = None
+    else:
+        g, ln_w, ln_b = gn.g.contiguous(), gn.weight.to(f).contiguous(), gn.bias.to(f).contiguous()
+        if g.dtype not in (f, torch.bfloat16) or gn.dtype not in (f, torch.bfloat16):
+            raise ValueError(f"g and dtype must be float32 or bfloat16, got {g.dtype}, {gn.dtype}")
+        if g.numel() != B * T * H * N or ln_w.numel() != H * N or ln_b.numel() != H * N:
+            raise ValueError("g must have B*T*H*N elements and weight, bias H*N")
+        y, out = None, torch.empty((B, T, H, N), dtype=gn.dtype)
     # starting a thread costs more than a few tokens of work: decode steps run on the calling thread
     threads = max(1, min(torch.get_num_threads(), B * H)) if B * T * H * N * N >= _THREAD_MIN_WORK else 1
     _wkv_cpu.wkv_forward(
         B, T, H, N,
         r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), 0 if w_base is None else base.data_ptr(),
-        u.data_ptr(), state.data_ptr(), y.data_ptr(), int(per_token), rkv_bf16, w_bf16, threads,
+        u.data_ptr(), state.data_ptr(), 0 if y is None else y.data_ptr(), int(per_token), rkv_bf16, w_bf16,
+        0 if g is None else g.data_ptr(), 0 if ln_w is None else ln_w.data_ptr(),
+        0 if ln_b is None else ln_b.data_ptr(), 0.0 if gn is None else float(gn.eps), out.data_ptr(),
+        int(g is not None and g.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16), threads,
     )  # fmt: skip
-    return y, state
+    return out, state
 
 
 def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,16 +94,37 @@ def wkv6_native(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tenso
     return _run(r, k, v, w, None, u, s0, per_token)
 
 
+class GroupNormGate(NamedTuple):
+    """The epilogue ``wkv6_native_finch`` can apply per token and head instead of returning y:
+    ``(LayerNorm_N(y) * weight + bias) * silu(g)`` in ``dtype`` (Eagle/Finch's ``ln_x`` and gate).
+    g: [B, T, H*N] gate before its silu (fp32 or bf16; silu rounded to its dtype, as ``F.silu``);
+    weight, bias: [H*N]; eps: the GroupNorm eps; dtype: fp32 or bf16."""
+
+    g: Tensor
+    weight: Tensor
+    bias: Tensor
+    eps: float
+    dtype: torch.dtype
+
+
 def wkv6_native_finch(
-    r: Tensor, k: Tensor, v: Tensor, ww: Tensor, time_decay: Tensor, u: Tensor, s0: Tensor
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ww: Tensor,
+    time_decay: Tensor,
+    u: Tensor,
+    s0: Tensor,
+    gn: GroupNormGate | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``wkv6_native`` with Finch's decay given before its two exps: the log decay is
     ``-exp(time_decay + ww)``, computed in the kernel token by token (no passes over [B, T, C]).
 
     ww [B, T, H, N] fp32 or bf16 (the decay LoRA's output); time_decay [H * N] (any shape with H * N
-    elements, cast to fp32); r, k, v, u, s0 as in ``wkv6_native``."""
+    elements, cast to fp32); r, k, v, u, s0 as in ``wkv6_native``. With ``gn`` the first result is the
+    GroupNorm-and-gate output [B, T, H, N] in ``gn.dtype`` instead of y (y never goes to memory)."""
     B, T, H, N = r.shape
     if tuple(ww.shape) != (B, T, H, N) or time_decay.numel() != H * N:
         raise ValueError(f"ww must be [B, T, H, N] = {(B, T, H, N)} and time_decay have {H * N} elements")
     base = time_decay.to(torch.float32).reshape(H * N).contiguous()
-    return _run(r, k, v, ww, base, u, s0, True)
+    return _run(r, k, v, ww, base, u, s0, True, gn)
