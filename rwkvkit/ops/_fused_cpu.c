@@ -221,8 +221,8 @@ typedef struct {
     char *out; /* [5, R, C] */
 } fm_args;
 
-#define FM_ROWS 8 /* rows per block: each w2 vector loaded serves 8 rows */
-#define FM_COLS 32 /* columns per block: FM_ROWS x FM_COLS accumulators stay in registers */
+#define FM_ROWS 4 /* rows per block: each w2 vector loaded serves 4 rows */
+#define FM_COLS 64 /* columns per block: FM_ROWS x FM_COLS accumulators stay in registers */
 
 /* out_j = x + d * (maa_j + m_j @ w2_j), d = prev - x, for the five branches j: the [5, R, C] LoRA
    product never goes to memory. Rows in blocks of FM_ROWS, columns in blocks of FM_COLS; the sum
@@ -244,7 +244,7 @@ BODY void finch_mix_rows_body(const fm_args *a, long r0, long r1) {
 #pragma GCC unroll 8
                         for (long i = 0; i < FM_ROWS; i++) {
                             const float mk = a->m[(rb + i) * 5 * D + j * D + k];
-#pragma GCC unroll 32
+#pragma GCC unroll 64
                             for (long c = 0; c < FM_COLS; c++) acc[i][c] = fmaf(mk, wk[c], acc[i][c]);
                         }
                     }
