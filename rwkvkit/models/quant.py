@@ -3,9 +3,8 @@
 Decoding one token reads every weight once, so decode speed is bytes per token over memory
 bandwidth: int8 weights read a quarter of fp32's bytes. The layout is ggml's Q8_0: every block of 32
 inputs of an output row has its own float16 scale (symmetric, absmax / 127), 34 bytes per 32 weights.
-Activations are not quantised: the products run on float32 inputs in ``rwkvkit.ops._decode_cpu``
-(one row at a time for decode); a long prompt instead dequantises the matrix to bf16 once and uses the
-bf16 matmul. The WKV state, LayerNorms, decays and the Finch LoRAs are untouched.
+Activations are not quantised: decode products run on float32 inputs in ``rwkvkit.ops._decode_cpu``;
+a long prompt instead dequantises each matrix to bf16 and uses the bf16 matmul. The WKV state, LayerNorms, decays and the Finch LoRAs are untouched.
 """
 
 from __future__ import annotations
@@ -21,9 +20,15 @@ _GEMV_MAX_ROWS = 32  # up to this many input rows, products read the int8 weight
 
 
 class Int8Linear(nn.Module):
-    """Q8_0 weights (int8 [out, in], fp16 scale per 32 inputs): x [..., in] -> [..., out] float32."""
+    """Q8_0 weights (int8 [out, in], fp16 scale per 32 inputs): x [..., in] -> [..., out] bf16.
 
-    compute_dtype = torch.float32  # activations stay float32
+    A few rows (decode) multiply the int8 weights by float32 inputs directly; more rows (a prompt)
+    dequantise the matrix to bf16 and take the bf16 matmul, like a bf16 model. Element-wise work
+    between matrices runs in bf16 (``compute_dtype``), as in a bf16 model; the native one-token step
+    keeps everything float32.
+    """
+
+    compute_dtype = torch.bfloat16
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -57,12 +62,12 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if native.available() and x.device.type == "cpu":
             if x2.shape[0] <= _GEMV_MAX_ROWS:
-                out = native.q8_matmul(x2, self.weight_int8, self.scale)
+                out = native.q8_matmul(x2, self.weight_int8, self.scale).to(torch.bfloat16)
             else:
                 w = native.q8_dequantize_bf16(self.weight_int8, self.scale)
-                out = F.linear(x2.to(torch.bfloat16), w).float()
+                out = F.linear(x2.to(torch.bfloat16), w)
         else:  # no native kernels (or another device): dequantise and multiply
-            out = F.linear(x2.float(), self.weight.to(x2.device))
+            out = F.linear(x2.float(), self.weight.to(x2.device)).to(torch.bfloat16)
         return out.view(*shape[:-1], self.out_features)
 
 
