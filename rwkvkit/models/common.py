@@ -62,13 +62,18 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
     return dt if dt is not None else layer.weight.dtype
 
 
-def fusable(module: nn.Module, x: torch.Tensor, *dtypes: torch.dtype) -> bool:
+def fusable(
+    module: nn.Module, x: torch.Tensor, *dtypes: torch.dtype, inputs: tuple[torch.Tensor, ...] = ()
+) -> bool:
     """True when ``module`` may run its fused CPU kernels on input ``x``: built and enabled, x on the
-    CPU, no gradient wanted (of x or of any of the module's parameters) and every dtype in ``dtypes``
-    (the compute dtypes involved) one the kernels read and write."""
+    CPU, no gradient wanted (of x, of the other ``inputs`` such as a tuned state, or of any of the
+    module's parameters) and every dtype in ``dtypes`` (the compute dtypes involved) one the kernels
+    read and write."""
     if not all(dt in fused.DTYPES for dt in dtypes) or not fused.usable(x):
         return False
-    return not torch.is_grad_enabled() or not any(p.requires_grad for p in module.parameters())
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t.requires_grad for t in inputs) and not any(p.requires_grad for p in module.parameters())
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -101,7 +106,8 @@ class ChannelMix(nn.Module):
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""
         mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
         cdt = compute_dtype(self.key)
-        if fusable(self, x, cdt) and compute_dtype(self.receptance) == compute_dtype(self.value) == cdt:
+        same = compute_dtype(self.receptance) == compute_dtype(self.value) == cdt
+        if fusable(self, x, cdt, inputs=(shift,)) and same:
             # mixes straight to the compute dtype, relu^2 in place, sigmoid(r) * v in one pass; the
             # output is stored fp32 (the same values) so the caller's residual add needs no cast
             C = x.shape[-1]

@@ -142,7 +142,7 @@ class RWKV(nn.Module):
         x = self.emb(tokens).float()  # [B, T, C]
         if not self.ln0_folded:
             x = self.blocks[0].ln0(x)
-        if T == 1 and backend in ("auto", "native") and self._native_step_applies(x):
+        if T == 1 and backend in ("auto", "native") and self._native_step_applies(x, state):
             step = self.native_step()
             if step is not None:
                 logits, new_state = step.step(x[:, 0], state)
@@ -174,10 +174,13 @@ class RWKV(nn.Module):
         logits = self.head(self.ln_out(x)).float()
         return logits, State(self.config.version, new)
 
-    def _native_step_applies(self, x: torch.Tensor) -> bool:
+    def _native_step_applies(self, x: torch.Tensor, state: State) -> bool:
         if x.device.type != "cpu" or self.config.version == 4 or not engine.enabled():
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if not torch.is_grad_enabled():
+            return True
+        grads = any(t.requires_grad for t in state.tensors.values())
+        return not grads and not any(p.requires_grad for p in self.parameters())
 
     def loss(
         self, tokens: torch.Tensor, targets: torch.Tensor, state: State | None = None, **kw

@@ -34,7 +34,7 @@ class TimeMix4(nn.Module):
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (aa, bb, pp) [B, C] fp32 each."""
         mk, mv, mr = self.time_mix_k, self.time_mix_v, self.time_mix_r
         cdt = compute_dtype(self.key)
-        if fusable(self, x, cdt):
+        if fusable(self, x, cdt, inputs=(shift, *wkv_state)):
             xk, xv, xr = fused.shift_mix(x, shift, torch.cat([mk, mv, mr]).view(3, -1), lerp=True, dtype=cdt)
         else:
             prev = token_shift(x, shift)

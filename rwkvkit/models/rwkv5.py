@@ -39,7 +39,7 @@ class TimeMix5(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         cdt = compute_dtype(self.receptance)
-        if fusable(self, x, cdt):
+        if fusable(self, x, cdt, inputs=(shift, wkv_state)):
             mixes = torch.cat([self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g]).view(4, C)
             xr, xk, xv, xg = fused.shift_mix(x, shift, mixes, lerp=True, dtype=cdt)
             r = self.receptance(xr).view(B, T, H, N)

@@ -57,7 +57,7 @@ class TimeMix6(nn.Module):
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
         cdt = compute_dtype(self.receptance)
-        if fusable(self, x, cdt, self.time_maa_w1.dtype):
+        if fusable(self, x, cdt, self.time_maa_w1.dtype, inputs=(shift, wkv_state)):
             return self._forward_fused(x, shift, wkv_state, backend, cdt)
         d = token_shift(x, shift) - x
         w1 = self.time_maa_w1
