@@ -146,6 +146,12 @@ def test_step_stands_aside_when_it_cannot_apply(paths, tmp_path):
     model.requires_grad_(True)
     logits, _ = model([5])  # gradients wanted: the modules run, and the graph exists
     assert logits.requires_grad and model._native_step is None
+    frozen = rwkvkit.load(paths[6, "fp32"])  # frozen weights, but a state that is being tuned
+    st = frozen.init_state()
+    st.tensors["wkv"].requires_grad_(True)
+    logits, _ = frozen([5], st)
+    logits.sum().backward()
+    assert st["wkv"].grad is not None and st["wkv"].grad.abs().sum() > 0
 
 
 def test_portable_kernels_match(paths):
