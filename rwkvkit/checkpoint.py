@@ -23,6 +23,7 @@ from .config import CheckpointError, ModelConfig, checkpoint_keys
 from .io import atomic_torch_save, atomic_write
 from .models.model import RWKV
 from .models.quant import quantize_int8
+from .runtime import tune_malloc
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 FP16_RESCALE_EVERY = 6  # the reference's RESCALE_LAYER for fp16
@@ -162,6 +163,8 @@ def load(
     if quantize == "int8":
         quantize_int8(model)
     model = model.to(device)
+    if torch.device(device).type == "cpu":
+        tune_malloc()  # reuse freed activation memory instead of page-faulting it in again
     if model.time_state is not None:
         model.time_state = model.time_state.to(device)
     model.eval()

@@ -231,12 +231,14 @@ BODY void finch_mix_rows_body(const fm_args *a, long r0, long r1) {
     const long C = a->C, D = a->D, R = a->R;
     const size_t osz = dt_size(a->out_dt);
     float buf[FM_ROWS][FM_COLS];
-    for (long rb = r0; rb < r1; rb += FM_ROWS) {
-        const long nr = r1 - rb < FM_ROWS ? r1 - rb : FM_ROWS;
-        for (long j = 0; j < 5; j++) {
-            const float *restrict w2 = a->w2 + j * D * C;
-            for (long c0 = 0; c0 < C; c0 += FM_COLS) {
-                const long nc = C - c0 < FM_COLS ? C - c0 : FM_COLS;
+    /* rows innermost: one D x FM_COLS tile of w2 (8 KB) stays in L1 while every row block passes;
+       with rows outermost each row block re-read all of w2 (480 KB) from L2 */
+    for (long j = 0; j < 5; j++) {
+        const float *restrict w2 = a->w2 + j * D * C;
+        for (long c0 = 0; c0 < C; c0 += FM_COLS) {
+            const long nc = C - c0 < FM_COLS ? C - c0 : FM_COLS;
+            for (long rb = r0; rb < r1; rb += FM_ROWS) {
+                const long nr = r1 - rb < FM_ROWS ? r1 - rb : FM_ROWS;
                 float acc[FM_ROWS][FM_COLS] = {{0}};
                 if (nr == FM_ROWS && nc == FM_COLS) { /* full block: constant trip counts vectorise */
                     for (long k = 0; k < D; k++) {

@@ -1,0 +1,34 @@
+"""Process-level settings: the malloc tuning that ``rwkvkit.load`` applies for CPU models."""
+
+from __future__ import annotations
+
+import platform
+import resource
+
+import pytest
+import torch
+
+from rwkvkit import runtime
+
+
+def test_opt_out_by_environment(monkeypatch):
+    monkeypatch.setattr(runtime, "_done", False)
+    monkeypatch.setenv("RWKVKIT_MALLOC_TUNE", "0")
+    assert runtime.tune_malloc() is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_activations_are_reused_without_page_faults():
+    assert runtime.tune_malloc() is True
+    assert runtime.tune_malloc() is True  # idempotent
+
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            t = torch.empty(8 << 20, dtype=torch.uint8)  # 8 MB: above glibc's default mmap threshold
+            t.fill_(1)
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults(), faults()  # the heap grows to hold the block once
+    assert faults() < 200  # 5 x 2048 pages would fault if each block were mapped afresh
