@@ -208,11 +208,66 @@ AVX512 static void rows4_avx512_b1(const mat_t *m, int64_t n, const float *x, fl
     y[n + 3] = _mm512_reduce_add_ps(a3);
 }
 
+/* 16 weights of row r at column i as floats (q8: times the block's scale). */
+AVX512 static inline __m512 load_w16(const mat_t *m, int64_t r, int64_t i) {
+    const int64_t K = m->k;
+    if (m->kind == MK_Q8) {
+        const float sc = _cvtsh_ss(((const uint16_t *)m->s)[r * (K / 32) + i / 32]);
+        return _mm512_mul_ps(load_q8x16((const int8_t *)m->w + r * K + i), _mm512_set1_ps(sc));
+    }
+    if (m->kind == MK_BF16) return load_bf16x16((const uint16_t *)m->w + r * K + i);
+    return _mm512_loadu_ps((const float *)m->w + r * K + i);
+}
+
+/* A batch (decode of several rows): four weight rows times four inputs per tile, so each weight
+ * vector loaded (and widened) serves four inputs and each input vector four rows. */
+AVX512 static void rows4_avx512_b4(const mat_t *m, int64_t n, const float *x, int64_t b0, int64_t nb,
+                                   float *y, int64_t ldy) {
+    const int64_t K = m->k;
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 4; b++) acc[r][b] = _mm512_setzero_ps();
+    const float *xb = x + b0 * K;
+    if (nb == 4) { /* constant trip counts: the 16 accumulators stay in registers */
+        for (int64_t i = 0; i < K; i += 16) {
+            const __m512 w0 = load_w16(m, n, i), w1 = load_w16(m, n + 1, i);
+            const __m512 w2 = load_w16(m, n + 2, i), w3 = load_w16(m, n + 3, i);
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; b++) {
+                const __m512 xv = _mm512_loadu_ps(xb + b * K + i);
+                acc[0][b] = _mm512_fmadd_ps(w0, xv, acc[0][b]);
+                acc[1][b] = _mm512_fmadd_ps(w1, xv, acc[1][b]);
+                acc[2][b] = _mm512_fmadd_ps(w2, xv, acc[2][b]);
+                acc[3][b] = _mm512_fmadd_ps(w3, xv, acc[3][b]);
+            }
+        }
+        for (int b = 0; b < 4; b++)
+            for (int r = 0; r < 4; r++) y[(b0 + b) * ldy + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+        return;
+    }
+    for (int64_t i = 0; i < K; i += 16) {
+        const __m512 w0 = load_w16(m, n, i), w1 = load_w16(m, n + 1, i);
+        const __m512 w2 = load_w16(m, n + 2, i), w3 = load_w16(m, n + 3, i);
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 xv = _mm512_loadu_ps(xb + b * K + i);
+            acc[0][b] = _mm512_fmadd_ps(w0, xv, acc[0][b]);
+            acc[1][b] = _mm512_fmadd_ps(w1, xv, acc[1][b]);
+            acc[2][b] = _mm512_fmadd_ps(w2, xv, acc[2][b]);
+            acc[3][b] = _mm512_fmadd_ps(w3, xv, acc[3][b]);
+        }
+    }
+    for (int64_t b = 0; b < nb; b++)
+        for (int r = 0; r < 4; r++) y[(b0 + b) * ldy + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
 AVX512 static void rows_avx512(const mat_t *m, int64_t r0, int64_t r1, const float *x, int64_t B, float *y,
                                int64_t ldy) {
     const int64_t K = m->k;
     if (B == 1) {
         for (; r0 + 4 <= r1; r0 += 4) rows4_avx512_b1(m, r0, x, y);
+    } else {
+        for (; r0 + 4 <= r1; r0 += 4)
+            for (int64_t b0 = 0; b0 < B; b0 += 4) rows4_avx512_b4(m, r0, x, b0, B - b0 < 4 ? B - b0 : 4, y, ldy);
     }
     for (int64_t n = r0; n < r1; n++) {
         for (int64_t b0 = 0; b0 < B; b0 += NB_MAX) {
