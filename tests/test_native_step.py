@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import rwkvkit
+from rwkvkit.models import engine
 from rwkvkit.models.quant import Int8Linear
 from rwkvkit.ops import decode as native
 from rwkvkit.testing import random_checkpoint
@@ -220,3 +221,18 @@ def test_q8_products_equal_the_dequantised_matrix(M):
     assert got.dtype == torch.bfloat16 and got.shape == (M, 200)
     tol = 1e-2 if M <= 32 else 3e-2  # bf16 rounding of the output (and, for prompts, of inputs and weights)
     assert (got.float() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+def test_int8_models_run_without_the_native_kernels(paths, monkeypatch):
+    """Without the C extension (no compiler at install): PyTorch dequantises; same numbers up to bf16."""
+    model = rwkvkit.load(paths[6, "bf16"], quantize="int8", dtype=torch.bfloat16)
+    tokens = _tokens(2, 6, seed=5)
+    with torch.no_grad():
+        _, st = model(tokens)
+        want, _ = model(tokens[:, :1], st)  # the native step
+        monkeypatch.setattr(native, "_decode_cpu", None)
+        assert not engine.enabled()
+        whole, st2 = model(tokens)
+        got, _ = model(tokens[:, :1], st2)
+    assert torch.isfinite(whole).all()
+    assert (got - want).abs().mean().item() <= 0.02 * want.std().item()
