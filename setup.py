@@ -19,6 +19,7 @@ setup(
         Extension(
             "rwkvkit.ops._wkv_cpu",
             ["rwkvkit/ops/_wkv_cpu.c"],
+            depends=["rwkvkit/ops/_cpu_math.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: PyTorch's, already loaded
             optional=True,
@@ -26,6 +27,7 @@ setup(
         Extension(  # OpenMP: at run time this is PyTorch's own libgomp, already loaded
             "rwkvkit.ops._decode_cpu",
             ["rwkvkit/ops/_decode_cpu.c"],
+            depends=["rwkvkit/ops/_cpu_math.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,
@@ -33,6 +35,7 @@ setup(
         Extension(
             "rwkvkit.ops._fused_cpu",
             ["rwkvkit/ops/_fused_cpu.c"],
+            depends=["rwkvkit/ops/_cpu_math.h"],
             # no FMA contraction: a*b + c rounds twice, as torch's element-wise ops do
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: resolves to the one torch has loaded

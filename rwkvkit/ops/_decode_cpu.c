@@ -31,6 +31,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "_cpu_math.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_X86 1
@@ -70,12 +72,6 @@ static int use_avx512 = 0;
 
 /* ---- scalars ----------------------------------------------------------------------------------- */
 
-static inline float bf16f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline float f16f(uint16_t h) { /* IEEE half -> float, subnormals included */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
@@ -100,13 +96,6 @@ static inline float f16f(uint16_t h) { /* IEEE half -> float, subnormals include
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 static inline void split(int64_t total, int tid, int nt, int64_t *lo, int64_t *hi) {
     *lo = total * tid / nt;
@@ -127,7 +116,7 @@ static void rows_generic(const mat_t *m, int64_t r0, int64_t r1, const float *x,
                 for (int64_t i = 0; i < K; i++) acc += w[i] * xb[i];
             } else if (m->kind == MK_BF16) {
                 const uint16_t *w = (const uint16_t *)m->w + n * K;
-                for (int64_t i = 0; i < K; i++) acc += bf16f(w[i]) * xb[i];
+                for (int64_t i = 0; i < K; i++) acc += bf16_to_f32(w[i]) * xb[i];
             } else {
                 const int8_t *q = (const int8_t *)m->w + n * K;
                 const uint16_t *s = (const uint16_t *)m->s + n * (K / 32);
@@ -352,7 +341,7 @@ AVX512 static void lora_cols_avx512(const mat_t *m, int64_t n0, int64_t n1, cons
                 const uint16_t *w = (const uint16_t *)m->w + i * N;
                 for (; n + 16 <= n1; n += 16)
                     _mm512_storeu_ps(yb + n, _mm512_fmadd_ps(xi, load_bf16x16(w + n), _mm512_loadu_ps(yb + n)));
-                for (; n < n1; n++) yb[n] += x[b * K + i] * bf16f(w[n]);
+                for (; n < n1; n++) yb[n] += x[b * K + i] * bf16_to_f32(w[n]);
             } else {
                 const float *w = (const float *)m->w + i * N;
                 for (; n + 16 <= n1; n += 16)
@@ -379,7 +368,7 @@ static void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, in
             const float xi = x[b * K + i];
             if (m->kind == MK_BF16) {
                 const uint16_t *w = (const uint16_t *)m->w + i * N;
-                for (int64_t n = n0; n < n1; n++) yb[n] += xi * bf16f(w[n]);
+                for (int64_t n = n0; n < n1; n++) yb[n] += xi * bf16_to_f32(w[n]);
             } else {
                 const float *w = (const float *)m->w + i * N;
                 for (int64_t n = n0; n < n1; n++) yb[n] += xi * w[n];

@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_cpu_math.h"
+
 /* Each row worker is written once (an always-inlined body) and compiled three times: for AVX-512
    (F + BW, so 16-bit bf16 lanes fill a zmm register), AVX2 + FMA, and the baseline; the best the CPU
    supports is picked once at import. (target_clones cannot name avx512bw.) */
@@ -63,41 +65,8 @@ static int isa_level = 0; /* 2: AVX-512 F+BW, 1: AVX2+FMA, 0: baseline; set at i
 
 /* ---- scalar helpers, all inlined into the vectorised row loops ------------------------------- */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
-    const uint32_t quiet = (u >> 16) | 0x40u;                         /* NaN stays NaN (quietened) */
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
-}
 
-/* exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (Cephes expf),
-   2^n put into the exponent bits. Below -87.3 (results under FLT_MIN) it returns 0, above 88.37 +inf. */
-static inline float fexp(float x) {
-    const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    const float y = p * scale;
-    return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
-}
 
 /* round an fp32 value to the given dtype and back (what storing it in that dtype keeps) */
 static inline float round_to(float f, int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(f)) : f; }

@@ -39,6 +39,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_cpu_math.h"
+
 /* the per-token helpers are inlined into each ISA variant of the kernels (a call to the baseline
    version would run their loops unvectorised) */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
@@ -59,33 +61,7 @@ typedef struct {
     int failed;
 } job_t;
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
-/* exp(x), vectorisable (Cephes expf: 2^n times a degree-7 polynomial, about 1 ulp); 0 below -87.3,
-   +inf above 88.37. The same function as in _fused_cpu.c. */
-ALWAYS_INLINE float fexp(float x) {
-    const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    const float y = p * scale;
-    return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
-}
 
 ALWAYS_INLINE void load_vec(float *restrict dst, const void *src, int bf16, long off, long n) {
     if (bf16) {
@@ -112,13 +88,6 @@ ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, float *restrict
     }
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
-    const uint32_t quiet = (u >> 16) | 0x40u;                         /* NaN stays NaN (quietened) */
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
-}
 
 /* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1), in 16 interleaved partial sums
    (the same order as _fused_cpu.c's group_norm_gate) */

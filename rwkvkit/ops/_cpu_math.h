@@ -1,0 +1,48 @@
+/* rwkvkit/ops/_cpu_math.h: scalar helpers shared by the CPU kernels (_wkv_cpu.c, _fused_cpu.c,
+ * _decode_cpu.c), written so that loops calling them vectorise: bf16 <-> fp32 conversions with torch's
+ * rounding, and a float exp. Include after <stdint.h> and <string.h>. */
+#ifndef RWKVKIT_CPU_MATH_H
+#define RWKVKIT_CPU_MATH_H
+
+#define CPU_MATH_INLINE static inline __attribute__((always_inline))
+
+/* bf16 -> fp32: exact (the bf16 bits are the top half of the fp32 bits) */
+CPU_MATH_INLINE float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* fp32 -> bf16, round to nearest, ties to even, NaN stays NaN: torch's conversion */
+CPU_MATH_INLINE uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* round to nearest, ties to even */
+    const uint32_t quiet = (u >> 16) | 0x40u;                         /* NaN stays NaN (quietened) */
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet : rounded);
+}
+
+/* exp(x) for float: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial (Cephes expf, about
+   1 ulp), 2^n put into the exponent bits. Below -87.3 (results under FLT_MIN) it returns 0, above
+   88.37 +inf. */
+CPU_MATH_INLINE float fexp(float x) {
+    const float xc = x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float y = p * scale;
+    return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
+}
+
+#endif
