@@ -125,3 +125,19 @@ def test_time_state_checkpoint_matches_reference(tmp_path):
     assert torch.equal(st["wkv"], model.init_state()["wkv"])
     back = st.to_time_state()
     assert torch.equal(back["blocks.1.att.time_state"], sd["blocks.1.att.time_state"])
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("T", [1, 2, 3, 40])
+def test_last_only_gives_the_last_position_and_the_same_state(tmp_path, version, T):
+    """``last_only`` skips work (the last block's channel-mix runs on two positions) but not results."""
+    path = _checkpoint(tmp_path, version, 3, 64, 32 if version > 4 else 64, 300, 32, 64)
+    model = rwkvkit.load(path)
+    tokens = torch.tensor([_tokens(300, T, seed=7), _tokens(300, T, seed=8)])
+    with torch.no_grad():
+        full, st_full = model(tokens)
+        last, st_last = model(tokens, last_only=True)
+    assert last.shape == (2, 1, 300)
+    assert (last[:, 0] - full[:, -1]).abs().max().item() <= 1e-5
+    for k in st_full.tensors:
+        assert (st_last[k] - st_full[k]).abs().max().item() <= 1e-6, k

@@ -41,11 +41,23 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config)
 
     def forward(
-        self, x: torch.Tensor, att_shift: torch.Tensor, wkv, ffn_shift: torch.Tensor, backend: str
+        self,
+        x: torch.Tensor,
+        att_shift: torch.Tensor,
+        wkv,
+        ffn_shift: torch.Tensor,
+        backend: str,
+        keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
-        """x [B, T, C] fp32 residual -> (x, att_shift, wkv state, ffn_shift)."""
+        """x [B, T, C] fp32 residual -> (x, att_shift, wkv state, ffn_shift).
+
+        ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
+        ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
+        """
         out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
         x = x + out
+        if keep:
+            x = x[:, -keep:]  # the first kept position only supplies the token shift of the next
         out, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
         return x + out, att_shift, wkv, ffn_shift
 
@@ -152,7 +164,9 @@ class RWKV(nn.Module):
         att_shift, ffn_shift, wkv = [], [], []
         for i, block in enumerate(self.blocks):
             s_wkv = (st["aa"][i], st["bb"][i], st["pp"][i]) if v4 else st["wkv"][i]
-            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend)
+            # the last block of a last_only call: its channel-mix needs only the last two positions
+            keep = 2 if last_only and T > 2 and i == len(self.blocks) - 1 else 0
+            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend, keep)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, a, w, f = checkpoint(block, *args, use_reentrant=False)
             else:
