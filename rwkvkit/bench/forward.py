@@ -7,7 +7,9 @@ One run, one random Finch of the 0.1B shape (L12, D768, V65536, bf16 file like t
 - the limits measured in the same run: matmul FLOP/s per dtype (prefill limit = FLOP/s over the
   FLOPs per token) and matrix-vector bandwidth (decode limit = bandwidth over weight bytes per token);
 - the quality cost of every reduced-precision path against fp32 (max and mean |logit error| and top-1
-  agreement over the prompt), including a simulation of ggml's Q8_0 (rwkv.cpp) on the same model.
+  agreement over the prompt, and over the same tokens decoded one per call), including a simulation
+  of ggml's Q8_0 (rwkv.cpp) on the same model;
+- bf16 decode steps at several batch sizes, the native one-call step against the PyTorch modules.
 Machines here are shared and noisy: read the ratios, which come from one run.
 """
 
@@ -111,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=5, help="timed runs per figure, best kept (same for every row)"
     )
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
+    p.add_argument(
+        "--batches",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[1, 4, 16],
+        help="batch sizes for the bf16 decode-step rows (comma-separated; empty to skip)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,6 +226,25 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"rwkvkit {name}", args.prompt / t_pre, pre_limit, 1 / t_dec, dec_limit, q))
         del model
 
+    # ---- batched decode steps: the native step against the PyTorch modules (bf16) ----------------
+    batch_rows = []
+    if args.batches:
+        model = rwkvkit.load(path, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for B in args.batches:
+                tok = torch.tensor([prompt[:B]]).T  # [B, 1]
+                st = model.init_state(B)
+                times, saved = [], os.environ.get("RWKVKIT_NATIVE_STEP")
+                for native_step in ("1", "0"):
+                    os.environ["RWKVKIT_NATIVE_STEP"] = native_step
+                    times.append(_best(lambda tok=tok, st=st: model(tok, st), args.repeat))
+                if saved is None:
+                    os.environ.pop("RWKVKIT_NATIVE_STEP")
+                else:
+                    os.environ["RWKVKIT_NATIVE_STEP"] = saved
+                batch_rows.append((B, *times))
+        del model
+
     # ---- Q8_0 simulation (quality only) ---------------------------------------------------------
     # rwkv.cpp's Q8_0 path: Q8_0 weights times activations that ggml also quantises to Q8_0 (blocks
     # of 32) before the dot products; fp16 head (activations rounded to fp16)
@@ -246,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (as rwkv.cpp: q8_0 x q8_0)"
     )
     print(f"{'  Q8_0 weights only':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8w_quality}  (fp32 activations)")
+    if batch_rows:
+        print("\nbf16 decode step by batch size: native step vs PyTorch modules (ms per step, tokens/s)")
+        for B, t_native, t_torch in batch_rows:
+            print(
+                f"  B={B:<3} {t_native * 1e3:7.1f} ms ({B / t_native:6.0f} tok/s)   "
+                f"{t_torch * 1e3:7.1f} ms ({B / t_torch:6.0f} tok/s)"
+            )
     print("\nquality of the decode path (64 tokens, one per call) vs fp32 logits:")
     for name, q in decode_quality.items():
         print(f"{'rwkvkit ' + name:24} {q}")
