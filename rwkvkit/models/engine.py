@@ -92,7 +92,8 @@ class _PlanBuilder:
 
 
 class NativeStep:
-    """A plan for one model; ``step(x, state)`` runs a token for every row. Build with ``for_model``."""
+    """A plan for one model; ``step(x, state)`` runs a token for every row. ``RWKV.native_step()`` builds
+    and caches it."""
 
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
