@@ -1,6 +1,6 @@
 /* rwkvkit/ops/_cpu_math.h: scalar helpers shared by the CPU kernels (_wkv_cpu.c, _fused_cpu.c,
  * _decode_cpu.c), written so that loops calling them vectorise: bf16 <-> fp32 conversions with torch's
- * rounding, and a float exp. Include after <stdint.h> and <string.h>. */
+ * rounding, a float exp, and the row sums of the norms. Include after <stdint.h> and <string.h>. */
 #ifndef RWKVKIT_CPU_MATH_H
 #define RWKVKIT_CPU_MATH_H
 
@@ -43,6 +43,24 @@ CPU_MATH_INLINE float fexp(float x) {
     memcpy(&scale, &bits, sizeof scale);
     const float y = p * scale;
     return x < -87.3f ? 0.0f : (x > 88.37f ? __builtin_inff() : y);
+}
+
+/* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1) over n values, in 16 interleaved
+   partial sums so that the loop vectorises (a single running sum is one long dependency chain); every
+   kernel's LayerNorm / GroupNorm uses it, so they all sum in the same order */
+CPU_MATH_INLINE float row_sum(const float *restrict x, long n, int squares, float center) {
+    float acc[16] = {0};
+    long i = 0;
+    if (!squares)
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
+    else
+        for (; i + 16 <= n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += (x[i + l] - center) * (x[i + l] - center);
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += squares ? (x[i] - center) * (x[i] - center) : x[i];
+    return s;
 }
 
 #endif

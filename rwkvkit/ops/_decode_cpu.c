@@ -446,14 +446,8 @@ static void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *ne
 /* ---- element-wise pieces (one row of C) --------------------------------------------------------- */
 
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out) {
-    float mean = 0.f, var = 0.f;
-    for (int64_t i = 0; i < n; i++) mean += x[i];
-    mean /= (float)n;
-    for (int64_t i = 0; i < n; i++) {
-        const float d = x[i] - mean;
-        var += d * d;
-    }
-    const float rstd = 1.f / sqrtf(var / (float)n + eps);
+    const float mean = row_sum(x, n, 0, 0.f) / (float)n;
+    const float rstd = 1.f / sqrtf(row_sum(x, n, 1, mean) / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
 }
 

@@ -91,22 +91,6 @@ static inline void store_row(void *dst, int dt, const float *restrict src, long 
     }
 }
 
-/* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1) over n values, in 16 interleaved
-   partial sums so that the loop vectorises (a single running sum is one long dependency chain) */
-static inline float row_sum(const float *restrict x, long n, int squares, float center) {
-    float acc[16] = {0};
-    long i = 0;
-    if (!squares)
-        for (; i + 16 <= n; i += 16)
-            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
-    else
-        for (; i + 16 <= n; i += 16)
-            for (int l = 0; l < 16; l++) acc[l] += (x[i + l] - center) * (x[i + l] - center);
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    for (; i < n; i++) s += squares ? (x[i] - center) * (x[i] - center) : x[i];
-    return s;
-}
 
 static inline size_t dt_size(int dt) { return dt == DT_BF16 ? 2 : 4; }
 

@@ -88,24 +88,6 @@ ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, float *restrict
     }
 }
 
-
-/* sum of x[i] (squares = 0) or of (x[i] - center)^2 (squares = 1), in 16 interleaved partial sums
-   (the same order as _fused_cpu.c's group_norm_gate) */
-ALWAYS_INLINE float row_sum(const float *restrict x, long n, int squares, float center) {
-    float acc[16] = {0};
-    long i = 0;
-    if (!squares)
-        for (; i + 16 <= n; i += 16)
-            for (int l = 0; l < 16; l++) acc[l] += x[i + l];
-    else
-        for (; i + 16 <= n; i += 16)
-            for (int l = 0; l < 16; l++) acc[l] += (x[i + l] - center) * (x[i + l] - center);
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    for (; i < n; i++) s += squares ? (x[i] - center) * (x[i] - center) : x[i];
-    return s;
-}
-
 /* The GroupNorm epilogue for one token of head h (off its offset in [B, T, H, N]): the head's N
    outputs yt normalised, affine, times silu(g) (rounded to g's dtype, as F.silu), stored in out's
    dtype. tmp, e: N floats of scratch each. */
