@@ -22,6 +22,15 @@ def available() -> bool:
     return _decode_cpu is not None
 
 
+def _ext():
+    if _decode_cpu is None:
+        raise RuntimeError(
+            "the native decode kernels are not built; reinstall rwkvkit with a C compiler that has OpenMP "
+            "(pip install --no-build-isolation -e .)"
+        )
+    return _decode_cpu
+
+
 def matrix_kind(weight: torch.Tensor) -> int | None:
     """The kernel kind for a dense weight (fp32 or bf16, contiguous, CPU), or None if unsupported."""
     if weight.device.type != "cpu" or not weight.is_contiguous():
@@ -31,12 +40,12 @@ def matrix_kind(weight: torch.Tensor) -> int | None:
 
 def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ (q * scale)^T`` in float32: q int8 [N, K], scale fp16 [N, K / 32]; M small (decode)."""
-    assert _decode_cpu is not None
+    ext = _ext()
     x = x.to(torch.float32).contiguous()
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty((M, N), dtype=torch.float32)
-    _decode_cpu.matmul(
+    ext.matmul(
         MK_Q8, q.data_ptr(), scale.data_ptr(), N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
     )
     return y
@@ -44,7 +53,7 @@ def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32 or bf16 [N, K] (benchmarks, tests)."""
-    assert _decode_cpu is not None
+    ext = _ext()
     kind = matrix_kind(w)
     if kind is None:
         raise ValueError(
@@ -54,14 +63,14 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=torch.float32)
-    _decode_cpu.matmul(kind, w.data_ptr(), 0, N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
+    ext.matmul(kind, w.data_ptr(), 0, N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
     return y
 
 
 def q8_dequantize_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The bf16 matrix ``q * scale`` (for prefill, where a bf16 matmul beats M matrix-vector products)."""
-    assert _decode_cpu is not None
+    ext = _ext()
     N, K = q.shape
     out = torch.empty((N, K), dtype=torch.bfloat16)
-    _decode_cpu.dequantize_q8(q.data_ptr(), scale.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+    ext.dequantize_q8(q.data_ptr(), scale.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
     return out
