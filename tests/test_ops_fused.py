@@ -107,6 +107,42 @@ def test_sigmoid_mul(dtype, out):
     assert_close(got.to(dtype), want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_mul_adds_the_residual_exactly(dtype):
+    g = torch.Generator().manual_seed(2)
+    r, v = (torch.randn(2, 70, 96, generator=g).mul(4).to(dtype) for _ in range(2))
+    x = torch.randn(2, 70, 96, generator=g)
+    want = x + fused.sigmoid_mul(r, v, torch.float32)
+    assert torch.equal(fused.sigmoid_mul(r, v, torch.float32, residual=x), want)
+    with pytest.raises(ValueError, match="residual"):
+        fused.sigmoid_mul(r, v, dtype=bf16, residual=x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("add_dtype", [None, torch.float32, bf16])
+@pytest.mark.parametrize("form", ["finch", "lerp"])
+@pytest.mark.parametrize("B,T", [(2, 37), (1, 1), (3, 2)])  # thread boundaries inside and between rows
+def test_add_norm_mix(dtype, add_dtype, form, B, T):
+    g = torch.Generator().manual_seed(T)
+    C, M = 96, 2
+    x, prev = torch.randn(B, T, C, generator=g) * 3, torch.randn(B, C, generator=g)
+    add = None if add_dtype is None else torch.randn(B, T, C, generator=g).to(add_dtype)
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    mix = torch.rand(M, C, generator=g)
+    s_want = x if add is None else x + add
+    n = F.layer_norm(s_want, (C,), w, b, 1e-5)
+    p, mv = token_shift(n, prev), mix.view(M, 1, 1, C)
+    mixes = (torch.addcmul(n, p - n, mv) if form == "finch" else n * mv + p * (1 - mv)).to(dtype)
+    s, got, last, normed = fused.add_norm_mix(
+        x, add, w, b, 1e-5, prev, mix, lerp=form == "lerp", dtype=dtype, want_normed=True
+    )
+    assert torch.equal(s, s_want)  # the add is torch's: one fp32 rounding
+    assert_close(normed, n, torch.float32)  # the LayerNorm sums in another order
+    assert torch.equal(last, normed[:, -1])
+    assert_close(got, mixes, dtype)
+    assert fused.add_norm_mix(x, add, w, b, 1e-5, prev, mix, lerp=False, dtype=dtype)[3] is None
+
+
 def test_kernels_check_their_inputs():
     x = torch.randn(1, 4, 8)
     with pytest.raises(ValueError):
@@ -117,6 +153,11 @@ def test_kernels_check_their_inputs():
         fused.sigmoid_mul(x, x.to(bf16))
     with pytest.raises(ValueError):
         fused.relu_square_(x.transpose(1, 2))
+    w = torch.ones(8)
+    with pytest.raises(ValueError, match="add"):
+        fused.add_norm_mix(x, x[:, :2], w, w, 1e-5, torch.zeros(1, 8), w.view(1, 8), lerp=False, dtype=bf16)
+    with pytest.raises(ValueError, match="prev"):
+        fused.add_norm_mix(x, None, w, w, 1e-5, torch.zeros(2, 8), w.view(1, 8), lerp=False, dtype=bf16)
 
 
 @pytest.mark.parametrize("rkv_dtype", DTYPES)

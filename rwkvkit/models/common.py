@@ -102,6 +102,25 @@ class ChannelMix(nn.Module):
         self.receptance = Linear(C, C)
         self.value = Linear(F_, C)
 
+    def mixes(self) -> torch.Tensor:
+        """The key and receptance mix vectors stacked: [2, C] (for ``fused.shift_mix``)."""
+        mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
+        return torch.cat([mk, mr]).view(2, -1)
+
+    def fused_applies(self, x: torch.Tensor, shift: torch.Tensor) -> bool:
+        """True when ``forward_mixed`` may run (the fused CPU kernels, one compute dtype)."""
+        cdt = compute_dtype(self.key)
+        same = compute_dtype(self.receptance) == compute_dtype(self.value) == cdt
+        return same and fusable(self, x, cdt, inputs=(shift,))
+
+    def forward_mixed(
+        self, xk: torch.Tensor, xr: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The fused path from the two mixes on (in the compute dtype): ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)``
+        in fp32, plus ``residual`` (fp32) when given, added in the same pass."""
+        k = fused.relu_square_(self.key(xk))
+        return fused.sigmoid_mul(self.receptance(xr), self.value(k), torch.float32, residual=residual)
+
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""
         mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
@@ -110,10 +129,8 @@ class ChannelMix(nn.Module):
         if fusable(self, x, cdt, inputs=(shift,)) and same:
             # mixes straight to the compute dtype, relu^2 in place, sigmoid(r) * v in one pass; the
             # output is stored fp32 (the same values) so the caller's residual add needs no cast
-            C = x.shape[-1]
-            xk, xr = fused.shift_mix(x, shift, torch.cat([mk, mr]).view(2, C), lerp=not self.finch, dtype=cdt)
-            k = fused.relu_square_(self.key(xk))
-            return fused.sigmoid_mul(self.receptance(xr), self.value(k), torch.float32), x[:, -1]
+            xk, xr = fused.shift_mix(x, shift, self.mixes(), lerp=not self.finch, dtype=cdt)
+            return self.forward_mixed(xk, xr), x[:, -1]
         prev = token_shift(x, shift)
         if self.finch:
             d = prev - x

@@ -18,9 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..ops import fused
 from ..state import State
 from . import engine
-from .common import ChannelMix, LayerNorm, Linear
+from .common import ChannelMix, LayerNorm, Linear, compute_dtype, fusable
 from .rwkv4 import TimeMix4
 from .rwkv5 import TimeMix5
 from .rwkv6 import TimeMix6
@@ -55,6 +56,18 @@ class Block(nn.Module):
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
         """
         out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
+        ffn = self.ffn
+        if ffn.fused_applies(x, ffn_shift) and fusable(self, x, inputs=(out,)):
+            # the residual add, ln2 and the channel-mix's two token-shift mixes in one C pass, and the
+            # second residual add inside the channel-mix's last kernel
+            if keep:
+                x, out = x[:, -keep:], out[:, -keep:]
+            ln = self.ln2
+            x, (xk, xr), ffn_shift, _ = fused.add_norm_mix(
+                x, out, ln.weight, ln.bias, ln.eps, ffn_shift, ffn.mixes(), lerp=not ffn.finch,
+                dtype=compute_dtype(ffn.key),
+            )  # fmt: skip
+            return ffn.forward_mixed(xk, xr, residual=x), att_shift, wkv, ffn_shift
         x = x + out
         if keep:
             x = x[:, -keep:]  # the first kept position only supplies the token shift of the next

@@ -380,12 +380,14 @@ static PyObject *py_relu_square(PyObject *self, PyObject *args) {
 typedef struct {
     long R, C;
     const char *r, *v; /* [R, C], dtype in_dt each */
+    const float *res;  /* optional [R, C] fp32 residual (out_dt fp32): out = res + sigmoid(r) * v */
     int in_dt, out_dt;
     char *out;
 } sm_args;
 
 /* out = sigmoid(r) * v: sigmoid rounded to the input dtype, then the product rounded to it (as
-   torch.sigmoid(r) * v on bf16 tensors), then stored in out_dt. */
+   torch.sigmoid(r) * v on bf16 tensors), then stored in out_dt; with res, res + that product in
+   fp32 (the residual add x + out of the block, one fp32 rounding as torch's add). */
 BODY void sigmoid_mul_rows_body(const sm_args *a, long r0, long r1) {
     const long C = a->C;
     const size_t in_sz = dt_size(a->in_dt);
@@ -397,6 +399,8 @@ BODY void sigmoid_mul_rows_body(const sm_args *a, long r0, long r1) {
             const float s = round_to(1.0f / (1.0f + fexp(-rr[c])), a->in_dt);
             rr[c] = round_to(s * vv[c], a->in_dt);
         }
+        if (a->res)
+            for (long c = 0; c < C; c++) rr[c] = a->res[row * C + c] + rr[c];
         store_row(a->out + (size_t)row * C * dt_size(a->out_dt), a->out_dt, rr, C);
     }
 }
@@ -404,10 +408,15 @@ VARIANTS(sigmoid_mul_rows, sm_args)
 
 static PyObject *py_sigmoid_mul(PyObject *self, PyObject *args) {
     sm_args a;
-    unsigned long long pr, pv, po;
+    unsigned long long pr, pv, po, pres;
     int nthreads;
-    if (!PyArg_ParseTuple(args, "llKKiKii", &a.R, &a.C, &pr, &pv, &a.in_dt, &po, &a.out_dt, &nthreads))
+    if (!PyArg_ParseTuple(args, "llKKiKiKi", &a.R, &a.C, &pr, &pv, &a.in_dt, &po, &a.out_dt, &pres, &nthreads))
         return NULL;
+    a.res = (const float *)(uintptr_t)pres;
+    if (a.res && a.out_dt != DT_F32) {
+        PyErr_SetString(PyExc_ValueError, "sigmoid_mul: a residual needs a float32 output");
+        return NULL;
+    }
     if (a.R <= 0 || a.C <= 0 || a.C > MAX_C) {
         PyErr_SetString(PyExc_ValueError, "sigmoid_mul: bad sizes");
         return NULL;
@@ -430,6 +439,109 @@ static PyObject *py_sigmoid_mul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- residual add, LayerNorm and the token-shift mixes in one pass ---------------------------- */
+
+typedef struct {
+    long R, T, C, M;
+    const float *x;       /* [R, C] fp32 residual stream */
+    const char *add;      /* optional [R, C] (dtype add_dt): x + add is the new residual */
+    const float *w, *b;   /* LayerNorm weight, bias [C] */
+    float eps;
+    const float *prev;    /* [B, C]: LayerNorm output of the token before each sequence's first row */
+    const float *mix;     /* [M, C] */
+    int add_dt, lerp, out_dt;
+    float *x_out;         /* optional [R, C]: x + add */
+    float *xn_out;        /* optional [R, C]: LayerNorm output */
+    float *last;          /* optional [B, C]: LayerNorm output of each sequence's last row */
+    char *out;            /* [M, R, C] mixes, out_dt */
+} anm_args;
+
+/* s = x[r] + add[r] (fp32, one rounding as torch's add), y = LayerNorm(s) */
+BODY void anm_norm_row(const anm_args *a, long r, float *restrict s, float *restrict y) {
+    const long C = a->C;
+    const float *restrict x = a->x + r * C;
+    if (a->add) {
+        load_row(y, a->add + (size_t)r * C * dt_size(a->add_dt), a->add_dt, C);
+        for (long c = 0; c < C; c++) s[c] = x[c] + y[c];
+    } else {
+        memcpy(s, x, sizeof(float) * (size_t)C);
+    }
+    const float mean = row_sum(s, C, 0, 0.0f) / (float)C;
+    const float rstd = 1.0f / sqrtf(row_sum(s, C, 1, mean) / (float)C + a->eps);
+    for (long c = 0; c < C; c++) y[c] = (s[c] - mean) * rstd * a->w[c] + a->b[c];
+}
+
+/* rows [r0, r1): the previous row's LayerNorm output is recomputed for the first row of the range
+   (the row above belongs to the other thread) unless it starts a sequence (then prev) */
+BODY void anm_rows_body(const anm_args *a, long r0, long r1) {
+    const long C = a->C;
+    float s[C], y0[C], y1[C], buf[C];
+    float *p = y0, *y = y1;
+    const float *pp;
+    if (r0 % a->T) {
+        anm_norm_row(a, r0 - 1, s, p);
+        pp = p;
+    } else {
+        pp = a->prev + (r0 / a->T) * C;
+    }
+    for (long r = r0; r < r1; r++) {
+        anm_norm_row(a, r, s, y);
+        if (a->x_out) memcpy(a->x_out + r * C, s, sizeof(float) * (size_t)C);
+        if (a->xn_out) memcpy(a->xn_out + r * C, y, sizeof(float) * (size_t)C);
+        if (a->last && r % a->T == a->T - 1) memcpy(a->last + (r / a->T) * C, y, sizeof(float) * (size_t)C);
+        const float *restrict pr = (r % a->T == 0) ? a->prev + (r / a->T) * C : pp;
+        for (long j = 0; j < a->M; j++) {
+            const float *restrict m = a->mix + j * C;
+            if (a->lerp)
+                for (long c = 0; c < C; c++) buf[c] = y[c] * m[c] + pr[c] * (1.0f - m[c]);
+            else
+                for (long c = 0; c < C; c++) buf[c] = fmaf(pr[c] - y[c], m[c], y[c]);
+            store_row(a->out + (size_t)(j * a->R + r) * C * dt_size(a->out_dt), a->out_dt, buf, C);
+        }
+        float *t = p; /* this row's output is the next row's previous token */
+        p = y;
+        y = t;
+        pp = p;
+    }
+}
+VARIANTS(anm_rows, anm_args)
+
+static PyObject *py_add_norm_mix(PyObject *self, PyObject *args) {
+    anm_args a;
+    unsigned long long px, pa, pw, pb, pp, pm, pxo, pxn, pl, po;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "llllKKiKKfKKiiKKKKi", &a.R, &a.T, &a.C, &a.M, &px, &pa, &a.add_dt, &pw, &pb,
+                          &a.eps, &pp, &pm, &a.lerp, &a.out_dt, &pxo, &pxn, &pl, &po, &nthreads))
+        return NULL;
+    if (a.R <= 0 || a.T <= 0 || a.R % a.T || a.C <= 0 || a.C > MAX_C || a.M < 0) {
+        PyErr_SetString(PyExc_ValueError, "add_norm_mix: bad sizes");
+        return NULL;
+    }
+    a.x = (const float *)(uintptr_t)px;
+    a.add = (const char *)(uintptr_t)pa;
+    a.w = (const float *)(uintptr_t)pw;
+    a.b = (const float *)(uintptr_t)pb;
+    a.prev = (const float *)(uintptr_t)pp;
+    a.mix = (const float *)(uintptr_t)pm;
+    a.x_out = (float *)(uintptr_t)pxo;
+    a.xn_out = (float *)(uintptr_t)pxn;
+    a.last = (float *)(uintptr_t)pl;
+    a.out = (char *)(uintptr_t)po;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads <= 1) {
+        anm_rows(&a, 0, a.R);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            long r0, r1;
+            split_rows(a.R, &r0, &r1);
+            if (r0 < r1) anm_rows(&a, r0, r1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"mix", py_mix, METH_VARARGS,
      "mix(R, T, C, M, x, prev, mix, lerp, out_dt, out, nthreads): token-shift mixes"},
@@ -438,7 +550,11 @@ static PyMethodDef methods[] = {
     {"group_norm_gate", py_group_norm_gate, METH_VARARGS,
      "group_norm_gate(R, C, N, y, g, g_dt, weight, bias, eps, out, out_dt, nthreads)"},
     {"relu_square", py_relu_square, METH_VARARGS, "relu_square(n, k, dt, nthreads): k = relu(k)^2 in place"},
-    {"sigmoid_mul", py_sigmoid_mul, METH_VARARGS, "sigmoid_mul(R, C, r, v, in_dt, out, out_dt, nthreads)"},
+    {"sigmoid_mul", py_sigmoid_mul, METH_VARARGS,
+     "sigmoid_mul(R, C, r, v, in_dt, out, out_dt, res, nthreads): res = 0 or an fp32 residual to add"},
+    {"add_norm_mix", py_add_norm_mix, METH_VARARGS,
+     "add_norm_mix(R, T, C, M, x, add, add_dt, ln_w, ln_b, eps, prev, mix, lerp, out_dt, x_out, xn_out, "
+     "last, out, nthreads): residual add, LayerNorm, token-shift mixes (0 = no such buffer)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused_cpu",

@@ -1,7 +1,7 @@
 """Fused element-wise CPU kernels around an RWKV block's matrices (``rwkvkit.ops._fused_cpu``), inference.
 
-Between the matrix products a block runs chains of element-wise work: token-shift mixes, GroupNorm
-times the gate, relu^2, sigmoid gating, and the dtype casts between them. Each function here does one
+Between the matrix products a block runs chains of element-wise work: residual adds, LayerNorms,
+token-shift mixes, GroupNorm times the gate, relu^2, sigmoid gating, and the dtype casts between them. Each function here does one
 chain in a single C pass over the rows, reading and writing fp32 or bf16 directly. The math is the
 PyTorch path's (``rwkvkit.models``), rounding intermediates to the compute dtype where that path does,
 so a bf16 model gives the same numbers up to an occasional last-bit difference.
@@ -156,18 +156,77 @@ def relu_square_(k: Tensor) -> Tensor:
     return k
 
 
-def sigmoid_mul(r: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def sigmoid_mul(
+    r: Tensor, v: Tensor, dtype: torch.dtype | None = None, residual: Tensor | None = None
+) -> Tensor:
     """``sigmoid(r) * v`` computed as on tensors of r's dtype (sigmoid and product rounded to it),
-    returned in ``dtype`` (default r's dtype). r, v [..., C] of the same shape and dtype."""
+    returned in ``dtype`` (default r's dtype). r, v [..., C] of the same shape and dtype.
+
+    ``residual`` (fp32, r's shape; then ``dtype`` must be fp32): returns ``residual + sigmoid(r) * v``,
+    the block's residual add done in the same pass (the same value as adding afterwards)."""
     ext = _ext()
     if r.shape != v.shape or r.dtype != v.dtype:
         raise ValueError(f"r and v must match: {tuple(r.shape)} {r.dtype} vs {tuple(v.shape)} {v.dtype}")
     in_dt = _code("r", r)
     dtype = r.dtype if dtype is None else dtype
     out_dt = _code("dtype", torch.empty(0, dtype=dtype))
+    if residual is not None:
+        if residual.shape != r.shape or residual.dtype != torch.float32 or dtype != torch.float32:
+            raise ValueError(f"residual must be float32 {tuple(r.shape)} with a float32 output")
+        residual = residual.contiguous()
     r, v = r.contiguous(), v.contiguous()
     C = r.shape[-1]
     out = torch.empty(r.shape, dtype=dtype)
-    ext.sigmoid_mul(r.numel() // C, C, r.data_ptr(), v.data_ptr(), in_dt, out.data_ptr(), out_dt,
+    res = 0 if residual is None else residual.data_ptr()
+    ext.sigmoid_mul(r.numel() // C, C, r.data_ptr(), v.data_ptr(), in_dt, out.data_ptr(), out_dt, res,
                     _threads(r.numel()))  # fmt: skip
     return out
+
+
+def add_norm_mix(
+    x: Tensor,
+    add: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    prev: Tensor,
+    mix: Tensor,
+    *,
+    lerp: bool,
+    dtype: torch.dtype,
+    want_normed: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The residual add, a LayerNorm and the token-shift mixes of its output, in one pass over the rows.
+
+    x [B, T, C] fp32 (the residual stream); add [B, T, C] fp32 or bf16 or None (then the residual is x
+    itself); weight, bias [C]; prev [B, C] the LayerNorm output of the token before x[:, 0]; mix [M, C].
+    With ``s = x + add`` and ``n = LayerNorm(s)``, returns ``(s, mixes, last, normed)``: mixes [M, B, T, C]
+    in ``dtype`` as ``shift_mix(n, prev, mix, lerp=lerp, dtype=dtype)``, last = n[:, -1] [B, C] (the
+    next shift state), normed = n [B, T, C] fp32 when ``want_normed`` else None. The LayerNorm sums in
+    the kernels' own order (``row_sum``): it agrees with ``F.layer_norm`` to a few fp32 ulps.
+    """
+    ext = _ext()
+    B, T, C = x.shape
+    if add is not None and tuple(add.shape) != (B, T, C):
+        raise ValueError(f"add must have x's shape {(B, T, C)}, got {tuple(add.shape)}")
+    if tuple(prev.shape) != (B, C) or tuple(weight.shape) != (C,) or tuple(bias.shape) != (C,):
+        raise ValueError(f"need prev [B, C] and weight, bias [C] for x {(B, T, C)}")
+    if mix.dim() != 2 or mix.shape[1] != C:
+        raise ValueError(f"mix must be [M, C] with C = {C}, got {tuple(mix.shape)}")
+    M = mix.shape[0]
+    out_dt = _code("dtype", torch.empty(0, dtype=dtype))
+    add_dt = _code("add", add) if add is not None else 0
+    f = torch.float32
+    x, weight, bias, prev, mix = (t.to(f).contiguous() for t in (x, weight, bias, prev, mix))
+    add = add.contiguous() if add is not None else None
+    s = torch.empty((B, T, C), dtype=f) if add is not None else x
+    normed = torch.empty((B, T, C), dtype=f) if want_normed else None
+    last = torch.empty((B, C), dtype=f)
+    out = torch.empty((M, B, T, C), dtype=dtype)
+    ext.add_norm_mix(
+        B * T, T, C, M, x.data_ptr(), 0 if add is None else add.data_ptr(), add_dt, weight.data_ptr(),
+        bias.data_ptr(), float(eps), prev.data_ptr(), mix.data_ptr(), int(lerp), out_dt,
+        0 if add is None else s.data_ptr(), 0 if normed is None else normed.data_ptr(), last.data_ptr(),
+        out.data_ptr(), _threads((M + 2) * B * T * C),
+    )  # fmt: skip
+    return s, out, last, normed
