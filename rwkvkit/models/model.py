@@ -55,7 +55,17 @@ class Block(nn.Module):
         ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
         """
-        out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
+        spec = self.att.shift_mix_spec(x, att_shift, wkv)
+        if spec is not None and fusable(self.ln1, x):
+            # ln1 and the time-mix's first token-shift mixes in one C pass
+            ln, (mix, lerp, dt) = self.ln1, spec
+            _, mixed, last, xn = fused.add_norm_mix(
+                x, None, ln.weight, ln.bias, ln.eps, att_shift, mix, lerp=lerp, dtype=dt, want_normed=True
+            )
+            out, _, wkv = self.att(xn, att_shift, wkv, backend, mixed=mixed)
+            att_shift = last
+        else:
+            out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
         ffn = self.ffn
         if ffn.fused_applies(x, ffn_shift) and fusable(self, x, inputs=(out,)):
             # the residual add, ln2 and the channel-mix's two token-shift mixes in one C pass, and the

@@ -28,14 +28,32 @@ class TimeMix4(nn.Module):
         self.receptance = Linear(C, C)
         self.output = Linear(C, C)
 
-    def forward(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: tuple[torch.Tensor, ...], backend: str
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (aa, bb, pp) [B, C] fp32 each."""
-        mk, mv, mr = self.time_mix_k, self.time_mix_v, self.time_mix_r
+    def shift_mix_spec(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, bool, torch.dtype] | None:
+        """The token-shift mixes the fused path starts with, as ``(mix [M, C], lerp, dtype)`` for
+        ``fused.shift_mix``, or None when the fused path does not apply."""
         cdt = compute_dtype(self.key)
-        if fusable(self, x, cdt, inputs=(shift, *wkv_state)):
-            xk, xv, xr = fused.shift_mix(x, shift, torch.cat([mk, mv, mr]).view(3, -1), lerp=True, dtype=cdt)
+        if not fusable(self, x, cdt, inputs=(shift, *wkv_state)):
+            return None
+        return torch.cat([self.time_mix_k, self.time_mix_v, self.time_mix_r]).view(3, -1), True, cdt
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: tuple[torch.Tensor, ...],
+        backend: str,
+        mixed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (aa, bb, pp) [B, C] fp32 each.
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
+        mk, mv, mr = self.time_mix_k, self.time_mix_v, self.time_mix_r
+        spec = self.shift_mix_spec(x, shift, wkv_state) if mixed is None else None
+        if mixed is not None or spec is not None:
+            if mixed is None:
+                mixed = fused.shift_mix(x, shift, spec[0], lerp=True, dtype=spec[2])
+            xk, xv, xr = mixed
         else:
             prev = token_shift(x, shift)
             xk = x * mk + prev * (1 - mk)

@@ -32,16 +32,35 @@ class TimeMix5(nn.Module):
         self.output = Linear(C, C)
         self.ln_x = make_ln_x(config)
 
+    def shift_mix_spec(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, bool, torch.dtype] | None:
+        """The token-shift mixes the fused path starts with, as ``(mix [M, C], lerp, dtype)`` for
+        ``fused.shift_mix``, or None when the fused path does not apply."""
+        cdt = compute_dtype(self.receptance)
+        if not fusable(self, x, cdt, inputs=(shift, wkv_state)):
+            return None
+        mixes = torch.cat([self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g])
+        return mixes.view(4, -1), True, cdt
+
     def forward(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        backend: str,
+        mixed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value)."""
+        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value).
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         cdt = compute_dtype(self.receptance)
-        if fusable(self, x, cdt, inputs=(shift, wkv_state)):
-            mixes = torch.cat([self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g]).view(4, C)
-            xr, xk, xv, xg = fused.shift_mix(x, shift, mixes, lerp=True, dtype=cdt)
+        spec = self.shift_mix_spec(x, shift, wkv_state) if mixed is None else None
+        if mixed is not None or spec is not None:
+            if mixed is None:
+                mixed = fused.shift_mix(x, shift, spec[0], lerp=True, dtype=cdt)
+            xr, xk, xv, xg = mixed
             r = self.receptance(xr).view(B, T, H, N)
             k = self.key(xk).view(B, T, H, N)
             v = self.value(xv).view(B, T, H, N)

@@ -50,15 +50,32 @@ class TimeMix6(nn.Module):
             [self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g]
         ).float()
 
+    def shift_mix_spec(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, bool, torch.dtype] | None:
+        """The token-shift mixes the fused path starts with, as ``(mix [M, C], lerp, dtype)`` for
+        ``fused.shift_mix``, or None when the fused path does not apply (then ``forward`` takes no
+        ``mixed``)."""
+        cdt, ldt = compute_dtype(self.receptance), self.time_maa_w1.dtype
+        if not fusable(self, x, cdt, ldt, inputs=(shift, wkv_state)):
+            return None
+        return self.time_maa_x.view(1, -1), False, ldt
+
     def forward(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        backend: str,
+        mixed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value)."""
+        """x [B, T, C] normalised fp32; shift [B, C]; wkv_state [B, H, N, N] fp32 (key x value).
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
         cdt = compute_dtype(self.receptance)
-        if fusable(self, x, cdt, self.time_maa_w1.dtype, inputs=(shift, wkv_state)):
-            return self._forward_fused(x, shift, wkv_state, backend, cdt)
+        if mixed is not None or fusable(self, x, cdt, self.time_maa_w1.dtype, inputs=(shift, wkv_state)):
+            return self._forward_fused(x, shift, wkv_state, backend, cdt, mixed)
         d = token_shift(x, shift) - x
         w1 = self.time_maa_w1
         m = torch.tanh(torch.addcmul(x, d, self.time_maa_x).to(w1.dtype) @ w1).float()  # [B, T, 5D]
@@ -81,13 +98,21 @@ class TimeMix6(nn.Module):
         return self.output(y * g), x[:, -1], s
 
     def _forward_fused(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, backend: str, cdt: torch.dtype
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        backend: str,
+        cdt: torch.dtype,
+        mixed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward`` with the element-wise steps in the fused CPU kernels (same math, same roundings)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         w1 = self.time_maa_w1
-        xxx = fused.shift_mix(x, shift, self.time_maa_x.view(1, C), lerp=False, dtype=w1.dtype)[0]
+        if mixed is None:
+            mixed = fused.shift_mix(x, shift, self.time_maa_x.view(1, C), lerp=False, dtype=w1.dtype)
+        xxx = mixed[0]
         m = torch.tanh(xxx @ w1)  # [B, T, 5D]
         # x + d * (maa_j + m_j @ w2_j) for the five branches, the LoRA product inside the kernel
         xw, xk, xv, xr, xg = fused.finch_mix(x, shift, m, self.time_maa_w2, self.maa5.view(5, C), cdt)
