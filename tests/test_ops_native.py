@@ -45,3 +45,32 @@ def test_native_is_skipped_when_gradients_are_needed():
     with torch.no_grad():
         assert native.usable(r)
     assert native.usable(torch.randn(1, 4, 1, 4))
+
+
+@pytest.mark.parametrize("T", [7, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("groupnorm", [False, True], ids=["y", "groupnorm"])
+def test_native_n64_is_bit_identical_however_the_prompt_is_split(T, dtype, groupnorm):
+    """N = 64 (on AVX-512 the kernel that takes two tokens per pass over the state, an odd last token
+    alone): a prompt run whole and the same prompt run in pieces of 1 and of 3 tokens, the state
+    carried, give exactly the same outputs and final state."""
+    B, H, N = 2, 3, 64
+    g = torch.Generator().manual_seed(T)
+    r, k, v, ww, gate = (torch.randn(B, T, H, N, generator=g).to(dtype) for _ in range(5))
+    td = torch.randn(H * N, generator=g) * 0.5 - 1
+    u = torch.randn(H, N, generator=g)
+    s0 = torch.randn(B, H, N, N, generator=g)
+    ln_w, ln_b = torch.randn(H * N, generator=g), torch.randn(H * N, generator=g)
+
+    def run(a, b, s):
+        gn = native.GroupNormGate(gate[:, a:b], ln_w, ln_b, 64e-5, dtype) if groupnorm else None
+        return native.wkv6_native_finch(r[:, a:b], k[:, a:b], v[:, a:b], ww[:, a:b], td, u, s, gn)
+
+    want_y, want_s = run(0, T, s0)
+    for piece in (1, 3):
+        s, ys = s0, []
+        for a in range(0, T, piece):
+            y, s = run(a, min(a + piece, T), s)
+            ys.append(y)
+        assert torch.equal(torch.cat(ys, dim=1), want_y)
+        assert torch.equal(s, want_s)

@@ -4,11 +4,13 @@
  * truth) in C: for every (batch, head) and token t,
  *     y_t[j]   = sum_i r_t[i] * (S[i][j] + u[i] * k_t[i] * v_t[j])
  *     S[i][j]  = d_t[i] * S[i][j] + k_t[i] * v_t[j]        (d = exp(w), the decay factor in [0, 1])
- * One pass over the N x N state per token; the decay factors come exponentiated from the caller or
- * are computed here per token from Finch's raw decay (vectorised), and since they lie in [0, 1] the
- * recurrence is exact and stable for any decay. The inner loop over j is contiguous and vectorises;
- * (batch, head) pairs are split over OpenMP threads (PyTorch's own pool: the same libgomp). Used for
- * inference (prefill and decode) when no gradient is needed; training uses the PyTorch forms.
+ * One pass over the N x N state per token (per two tokens in the N == 64 AVX-512 kernel, each token's
+ * operations the same and in the same order, so the same bits); the decay factors come exponentiated
+ * from the caller or are computed here per token from Finch's raw decay (vectorised), and since they
+ * lie in [0, 1] the recurrence is exact and stable for any decay. The inner loop over j is contiguous
+ * and vectorises; (batch, head) pairs are split over OpenMP threads (PyTorch's own pool: the same
+ * libgomp). Used for inference (prefill and decode) when no gradient is needed; training uses the
+ * PyTorch forms.
  *
  * Arguments are raw pointers (integers) to contiguous buffers, validated by the Python wrapper
  * (rwkvkit/ops/native.py):
@@ -74,9 +76,8 @@ ALWAYS_INLINE void load_vec(float *restrict dst, const void *src, int bf16, long
 
 /* One token of one head as fp32: r, k, v and the decay factors d (exp(-exp(w_base + w)) for Finch's
    raw decay). off is the token's offset in [B, T, H, N], h the head. */
-ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, float *restrict rt,
+ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, const long N, float *restrict rt,
                               float *restrict kt, float *restrict vt, float *restrict dt) {
-    const long N = jb->N;
     load_vec(rt, jb->r, jb->rkv_bf16, off, N);
     load_vec(kt, jb->k, jb->rkv_bf16, off, N);
     load_vec(vt, jb->v, jb->rkv_bf16, off, N);
@@ -91,9 +92,8 @@ ALWAYS_INLINE void load_token(const job_t *jb, long off, long h, float *restrict
 /* The GroupNorm epilogue for one token of head h (off its offset in [B, T, H, N]): the head's N
    outputs yt normalised, affine, times silu(g) (rounded to g's dtype, as F.silu), stored in out's
    dtype. tmp, e: N floats of scratch each. */
-ALWAYS_INLINE void gn_token(const job_t *jb, long off, long h, const float *restrict yt,
+ALWAYS_INLINE void gn_token(const job_t *jb, long off, long h, const long N, const float *restrict yt,
                             float *restrict tmp, float *restrict e) {
-    const long N = jb->N;
     load_vec(tmp, jb->g, jb->g_bf16, off, N);
     /* silu; exp and division in separate loops, each of which vectorises */
     for (long i = 0; i < N; i++) e[i] = fexp(-tmp[i]);
@@ -129,7 +129,7 @@ static void run_pair(const job_t *jb, long bh, float *restrict buf) {
         const long off = (b * T + t) * ts + h * N;
         float *restrict yt = buf, *restrict rt = buf + N, *restrict kt = buf + 2 * N;
         float *restrict vt = buf + 3 * N, *restrict wt = buf + 4 * N;
-        load_token(jb, off, h, rt, kt, vt, wt);
+        load_token(jb, off, h, N, rt, kt, vt, wt);
         for (long j = 0; j < N; j++) yt[j] = 0.0f;
         for (long i = 0; i < N; i++) {
             const float ri = rt[i], ki = kt[i], di = wt[i];
@@ -142,7 +142,7 @@ static void run_pair(const job_t *jb, long bh, float *restrict buf) {
             }
         }
         if (jb->g) {
-            gn_token(jb, off, h, yt, buf + 5 * N, wt); /* the decays are used up: scratch */
+            gn_token(jb, off, h, N, yt, buf + 5 * N, wt); /* the decays are used up: scratch */
         } else {
             float *restrict out = jb->y + off;
             for (long j = 0; j < N; j++) out[j] = yt[j];
@@ -153,58 +153,104 @@ static void run_pair(const job_t *jb, long bh, float *restrict buf) {
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_N64_AVX512 1
+#define N64_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+/* The bonus factor of one token (N == 64): sum_i r_i u_i k_i, in 16 lanes (a serial sum would be a
+   64-add dependency chain) */
+N64_TARGET ALWAYS_INLINE float n64_bonus(const float *rt, const float *kt, const float *u) {
+    __m512 rk = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(rt), _mm512_loadu_ps(u)), _mm512_loadu_ps(kt));
+    for (long i = 16; i < 64; i += 16)
+        rk = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(rt + i), _mm512_loadu_ps(u + i)),
+                             _mm512_loadu_ps(kt + i), rk);
+    return _mm512_reduce_add_ps(rk);
+}
+
+/* tokens per block in run_pair_n64 (even; 2 to 16 measured within a few percent of each other) */
+#define N64_BLOCK 4
+
 /* N == 64 (every released Eagle/Finch) with AVX-512: the four 16-lane column blocks of a state row
-   are updated together, so the output accumulators are four independent register chains. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void run_pair_n64(const job_t *jb,
-                                                                                           long bh,
-                                                                                           float *buf) {
-    const long T = jb->T, H = jb->H, N = 64;
+   are updated together, and two tokens t, t + 1 share one pass over the state: per row i, S_i is
+   loaded once, gives token t's output terms, is updated with token t's decay and k v, gives token
+   t + 1's output terms, is updated with token t + 1's, and is stored once. Each token's operations
+   and their order are those of a pass of its own (S' after token t is the fp32 value that pass would
+   store), so the results do not depend on how the tokens are paired; the pass is bound by its FMAs
+   rather than by the state's loads and stores, and the eight output accumulators are independent
+   register chains. An odd last token runs alone. The tokens go in small blocks of N64_BLOCK: first
+   all their inputs, decays and bonus factors, then the passes over the state, then their GroupNorm
+   epilogues (independent per-token work next to each other, where it can overlap). */
+N64_TARGET static void run_pair_n64(const job_t *jb, long bh, float *buf) {
+    const long T = jb->T, H = jb->H, N = 64, TB = N64_BLOCK;
     const long b = bh / H, h = bh % H;
     const long ts = H * N;
     float *S = jb->s + bh * N * N;
     const float *u = jb->u + h * N;
-    for (long t = 0; t < T; t++) {
-        const long off = (b * T + t) * ts + h * N;
-        float *rt = buf, *kt = buf + N, *vt = buf + 2 * N, *dt = buf + 3 * N;
-        load_token(jb, off, h, rt, kt, vt, dt);
-        const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16);
-        const __m512 v2 = _mm512_loadu_ps(vt + 32), v3 = _mm512_loadu_ps(vt + 48);
-        /* bonus = sum_i r_i u_i k_i, in 16 lanes (a serial sum would be a 64-add dependency chain) */
-        __m512 rk = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(rt), _mm512_loadu_ps(u)),
-                                  _mm512_loadu_ps(kt));
-        for (long i = 16; i < N; i += 16)
-            rk = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(rt + i), _mm512_loadu_ps(u + i)),
-                                 _mm512_loadu_ps(kt + i), rk);
-        const __m512 bb = _mm512_set1_ps(_mm512_reduce_add_ps(rk));
-        __m512 a0 = _mm512_mul_ps(bb, v0), a1 = _mm512_mul_ps(bb, v1);
-        __m512 a2 = _mm512_mul_ps(bb, v2), a3 = _mm512_mul_ps(bb, v3);
-        for (long i = 0; i < N; i++) {
-            const __m512 ri = _mm512_set1_ps(rt[i]), ki = _mm512_set1_ps(kt[i]), di = _mm512_set1_ps(dt[i]);
-            float *Si = S + i * N;
-            __m512 s0 = _mm512_loadu_ps(Si), s1 = _mm512_loadu_ps(Si + 16);
-            __m512 s2 = _mm512_loadu_ps(Si + 32), s3 = _mm512_loadu_ps(Si + 48);
-            a0 = _mm512_fmadd_ps(ri, s0, a0);
-            a1 = _mm512_fmadd_ps(ri, s1, a1);
-            a2 = _mm512_fmadd_ps(ri, s2, a2);
-            a3 = _mm512_fmadd_ps(ri, s3, a3);
-            _mm512_storeu_ps(Si, _mm512_fmadd_ps(s0, di, _mm512_mul_ps(ki, v0)));
-            _mm512_storeu_ps(Si + 16, _mm512_fmadd_ps(s1, di, _mm512_mul_ps(ki, v1)));
-            _mm512_storeu_ps(Si + 32, _mm512_fmadd_ps(s2, di, _mm512_mul_ps(ki, v2)));
-            _mm512_storeu_ps(Si + 48, _mm512_fmadd_ps(s3, di, _mm512_mul_ps(ki, v3)));
+    /* buf: the block's r, k, v, d, y (TB x N each) */
+    float *R = buf, *K = buf + TB * N, *V = buf + 2 * TB * N, *D = buf + 3 * TB * N, *Y = buf + 4 * TB * N;
+    float bonus[N64_BLOCK];
+    for (long t0 = 0; t0 < T; t0 += TB) {
+        const long nt = T - t0 < TB ? T - t0 : TB;
+        const long off0 = (b * T + t0) * ts + h * N; /* the block's first token */
+        for (long q = 0; q < nt; q++) {
+            load_token(jb, off0 + q * ts, h, N, R + q * N, K + q * N, V + q * N, D + q * N);
+            bonus[q] = n64_bonus(R + q * N, K + q * N, u);
         }
-        float *out = jb->g ? buf + 4 * N : jb->y + off;
-        _mm512_storeu_ps(out, a0);
-        _mm512_storeu_ps(out + 16, a1);
-        _mm512_storeu_ps(out + 32, a2);
-        _mm512_storeu_ps(out + 48, a3);
-        if (jb->g) gn_token(jb, off, h, out, buf + 5 * N, dt); /* the decays are used up: scratch */
+        long q = 0;
+        for (; q + 2 <= nt; q += 2) {
+            const float *r0 = R + q * N, *k0 = K + q * N, *d0 = D + q * N, *r1 = r0 + N, *k1 = k0 + N, *d1 = d0 + N;
+            __m512 va[4], vb[4], a[4], c[4];
+            const __m512 ba = _mm512_set1_ps(bonus[q]), bb = _mm512_set1_ps(bonus[q + 1]);
+            for (int j = 0; j < 4; j++) {
+                va[j] = _mm512_loadu_ps(V + q * N + 16 * j);
+                vb[j] = _mm512_loadu_ps(V + (q + 1) * N + 16 * j);
+                a[j] = _mm512_mul_ps(ba, va[j]);
+                c[j] = _mm512_mul_ps(bb, vb[j]);
+            }
+            for (long i = 0; i < N; i++) {
+                const __m512 ra = _mm512_set1_ps(r0[i]), ka = _mm512_set1_ps(k0[i]), da = _mm512_set1_ps(d0[i]);
+                const __m512 rb = _mm512_set1_ps(r1[i]), kb = _mm512_set1_ps(k1[i]), db = _mm512_set1_ps(d1[i]);
+                float *Si = S + i * N;
+                for (int j = 0; j < 4; j++) {
+                    const __m512 s = _mm512_loadu_ps(Si + 16 * j);
+                    a[j] = _mm512_fmadd_ps(ra, s, a[j]);
+                    const __m512 s1 = _mm512_fmadd_ps(s, da, _mm512_mul_ps(ka, va[j]));
+                    c[j] = _mm512_fmadd_ps(rb, s1, c[j]);
+                    _mm512_storeu_ps(Si + 16 * j, _mm512_fmadd_ps(s1, db, _mm512_mul_ps(kb, vb[j])));
+                }
+            }
+            float *ya = jb->g ? Y + q * N : jb->y + off0 + q * ts, *yb = jb->g ? ya + N : ya + ts;
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(ya + 16 * j, a[j]), _mm512_storeu_ps(yb + 16 * j, c[j]);
+        }
+        if (q < nt) { /* an odd last token */
+            const float *r0 = R + q * N, *k0 = K + q * N, *d0 = D + q * N;
+            __m512 va[4], a[4];
+            const __m512 ba = _mm512_set1_ps(bonus[q]);
+            for (int j = 0; j < 4; j++) va[j] = _mm512_loadu_ps(V + q * N + 16 * j), a[j] = _mm512_mul_ps(ba, va[j]);
+            for (long i = 0; i < N; i++) {
+                const __m512 ra = _mm512_set1_ps(r0[i]), ka = _mm512_set1_ps(k0[i]), da = _mm512_set1_ps(d0[i]);
+                float *Si = S + i * N;
+                for (int j = 0; j < 4; j++) {
+                    const __m512 s = _mm512_loadu_ps(Si + 16 * j);
+                    a[j] = _mm512_fmadd_ps(ra, s, a[j]);
+                    _mm512_storeu_ps(Si + 16 * j, _mm512_fmadd_ps(s, da, _mm512_mul_ps(ka, va[j])));
+                }
+            }
+            float *ya = jb->g ? Y + q * N : jb->y + off0 + q * ts;
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(ya + 16 * j, a[j]);
+        }
+        if (jb->g) /* r and the decays are used up: scratch */
+            for (q = 0; q < nt; q++) gn_token(jb, off0 + q * ts, h, N, Y + q * N, R + q * N, D + q * N);
     }
 }
 #endif
 
 static void *run_job(void *arg) {
     job_t *jb = (job_t *)arg;
-    float *buf = (float *)malloc(sizeof(float) * 6 * (size_t)jb->N); /* one token: y, r, k, v, d, scratch */
+    /* run_pair: one token's y, r, k, v, d, scratch; run_pair_n64: a block of tokens' r, k, v, d, y */
+    size_t nbuf = 6 * (size_t)jb->N;
+#ifdef HAVE_N64_AVX512
+    if (jb->N == 64) nbuf = 5 * N64_BLOCK * 64;
+#endif
+    float *buf = (float *)malloc(sizeof(float) * nbuf);
     if (!buf) {
         jb->failed = 1;
         return NULL;
