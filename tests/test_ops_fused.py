@@ -11,7 +11,10 @@ differ by one bf16 ulp. The kernel tests bound the size (one ulp) and share (und
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,17 +63,57 @@ def test_shift_mix(dtype, T, form):
     assert_close(fused.shift_mix(x, prev, mix, lerp=form == "lerp", dtype=dtype), want, dtype)
 
 
+def _finch_mix_case(B, T, C, D, lora_dtype=torch.float32):
+    """Inputs of finch_mix (m and w2 in lora_dtype) and the model's unfused expression, in fp32."""
+    g = torch.Generator().manual_seed(T)
+    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
+    m = torch.tanh(torch.randn(B, T, 5 * D, generator=g)).to(lora_dtype)
+    w2, maa = (torch.randn(5, D, C, generator=g) * 0.3).to(lora_dtype), torch.rand(5, C, generator=g)
+    # one baddbmm for the five LoRA products (on the fp32 values), one addcmul
+    mix = torch.baddbmm(maa.view(5, 1, C), m.float().view(B * T, 5, D).transpose(0, 1), w2.float())
+    return (x, prev, m, w2, maa), torch.addcmul(x, token_shift(x, prev) - x, mix.view(5, B, T, C))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,C,D", [(1, 1, 64, 32), (2, 13, 96, 32), (1, 70, 80, 8)])  # partial blocks too
 def test_finch_mix(dtype, B, T, C, D):
-    g = torch.Generator().manual_seed(T)
-    x, prev = torch.randn(B, T, C, generator=g), torch.randn(B, C, generator=g)
-    m = torch.tanh(torch.randn(B, T, 5 * D, generator=g))
-    w2, maa = torch.randn(5, D, C, generator=g) * 0.3, torch.rand(5, C, generator=g)
-    # the model's unfused expression: one baddbmm for the five LoRA products, one addcmul
-    mix = torch.baddbmm(maa.view(5, 1, C), m.view(B * T, 5, D).transpose(0, 1), w2).view(5, B, T, C)
-    want = torch.addcmul(x, token_shift(x, prev) - x, mix).to(dtype)
-    assert_close(fused.finch_mix(x, prev, m, w2, maa, dtype), want, dtype)
+    args, want = _finch_mix_case(B, T, C, D)
+    assert_close(fused.finch_mix(*args, dtype), want.to(dtype), dtype)
+
+
+# partial blocks of rows (32 per AMX block) and columns (32 per step, 16 per tile), D under, over and
+# not a multiple of one 32-input tile step
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,T,C,D", [(1, 1, 64, 32), (2, 45, 100, 32), (1, 70, 80, 8), (2, 33, 40, 64), (1, 9, 48, 40)]
+)
+def test_finch_mix_bf16_lora(dtype, B, T, C, D):
+    """m and maa_w2 in bf16, as in a bf16 model: the kernel takes them as they are (AMX tile products
+    where the CPU has them). Their products are exact in fp32 and summed in fp32, so against the fp32
+    expression on the same values only the summation order differs: the tolerance of fp32 inputs."""
+    args, want = _finch_mix_case(B, T, C, D, bf16)
+    assert_close(fused.finch_mix(*args, dtype), want.to(dtype), dtype)
+
+
+def test_finch_mix_bf16_lora_without_amx(tmp_path):
+    """With RWKVKIT_PORTABLE_KERNELS=1 (and on CPUs without AMX) bf16 m and maa_w2 are upcast and take
+    the fp32 path: bit for bit the result of passing them as fp32."""
+    args, want = _finch_mix_case(2, 45, 100, 40, bf16)
+    torch.save(args, tmp_path / "args.pt")
+    code = (
+        "import sys, torch\n"
+        "from rwkvkit.ops import fused\n"
+        "assert fused._fused_cpu.finch_mix_amx == 0\n"
+        "args = torch.load(sys.argv[1])\n"
+        "torch.save([fused.finch_mix(*args, dt) for dt in (torch.float32, torch.bfloat16)], sys.argv[2])\n"
+    )
+    env = dict(os.environ, RWKVKIT_PORTABLE_KERNELS="1")
+    cmd = [sys.executable, "-c", code, str(tmp_path / "args.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    x, prev, m, w2, maa = args
+    for got, dtype in zip(torch.load(tmp_path / "out.pt"), DTYPES):
+        assert torch.equal(got, fused.finch_mix(x, prev, m.float(), w2.float(), maa, dtype))
+        assert_close(got, want.to(dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

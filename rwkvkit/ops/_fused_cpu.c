@@ -167,8 +167,10 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
 typedef struct {
     long R, T, C, D;
     const float *x, *prev; /* x [R, C], prev [B, C] */
-    const float *m;        /* [R, 5 * D]: tanh((x + d * maa_x) @ maa_w1), fp32 */
-    const float *w2;       /* [5, D, C] maa_w2, fp32 */
+    const float *m;        /* [R, 5 * D]: tanh((x + d * maa_x) @ maa_w1), fp32 (the AVX/baseline path) */
+    const float *w2;       /* [5, D, C] maa_w2, fp32 (the AVX/baseline path) */
+    const uint16_t *m16;   /* the same two in bf16 (the AMX path) */
+    const uint16_t *wp;    /* maa_w2 packed for AMX by fm_amx_pack */
     const float *maa;      /* [5, C] maa_w, maa_k, maa_v, maa_r, maa_g */
     int out_dt;
     char *out; /* [5, R, C] */
@@ -233,24 +235,254 @@ BODY void finch_mix_rows_body(const fm_args *a, long r0, long r1) {
 }
 VARIANTS(finch_mix_rows, fm_args)
 
+/* The AMX path, for bf16 m and maa_w2 (the model's dtypes) on CPUs with AMX-BF16 (Sapphire Rapids
+   on): one tile product (TDPBF16PS: 16 rows x 16 columns x 32 inputs, exact bf16 products summed
+   in fp32) gives the LoRA term of 16 rows x 16 columns of one branch, 16 times the work of an
+   AVX-512 FMA, so the pass is bound by its memory traffic (mostly writing the [5, R, C] output).
+   Compared with the fp32 path only the order in which the D products are summed differs (and AMX
+   treats subnormal inputs and sums as zero). The rest is AVX-512, which every AMX CPU has. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define HAVE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define FM_AMX_COLS 32 /* columns per step: two 16-column accumulator tiles */
+static int amx_ok = 0; /* set at import: the CPU has AMX-BF16 and the kernel lets us use it */
+#define FM_AMX_OK amx_ok
+
+static void amx_init(void) {
+    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return; /* tests: the fallback */
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
+        !__builtin_cpu_supports("avx512bw"))
+        return;
+    /* Linux hands out the tile state only on request: ARCH_REQ_XCOMP_PERM (0x1023) for
+       XFEATURE_XTILEDATA (18), once per process, valid for all its threads */
+    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+static inline long fm_amx_kb(long D) { return (D + 31) / 32; } /* 32-input steps */
+static inline long fm_amx_cp(long C) { return (C + FM_AMX_COLS - 1) / FM_AMX_COLS * FM_AMX_COLS; }
+static inline size_t fm_amx_pack_size(long C, long D) { return (size_t)5 * fm_amx_kb(D) * 32 * fm_amx_cp(C); }
+
+/* maa_w2 [5, D, C] bf16 -> [5][KB][Cp / 16][16 pairs k][16 columns][2] (the B-tile layout: input
+   pairs interleaved), zero-padded to KB * 32 inputs and Cp columns; part i of n of the work */
+AMX_TARGET static void fm_amx_pack(const uint16_t *w2, uint16_t *wp, long C, long D, int i, int n) {
+    const long KB = fm_amx_kb(D), CB = fm_amx_cp(C) / 16, tiles = 5 * KB * CB;
+    for (long t = tiles * i / n; t < tiles * (i + 1) / n; t++) {
+        const long j = t / (KB * CB), kb = t / CB % KB, cb = t % CB;
+        uint16_t *dst = wp + t * 512;
+        if (kb * 32 + 32 <= D && cb * 16 + 16 <= C) { /* a full tile: rows k, k + 1 -> 32-bit pairs */
+            const uint16_t *src = w2 + (j * D + kb * 32) * C + cb * 16;
+            for (long kk = 0; kk < 16; kk++) {
+                const uint16_t *k0 = src + 2 * kk * C, *k1 = k0 + C;
+                const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)k0));
+                const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)k1));
+                _mm512_storeu_si512((void *)(dst + kk * 32), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+            continue;
+        }
+        for (long kk = 0; kk < 16; kk++)
+            for (long q = 0; q < 2; q++) {
+                const long k = kb * 32 + kk * 2 + q;
+                for (long c = 0; c < 16; c++) {
+                    const long col = cb * 16 + c;
+                    dst[kk * 32 + c * 2 + q] = (k < D && col < C) ? w2[(j * D + k) * C + col] : 0;
+                }
+            }
+    }
+}
+
+/* fp32 -> bf16 in 16 lanes: f32_to_bf16's rounding (nearest even, NaN quietened) */
+AMX_TARGET static inline __m256i fm_bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
+}
+
+/* output j of row r for columns [c, c + 32) (n of them valid), acc the row's 32 LoRA terms; prefetches
+   the next step's lines of this output (and of x, when j == 0), which the hardware does not guess */
+AMX_TARGET static inline __attribute__((always_inline)) void fm_amx_out(const fm_args *a, long r, long j,
+                                                                      long c, long n, const float *acc,
+                                                                      int out_dt) {
+    const long C = a->C;
+    const float *x = a->x + r * C, *maa = a->maa + j * C + c;
+    const float *p = (r % a->T == 0) ? a->prev + (r / a->T) * C : x - C;
+    const size_t at = (size_t)(j * a->R + r) * C + c;
+    if (c + 32 < C) {
+        if (j == 0) {
+            _mm_prefetch((const char *)(x + c + 32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(x + c + 48), _MM_HINT_T0);
+        }
+        _mm_prefetch((const char *)a->out + (at + 32) * (out_dt == DT_BF16 ? 2 : 4), _MM_HINT_ET0);
+        if (out_dt != DT_BF16) _mm_prefetch((const char *)((float *)a->out + at + 48), _MM_HINT_ET0);
+    }
+    const __mmask16 m0 = n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1);
+    const __mmask16 m1 = n >= 32 ? 0xffff : (n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1));
+    const __m512 x0 = _mm512_maskz_loadu_ps(m0, x + c), x1 = _mm512_maskz_loadu_ps(m1, x + c + 16);
+    const __m512 d0 = _mm512_sub_ps(_mm512_maskz_loadu_ps(m0, p + c), x0);
+    const __m512 d1 = _mm512_sub_ps(_mm512_maskz_loadu_ps(m1, p + c + 16), x1);
+    const __m512 mix0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, maa), _mm512_load_ps(acc));
+    const __m512 mix1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, maa + 16), _mm512_load_ps(acc + 16));
+    const __m512 o0 = _mm512_fmadd_ps(d0, mix0, x0), o1 = _mm512_fmadd_ps(d1, mix1, x1);
+    if (out_dt == DT_BF16) {
+        const __m512i o = _mm512_inserti64x4(_mm512_castsi256_si512(fm_bf16x16(o0)), fm_bf16x16(o1), 1);
+        _mm512_mask_storeu_epi16((uint16_t *)a->out + at, (__mmask32)m0 | ((__mmask32)m1 << 16), o);
+    } else {
+        _mm512_mask_storeu_ps((float *)a->out + at, m0, o0);
+        _mm512_mask_storeu_ps((float *)a->out + at + 16, m1, o1);
+    }
+}
+
+/* outputs j of rows [rb, rb + nr), columns [c0, c0 + 32), from acc [32][32] */
+AMX_TARGET static void fm_amx_outs(const fm_args *a, long rb, long nr, long j, long c0, const float *acc) {
+    const long n = a->C - c0 < 32 ? a->C - c0 : 32;
+    if (a->out_dt == DT_BF16)
+        for (long i = 0; i < nr; i++) fm_amx_out(a, rb + i, j, c0, n, acc + i * 32, DT_BF16);
+    else
+        for (long i = 0; i < nr; i++) fm_amx_out(a, rb + i, j, c0, n, acc + i * 32, DT_F32);
+}
+
+/* rows [r0, r1): blocks of 32 rows, steps of 32 columns, one branch j at a time: the tiles compute
+   the LoRA terms of a 32 x 32 block (tiles 4-7: 2 x 2 blocks of 16 x 16) into one of two buffers
+   while the outputs of the previous block are written from the other, so the tile products run
+   under the memory-bound outputs. Tiles: 0-1 = m (A), 2-3 = maa_w2 (B), 4-7 = accumulators. */
+AMX_TARGET static void finch_mix_amx_rows(const fm_args *a, long r0, long r1) {
+    const long C = a->C, D = a->D, KB = fm_amx_kb(D), CB = fm_amx_cp(C) / 16;
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    uint16_t abuf[5 * KB * 1024] __attribute__((aligned(64))); /* m of a row block, [5][KB][32][32] */
+    float acc[2][32][32] __attribute__((aligned(64)));
+    for (long rb = r0; rb < r1; rb += 32) {
+        const long nr = r1 - rb < 32 ? r1 - rb : 32;
+        /* A tiles: the block's m, zero-padded to 32 rows and KB * 32 inputs */
+        for (long j = 0; j < 5; j++)
+            for (long kb = 0; kb < KB; kb++)
+                for (long i = 0; i < 32; i++) {
+                    uint16_t *dst = abuf + ((j * KB + kb) * 32 + i) * 32;
+                    const long nk = i >= nr ? 0 : (D - kb * 32 < 32 ? D - kb * 32 : 32);
+                    memcpy(dst, a->m16 + (rb + i) * 5 * D + j * D + kb * 32, sizeof(uint16_t) * nk);
+                    memset(dst + nk, 0, sizeof(uint16_t) * (32 - nk));
+                }
+        long pc = -1, pj = 0; /* the block whose outputs are pending, in acc[cur ^ 1] */
+        int cur = 0;
+        for (long c0 = 0; c0 < C; c0 += 32)
+            for (long j = 0; j < 5; j++) {
+                _tile_zero(4);
+                _tile_zero(5);
+                _tile_zero(6);
+                _tile_zero(7);
+                for (long kb = 0; kb < KB; kb++) {
+                    const uint16_t *b = a->wp + ((j * KB + kb) * CB + c0 / 16) * 512;
+                    const uint16_t *am = abuf + (j * KB + kb) * 1024;
+                    _tile_loadd(0, am, 64);
+                    _tile_loadd(2, b, 64);
+                    _tile_dpbf16ps(4, 0, 2);
+                    _tile_loadd(3, b + 512, 64);
+                    _tile_dpbf16ps(5, 0, 3);
+                    _tile_loadd(1, am + 512, 64);
+                    _tile_dpbf16ps(6, 1, 2);
+                    _tile_dpbf16ps(7, 1, 3);
+                }
+                float *ac = &acc[cur][0][0];
+                _tile_stored(4, ac, 128);
+                _tile_stored(5, ac + 16, 128);
+                _tile_stored(6, ac + 16 * 32, 128);
+                _tile_stored(7, ac + 16 * 32 + 16, 128);
+                if (pc >= 0) fm_amx_outs(a, rb, nr, pj, pc, &acc[cur ^ 1][0][0]);
+                pc = c0;
+                pj = j;
+                cur ^= 1;
+            }
+        fm_amx_outs(a, rb, nr, pj, pc, &acc[cur ^ 1][0][0]);
+    }
+    _tile_release();
+}
+#else
+#define FM_AMX_OK 0
+#endif
+
 static PyObject *py_finch_mix(PyObject *self, PyObject *args) {
     fm_args a;
     unsigned long long px, pp, pm, pw, pa, po;
-    int nthreads;
-    if (!PyArg_ParseTuple(args, "llllKKKKKiKi", &a.R, &a.T, &a.C, &a.D, &px, &pp, &pm, &pw, &pa, &a.out_dt,
-                          &po, &nthreads))
+    int nthreads, mw_dt;
+    if (!PyArg_ParseTuple(args, "llllKKKKiKiKi", &a.R, &a.T, &a.C, &a.D, &px, &pp, &pm, &pw, &mw_dt, &pa,
+                          &a.out_dt, &po, &nthreads))
         return NULL;
-    if (a.R <= 0 || a.T <= 0 || a.C <= 0 || a.D <= 0) {
-        PyErr_SetString(PyExc_ValueError, "finch_mix: bad sizes");
+    if (a.R <= 0 || a.T <= 0 || a.C <= 0 || a.D <= 0 || (mw_dt != DT_F32 && mw_dt != DT_BF16)) {
+        PyErr_SetString(PyExc_ValueError, "finch_mix: bad sizes or dtype");
         return NULL;
     }
     a.x = (const float *)(uintptr_t)px;
     a.prev = (const float *)(uintptr_t)pp;
-    a.m = (const float *)(uintptr_t)pm;
-    a.w2 = (const float *)(uintptr_t)pw;
     a.maa = (const float *)(uintptr_t)pa;
     a.out = (char *)(uintptr_t)po;
+    a.m = a.w2 = NULL;
+    a.m16 = a.wp = NULL;
+    void *tmp = NULL; /* the packed maa_w2 (AMX) or fp32 copies of bf16 m and maa_w2 */
+    int use_amx = 0;
+    if (mw_dt == DT_F32) {
+        a.m = (const float *)(uintptr_t)pm;
+        a.w2 = (const float *)(uintptr_t)pw;
+    } else {
+#ifdef HAVE_AMX
+        use_amx = amx_ok && a.D <= 256; /* the m block lives on the stack: 80 KB at D = 256 */
+#endif
+        if (use_amx) {
+#ifdef HAVE_AMX
+            a.m16 = (const uint16_t *)(uintptr_t)pm;
+            tmp = malloc(sizeof(uint16_t) * fm_amx_pack_size(a.C, a.D));
+#endif
+        } else { /* no AMX: the fp32 path on exact fp32 copies */
+            const size_t nm = (size_t)a.R * 5 * a.D, nw = (size_t)5 * a.D * a.C;
+            float *f = malloc(sizeof(float) * (nm + nw));
+            if (f) {
+                for (size_t i = 0; i < nm; i++) f[i] = bf16_to_f32(((const uint16_t *)(uintptr_t)pm)[i]);
+                for (size_t i = 0; i < nw; i++) f[nm + i] = bf16_to_f32(((const uint16_t *)(uintptr_t)pw)[i]);
+                a.m = f;
+                a.w2 = f + nm;
+            }
+            tmp = f;
+        }
+        if (!tmp) return PyErr_NoMemory();
+    }
     Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_AMX
+    if (use_amx) {
+        const uint16_t *w2 = (const uint16_t *)(uintptr_t)pw;
+        a.wp = tmp;
+        if (nthreads <= 1) {
+            fm_amx_pack(w2, tmp, a.C, a.D, 0, 1);
+            finch_mix_amx_rows(&a, 0, a.R);
+        } else {
+#pragma omp parallel num_threads(nthreads)
+            {
+                fm_amx_pack(w2, tmp, a.C, a.D, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp barrier
+                /* whole 32-row blocks per thread */
+                const long blocks = (a.R + 31) / 32;
+                long b0, b1;
+                split_rows(blocks, &b0, &b1);
+                const long r1 = b1 * 32 < a.R ? b1 * 32 : a.R;
+                if (b0 * 32 < r1) finch_mix_amx_rows(&a, b0 * 32, r1);
+            }
+        }
+    } else
+#endif
     if (nthreads <= 1) {
         finch_mix_rows(&a, 0, a.R);
     } else {
@@ -265,6 +497,7 @@ static PyObject *py_finch_mix(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
+    free(tmp);
     Py_RETURN_NONE;
 }
 
@@ -546,7 +779,7 @@ static PyMethodDef methods[] = {
     {"mix", py_mix, METH_VARARGS,
      "mix(R, T, C, M, x, prev, mix, lerp, out_dt, out, nthreads): token-shift mixes"},
     {"finch_mix", py_finch_mix, METH_VARARGS,
-     "finch_mix(R, T, C, D, x, prev, m, w2, maa, out_dt, out, nthreads): Finch's five mixes with maa_w2"},
+     "finch_mix(R, T, C, D, x, prev, m, w2, mw_dt, maa, out_dt, out, nthreads): Finch's five mixes, maa_w2"},
     {"group_norm_gate", py_group_norm_gate, METH_VARARGS,
      "group_norm_gate(R, C, N, y, g, g_dt, weight, bias, eps, out, out_dt, nthreads)"},
     {"relu_square", py_relu_square, METH_VARARGS, "relu_square(n, k, dt, nthreads): k = relu(k)^2 in place"},
@@ -569,5 +802,10 @@ PyMODINIT_FUNC PyInit__fused_cpu(void) {
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         isa_level = 1;
 #endif
-    return PyModule_Create(&module);
+#ifdef HAVE_AMX
+    amx_init();
+#endif
+    PyObject *mod = PyModule_Create(&module);
+    if (mod && PyModule_AddIntConstant(mod, "finch_mix_amx", FM_AMX_OK) < 0) Py_CLEAR(mod);
+    return mod;
 }

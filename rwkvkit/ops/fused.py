@@ -113,10 +113,14 @@ def finch_mix(x: Tensor, prev: Tensor, m: Tensor, w2: Tensor, maa: Tensor, dtype
         raise ValueError(f"m must be [B, T, 5D] = {(B, T, 5 * D)}, got {tuple(m.shape)}")
     out_dt = _code("dtype", torch.empty(0, dtype=dtype))
     f = torch.float32
-    x, prev, m, w2, maa = (t.to(f).contiguous() for t in (x, prev, m, w2, maa))
+    # bf16 m and w2 (the model's) go in as they are: exact products, summed in fp32 by AMX tiles where
+    # the CPU has them; otherwise both as fp32
+    mw = torch.bfloat16 if m.dtype == w2.dtype == torch.bfloat16 else f
+    x, prev, maa = (t.to(f).contiguous() for t in (x, prev, maa))
+    m, w2 = m.to(mw).contiguous(), w2.to(mw).contiguous()
     out = torch.empty((5, B, T, C), dtype=dtype)
     ext.finch_mix(
-        B * T, T, C, D, x.data_ptr(), prev.data_ptr(), m.data_ptr(), w2.data_ptr(), maa.data_ptr(),
+        B * T, T, C, D, x.data_ptr(), prev.data_ptr(), m.data_ptr(), w2.data_ptr(), _CODE[mw], maa.data_ptr(),
         out_dt, out.data_ptr(), _threads(5 * B * T * C * 8),
     )  # fmt: skip
     return out
