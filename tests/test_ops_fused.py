@@ -156,9 +156,10 @@ def test_sigmoid_mul_adds_the_residual_exactly(dtype):
     r, v = (torch.randn(2, 70, 96, generator=g).mul(4).to(dtype) for _ in range(2))
     x = torch.randn(2, 70, 96, generator=g)
     want = x + fused.sigmoid_mul(r, v, torch.float32)
-    assert torch.equal(fused.sigmoid_mul(r, v, torch.float32, residual=x), want)
-    with pytest.raises(ValueError, match="residual"):
-        fused.sigmoid_mul(r, v, dtype=bf16, residual=x)
+    got = fused.sigmoid_mul_add_(x, r, v)
+    assert got is x and torch.equal(x, want)
+    with pytest.raises(ValueError, match="float32"):
+        fused.sigmoid_mul_add_(x.to(bf16), r, v)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

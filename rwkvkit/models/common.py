@@ -117,9 +117,12 @@ class ChannelMix(nn.Module):
         self, xk: torch.Tensor, xr: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The fused path from the two mixes on (in the compute dtype): ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)``
-        in fp32, plus ``residual`` (fp32) when given, added in the same pass."""
+        in fp32; with ``residual`` (fp32, contiguous) that is added to it in place and returned."""
         k = fused.relu_square_(self.key(xk))
-        return fused.sigmoid_mul(self.receptance(xr), self.value(k), torch.float32, residual=residual)
+        r, v = self.receptance(xr), self.value(k)
+        if residual is None:
+            return fused.sigmoid_mul(r, v, torch.float32)
+        return fused.sigmoid_mul_add_(residual, r, v)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""

@@ -613,7 +613,7 @@ static PyObject *py_relu_square(PyObject *self, PyObject *args) {
 typedef struct {
     long R, C;
     const char *r, *v; /* [R, C], dtype in_dt each */
-    const float *res;  /* optional [R, C] fp32 residual (out_dt fp32): out = res + sigmoid(r) * v */
+    const float *res;  /* optional [R, C] fp32 residual (out_dt fp32): out = res + sigmoid(r) * v; out may be res */
     int in_dt, out_dt;
     char *out;
 } sm_args;

@@ -160,28 +160,32 @@ def relu_square_(k: Tensor) -> Tensor:
     return k
 
 
-def sigmoid_mul(
-    r: Tensor, v: Tensor, dtype: torch.dtype | None = None, residual: Tensor | None = None
-) -> Tensor:
+def sigmoid_mul(r: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``sigmoid(r) * v`` computed as on tensors of r's dtype (sigmoid and product rounded to it),
-    returned in ``dtype`` (default r's dtype). r, v [..., C] of the same shape and dtype.
+    returned in ``dtype`` (default r's dtype). r, v [..., C] of the same shape and dtype."""
+    return _sigmoid_mul(r, v, dtype, None)
 
-    ``residual`` (fp32, r's shape; then ``dtype`` must be fp32): returns ``residual + sigmoid(r) * v``,
-    the block's residual add done in the same pass (the same value as adding afterwards)."""
+
+def sigmoid_mul_add_(x: Tensor, r: Tensor, v: Tensor) -> Tensor:
+    """``x += sigmoid(r) * v`` in place (the block's residual add after the channel-mix), the product
+    as in ``sigmoid_mul``: the same value as ``x + sigmoid_mul(r, v, torch.float32)``. x float32,
+    contiguous, of r's shape; returns x."""
+    if x.shape != r.shape or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 tensor of r's shape {tuple(r.shape)}")
+    return _sigmoid_mul(r, v, torch.float32, x)
+
+
+def _sigmoid_mul(r: Tensor, v: Tensor, dtype: torch.dtype | None, x: Tensor | None) -> Tensor:
     ext = _ext()
     if r.shape != v.shape or r.dtype != v.dtype:
         raise ValueError(f"r and v must match: {tuple(r.shape)} {r.dtype} vs {tuple(v.shape)} {v.dtype}")
     in_dt = _code("r", r)
     dtype = r.dtype if dtype is None else dtype
     out_dt = _code("dtype", torch.empty(0, dtype=dtype))
-    if residual is not None:
-        if residual.shape != r.shape or residual.dtype != torch.float32 or dtype != torch.float32:
-            raise ValueError(f"residual must be float32 {tuple(r.shape)} with a float32 output")
-        residual = residual.contiguous()
     r, v = r.contiguous(), v.contiguous()
     C = r.shape[-1]
-    out = torch.empty(r.shape, dtype=dtype)
-    res = 0 if residual is None else residual.data_ptr()
+    out = torch.empty(r.shape, dtype=dtype) if x is None else x  # rows are read before they are written
+    res = 0 if x is None else x.data_ptr()
     ext.sigmoid_mul(r.numel() // C, C, r.data_ptr(), v.data_ptr(), in_dt, out.data_ptr(), out_dt, res,
                     _threads(r.numel()))  # fmt: skip
     return out
