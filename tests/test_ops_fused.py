@@ -187,6 +187,34 @@ def test_add_norm_mix(dtype, add_dtype, form, B, T):
     assert fused.add_norm_mix(x, add, w, b, 1e-5, prev, mix, lerp=False, dtype=dtype)[3] is None
 
 
+@pytest.mark.skipif(not fused.lora_available(), reason="needs AMX-BF16")
+@pytest.mark.parametrize("R", [1, 31, 32, 77, 512])
+@pytest.mark.parametrize("second", [False, True])
+def test_lora_tanh_matches_the_pytorch_roundings(R, second):
+    g = torch.Generator().manual_seed(R)
+    K, D, N = 96, 64, 80
+    x = torch.randn(2, R, K, generator=g).to(bf16)
+    w1 = (torch.randn(K, D, generator=g) * 0.3).to(bf16)
+    w2 = (torch.randn(D, N, generator=g) * 0.5).to(bf16) if second else None
+    want = torch.tanh(x @ w1)  # bf16 product, bf16 tanh, as the unfused model
+    if second:
+        want = want @ w2
+    got = fused.lora_tanh(x, w1, w2)
+    assert got.shape == want.shape and got.dtype == bf16
+    # products are exact and summed in fp32 (another order than oneDNN's); tanh is the kernel's own
+    assert_close(got, want, bf16)
+
+
+def test_lora_tanh_refuses_what_it_cannot_take():
+    x, w1 = torch.zeros(4, 96, dtype=bf16), torch.zeros(96, 64, dtype=bf16)
+    assert not fused.lora_fits(x.float(), w1)  # fp32
+    assert not fused.lora_fits(x, torch.zeros(96, 40, dtype=bf16), torch.zeros(40, 16, dtype=bf16))  # D % 32
+    assert not fused.lora_fits(x[:, :80], w1[:80])  # K % 32
+    if fused.lora_available():
+        with pytest.raises(ValueError, match="lora_tanh"):
+            fused.lora_tanh(x, w1.float())
+
+
 def test_kernels_check_their_inputs():
     x = torch.randn(1, 4, 8)
     with pytest.raises(ValueError):

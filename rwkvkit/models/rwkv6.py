@@ -113,8 +113,12 @@ class TimeMix6(nn.Module):
         if mixed is None:
             mixed = fused.shift_mix(x, shift, self.time_maa_x.view(1, C), lerp=False, dtype=w1.dtype)
         xxx = mixed[0]
-        # [B, T, 5D]; tanh through fp32: the same values as tanh on the bf16 tensor, about twice as fast
-        m = torch.tanh((xxx @ w1).float()).to(w1.dtype)
+        # [B, T, 5D]: one AMX kernel for bf16 (same roundings), else tanh through fp32 (the same values
+        # as tanh on the bf16 tensor, about twice as fast)
+        if fused.lora_fits(xxx, w1):
+            m = fused.lora_tanh(xxx, w1)
+        else:
+            m = torch.tanh((xxx @ w1).float()).to(w1.dtype)
         # x + d * (maa_j + m_j @ w2_j) for the five branches, the LoRA product inside the kernel
         xw, xk, xv, xr, xg = fused.finch_mix(x, shift, m, self.time_maa_w2, self.maa5.view(5, C), cdt)
         r = self.receptance(xr).view(B, T, H, N)
@@ -122,7 +126,10 @@ class TimeMix6(nn.Module):
         v = self.value(xv).view(B, T, H, N)
         g = self.gate(xg)  # silu applied in group_norm_gate
         dw1, dw2 = self.time_decay_w1, self.time_decay_w2
-        ww = (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).view(B, T, H, N)  # decay before time_decay, exps
+        if fused.lora_fits(xw, dw1, dw2):  # the decay before time_decay and its two exps
+            ww = fused.lora_tanh(xw, dw1, dw2).view(B, T, H, N)
+        else:
+            ww = (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).view(B, T, H, N)
         u, ln = self.time_faaaa.float(), self.ln_x
         if backend in ("auto", "native") and native.usable(r, k, v, ww, u, wkv_state):
             # decay, WKV, GroupNorm and gate in one kernel: out [B, T, H, N] in the compute dtype

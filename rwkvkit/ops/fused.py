@@ -238,3 +238,43 @@ def add_norm_mix(
         out.data_ptr(), _threads((M + 2) * B * T * C),
     )  # fmt: skip
     return s, out, last, normed
+
+
+def lora_available() -> bool:
+    """True when ``lora_tanh`` can run: the extension is built and the CPU has AMX-BF16."""
+    return _fused_cpu is not None and bool(getattr(_fused_cpu, "finch_mix_amx", 0))
+
+
+def lora_fits(x: Tensor, w1: Tensor, w2: Tensor | None = None) -> bool:
+    """True when ``lora_tanh`` takes these operands: bf16, on the CPU, the sizes its tiles need."""
+    ts = (x, w1) if w2 is None else (x, w1, w2)
+    if not lora_available() or not usable(*ts) or any(t.dtype != torch.bfloat16 for t in ts):
+        return False
+    K, D = w1.shape
+    ok = x.shape[-1] == K and K % 32 == 0 and D % (16 if w2 is None else 32) == 0
+    return ok and (w2 is None or (w2.dim() == 2 and w2.shape[0] == D and w2.shape[1] % 16 == 0))
+
+
+def lora_tanh(x: Tensor, w1: Tensor, w2: Tensor | None = None) -> Tensor:
+    """Finch's LoRA ``tanh(x @ w1)`` (and ``tanh(x @ w1) @ w2``) on bf16 tensors, rounded as the PyTorch
+    path rounds them (the product to bf16, tanh to bf16, the second product to bf16), in one AMX kernel.
+
+    x [..., K], w1 [K, D], w2 [D, N]; needs ``lora_fits``. Returns [..., D] or [..., N] bf16. tanh is the
+    kernel's own, a few fp32 ulps from torch's, so an output can land one bf16 ulp away from it."""
+    ext = _ext()
+    if not lora_fits(x, w1, w2):
+        raise ValueError(
+            "lora_tanh needs AMX and bf16 x [..., K], w1 [K, D], w2 [D, N] with K % 32 == 0, "
+            f"D % 16 == 0 (% 32 with w2), N % 16 == 0; got x {tuple(x.shape)} {x.dtype}, "
+            f"w1 {tuple(w1.shape)} {w1.dtype}, w2 {None if w2 is None else tuple(w2.shape)}"
+        )
+    K, D = w1.shape
+    N = D if w2 is None else w2.shape[1]
+    x2, w1 = x.reshape(-1, K).contiguous(), w1.contiguous()
+    w2 = None if w2 is None else w2.contiguous()
+    R = x2.shape[0]
+    out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)
+    if R:
+        ext.lora(R, K, D, N, x2.data_ptr(), w1.data_ptr(), 0 if w2 is None else w2.data_ptr(), out.data_ptr(),
+                 _threads(R * K * 8))  # fmt: skip
+    return out
