@@ -1,5 +1,5 @@
 """Build script for rwkvkit's optional native parts (the tokenizer core, the CPU WKV kernel,
-the one-token decode step, the fused element-wise CPU kernels).
+the one-token decode step, the fused element-wise CPU kernels, the AMX bf16 matmul).
 
 Everything else is declared in pyproject.toml. The extension is optional: if the C compiler is
 missing the build still succeeds and rwkvkit falls back to its pure-Python twins.
@@ -39,6 +39,14 @@ setup(
             # no FMA contraction: a*b + c rounds twice, as torch's element-wise ops do
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: resolves to the one torch has loaded
+            optional=True,
+        ),
+        Extension(  # AMX tile code through target attributes; without AMX it loads and says so
+            "rwkvkit.ops._matmul_cpu",
+            ["rwkvkit/ops/_matmul_cpu.c"],
+            depends=["rwkvkit/ops/_cpu_math.h"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp"],  # libgomp.so.1: resolves to the one torch has loaded
             optional=True,
         ),
     ]

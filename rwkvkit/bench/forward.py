@@ -41,8 +41,16 @@ def _best(fn: Callable[[], object], repeat: int, min_time: float = 0.0) -> float
 
 
 def matmul_flops(dtype: torch.dtype, m: int = 512, n: int = 768, k: int = 768) -> float:
+    """FLOP/s of an [m, k] x [k, n] product with the fastest kernel on hand: PyTorch's ``a @ b`` or,
+    in bf16, the AMX kernel the models use for prompts (``rwkvkit.ops.matmul``)."""
+    from ..ops import matmul
+
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    t = _best(lambda: [a @ b for _ in range(10)], 5) / 10
+    fns = [lambda: [a @ b for _ in range(10)]]
+    w = b.t().contiguous()  # the kernel's weight layout: [n, k], as nn.Linear stores it
+    if matmul.available() and matmul.applies(a, w):
+        fns.append(lambda: [matmul.linear(a, w) for _ in range(10)])
+    t = min(_best(fn, 5) for fn in fns) / 10
     return 2 * m * n * k / t
 
 

@@ -1,0 +1,280 @@
+/* rwkvkit/ops/_matmul_cpu.c: y = x @ W^T for bf16 x [M, K] and the nn.Linear weight W [N, K] as it
+ * is (row-major, no packed copy kept), bf16 y [M, N], fp32 sums, on AMX-BF16 tiles (Sapphire Rapids
+ * on); optionally y = relu(y)^2 (the channel-mix's key) in the same pass.
+ *
+ * Why not F.linear: oneDNN is as fast on a hot matrix, but in a prefill every weight is used once and
+ * comes cold from memory, and oneDNN's blocking does not hide that. Here each thread owns a run of
+ * 32-column panels of W; a panel (32 rows of W, K inputs) is packed into the tile layout (pairs of
+ * inputs interleaved: a 16 x 16 transpose of 32-bit pairs, AVX-512 shuffles) in a thread-local
+ * buffer, then reused for all M rows. While the tiles work on one panel the next one is packed (a
+ * slice per 32-row block) and the one after that is prefetched from memory, so the weight traffic
+ * and the packing overlap the tile products. x is read by the tiles in place (stride K).
+ *
+ * Numerics: TDPBF16PS multiplies bf16 pairs exactly and sums them in fp32 (the order differs from
+ * oneDNN's, so results differ from F.linear by fp32 summation error; AMX treats subnormal inputs and
+ * sums as zero). y is rounded to bf16 as torch rounds (nearest even, NaN quietened); with relu2 the
+ * rounded y goes through relu, the square is taken in fp32 and rounded again: the values of
+ * relu_square_(F.linear(x, W)) in bf16, up to the products' summation order.
+ *
+ * Fast path only: N % 32 == 0 and K % 32 == 0 (the wrapper checks; callers use F.linear otherwise).
+ * Any M: a last block of fewer than 32 rows is read from a zero-padded copy. OpenMP: at run time
+ * this is PyTorch's libgomp (already loaded), as in the other extensions. Built without AMX support
+ * in the compiler (or run on a CPU without it) the module loads and reports available = 0.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_cpu_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define HAVE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#define INLINE static inline __attribute__((always_inline))
+#endif
+
+static int amx_ok = 0; /* set at import: the CPU has AMX-BF16 and the kernel lets us use it */
+
+#ifdef HAVE_AMX
+static void amx_init(void) {
+    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return; /* tests: the fallback */
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
+        !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq") ||
+        !__builtin_cpu_supports("avx512vl"))
+        return;
+    /* Linux hands out the tile state only on request: ARCH_REQ_XCOMP_PERM (0x1023) for
+       XFEATURE_XTILEDATA (18), once per process, valid for all its threads */
+    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, rsv[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg;
+
+/* eight 16 x 64-byte tiles: 0-3 the fp32 sums of a 32 x 32 block, 4-5 two 16-row slices of x,
+   6-7 the two 16-column halves of the panel */
+AMX_TARGET static void tile_config(void) {
+    tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* a panel: W rows [n0, n0 + 32) -> [K / 32][2 halves][16 pairs kk][16 columns][2] bf16, B-tile
+   (kb, h) at p + (kb * 2 + h) * 512: its row kk holds W[n0 + 16h + c][32kb + 2kk + q] for c, q.
+   Read as 32-bit pairs, tile (kb, h) is the transpose of the 16 x 16 block W32[n0 + 16h + c][16kb + kk].
+   This packs the tiles t in [t0, t1) of the panel (t = kb * 2 + h). */
+AMX_TARGET static void pack_tiles(const uint16_t *w, long K, uint16_t *p, long t0, long t1) {
+    for (long t = t0; t < t1; t++) {
+        const long kb = t >> 1, h = t & 1;
+        const char *src = (const char *)(w + h * 16 * K + kb * 32);
+        const long ld = K * 2; /* bytes per row of W */
+        uint16_t *dst = p + t * 512;
+        /* output row 4l + b, 128-bit lane q = W32[4q + i][4l + b], i = 0..3: gather the 4 x 4 blocks
+           (rows 4q.., columns 4l..) of all q into one register per (l, row offset r) with 128-bit
+           loads (the load ports do most of the moving), then a 4 x 4 transpose inside the lanes */
+        for (int l = 0; l < 4; l++) {
+            __m512i z[4];
+            for (int r = 0; r < 4; r++) {
+                const char *b = src + r * ld + l * 16;
+                __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const void *)b));
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const void *)(b + 4 * ld)), 1);
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const void *)(b + 8 * ld)), 2);
+                z[r] = _mm512_inserti32x4(v, _mm_loadu_si128((const void *)(b + 12 * ld)), 3);
+            }
+            const __m512i s0 = _mm512_unpacklo_epi32(z[0], z[1]), s1 = _mm512_unpackhi_epi32(z[0], z[1]);
+            const __m512i s2 = _mm512_unpacklo_epi32(z[2], z[3]), s3 = _mm512_unpackhi_epi32(z[2], z[3]);
+            _mm512_store_si512((void *)(dst + (4 * l + 0) * 32), _mm512_unpacklo_epi64(s0, s2));
+            _mm512_store_si512((void *)(dst + (4 * l + 1) * 32), _mm512_unpackhi_epi64(s0, s2));
+            _mm512_store_si512((void *)(dst + (4 * l + 2) * 32), _mm512_unpacklo_epi64(s1, s3));
+            _mm512_store_si512((void *)(dst + (4 * l + 3) * 32), _mm512_unpackhi_epi64(s1, s3));
+        }
+    }
+}
+
+/* fp32 -> bf16 in 16 lanes: f32_to_bf16's rounding (nearest even, NaN quietened) */
+AMX_TARGET INLINE __m512i bf16_round(__m512 v) { /* bf16 bits in the low half of each 32-bit lane */
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+/* rows of a 32 x 32 fp32 block (tiles a = columns 0-15, b = 16-31, 16 rows each) -> bf16 y */
+AMX_TARGET INLINE void store_rows(uint16_t *y, long ldy, const float *a, const float *b, int nrows, int relu2) {
+    for (int r = 0; r < nrows; r++) {
+        __m512i lo = bf16_round(_mm512_load_ps(a + r * 16)), hi = bf16_round(_mm512_load_ps(b + r * 16));
+        if (relu2) { /* relu of the rounded value, square in fp32, round again */
+            const __m512 zl = _mm512_max_ps(_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_setzero_ps());
+            const __m512 zh = _mm512_max_ps(_mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)), _mm512_setzero_ps());
+            lo = bf16_round(_mm512_mul_ps(zl, zl));
+            hi = bf16_round(_mm512_mul_ps(zh, zh));
+        }
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)),
+                                             _mm512_cvtepi32_epi16(hi), 1);
+        _mm512_storeu_si512((void *)(y + r * ldy), v);
+    }
+}
+
+typedef struct {
+    const uint16_t *x, *w, *xtail; /* xtail: the last M % 32 rows of x, zero-padded to 32, or NULL */
+    uint16_t *y;
+    long M, N, K;
+    int relu2;
+} mm_args;
+
+/* per-thread panel buffers (two: the one in use and the next), kept between calls */
+static __thread uint16_t *tl_buf = NULL;
+static __thread size_t tl_size = 0;
+
+static uint16_t *panel_buffers(long K) {
+    const size_t need = (size_t)2 * 32 * K * sizeof(uint16_t);
+    if (tl_size < need) {
+        free(tl_buf);
+        tl_buf = aligned_alloc(64, need);
+        tl_size = tl_buf ? need : 0;
+    }
+    return tl_buf;
+}
+
+/* panels [g0, g1) of 32 output columns, all M rows */
+AMX_TARGET static void mm_panels(const mm_args *a, long g0, long g1, uint16_t *buf) {
+    const long M = a->M, N = a->N, K = a->K, KB = K / 32, T = 2 * KB, MG = (M + 31) / 32;
+    const uint16_t *x = a->x, *w = a->w;
+    float acc[4][256] __attribute__((aligned(64)));
+    tile_config();
+    /* the first panel: prefetch it and the next, pack it */
+    for (long o = 0; o < 32 * K * 2 && g1 > g0 + 1; o += 64) _mm_prefetch((const char *)(w + (g0 + 1) * 32 * K) + o, _MM_HINT_T1);
+    pack_tiles(w + g0 * 32 * K, K, buf, 0, T);
+    const long S = MG * KB, lpr = K / 32; /* tile steps per panel; 64-byte lines per row of W */
+    for (long g = g0; g < g1; g++) {
+        uint16_t *cur = buf + ((g - g0) & 1) * 32 * K, *nxt = buf + ((g - g0 + 1) & 1) * 32 * K;
+        /* spread over this panel's S steps: packing the next panel's T tiles, prefetching the lines
+           of the one after (32 rows of lpr lines) into L2; the shuffles then overlap the tiles */
+        const uint16_t *wn = g + 1 < g1 ? w + (g + 1) * 32 * K : NULL;
+        const char *wf = g + 2 < g1 ? (const char *)(w + (g + 2) * 32 * K) : NULL;
+        long pc = 0, pt = 0, fc = 0, fr = 0, fo = 0; /* credits, next tile, next row and line */
+        for (long mg = 0; mg < MG; mg++) {
+            const int tail = a->xtail && mg == MG - 1;
+            const uint16_t *a0 = tail ? a->xtail : x + mg * 32 * K, *a1 = a0 + 16 * K;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long kb = 0; kb < KB; kb++) {
+                _tile_loadd(4, a0 + kb * 32, K * 2);
+                _tile_loadd(6, cur + kb * 1024, 64);
+                _tile_loadd(7, cur + kb * 1024 + 512, 64);
+                _tile_loadd(5, a1 + kb * 32, K * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                if (wn)
+                    for (pc += T; pc >= S; pc -= S, pt++) pack_tiles(wn, K, nxt, pt, pt + 1);
+                if (wf)
+                    for (fc += 32 * lpr; fc >= S; fc -= S) {
+                        _mm_prefetch(wf + fr * K * 2 + fo * 64, _MM_HINT_T1);
+                        if (++fo == lpr) fo = 0, fr++;
+                    }
+            }
+            _tile_stored(0, acc[0], 64);
+            _tile_stored(1, acc[1], 64);
+            _tile_stored(2, acc[2], 64);
+            _tile_stored(3, acc[3], 64);
+            const long rows = M - mg * 32 < 32 ? M - mg * 32 : 32;
+            uint16_t *yo = a->y + mg * 32 * N + g * 32;
+            store_rows(yo, N, acc[0], acc[1], rows < 16 ? (int)rows : 16, a->relu2);
+            if (rows > 16) store_rows(yo + 16 * N, N, acc[2], acc[3], (int)rows - 16, a->relu2);
+        }
+    }
+    _tile_release();
+}
+#endif /* HAVE_AMX */
+
+/* linear(M, N, K, x, w, y, relu2, nthreads): pointers as integers; returns None */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    long M, N, K;
+    unsigned long long px, pw, py;
+    int relu2, nthreads;
+    if (!PyArg_ParseTuple(args, "lllKKKii", &M, &N, &K, &px, &pw, &py, &relu2, &nthreads)) return NULL;
+#ifdef HAVE_AMX
+    if (!amx_ok) {
+        PyErr_SetString(PyExc_RuntimeError, "the AMX matmul is not available on this CPU");
+        return NULL;
+    }
+    if (M < 1 || N < 32 || K < 32 || N % 32 || K % 32) {
+        PyErr_SetString(PyExc_ValueError, "linear needs M >= 1, N and K positive multiples of 32");
+        return NULL;
+    }
+    mm_args a = {(const uint16_t *)(uintptr_t)px, (const uint16_t *)(uintptr_t)pw, NULL,
+                 (uint16_t *)(uintptr_t)py, M, N, K, relu2};
+    uint16_t *xtail = NULL;
+    const long tail = M % 32;
+    if (tail) {
+        xtail = aligned_alloc(64, (size_t)32 * K * sizeof(uint16_t));
+        if (!xtail) return PyErr_NoMemory();
+        memcpy(xtail, a.x + (M - tail) * K, (size_t)tail * K * sizeof(uint16_t));
+        memset(xtail + tail * K, 0, (size_t)(32 - tail) * K * sizeof(uint16_t));
+        a.xtail = xtail;
+    }
+    const long NG = N / 32;
+    if (nthreads > NG) nthreads = (int)NG;
+    if (nthreads < 1) nthreads = 1;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (nthreads == 1) {
+        uint16_t *buf = panel_buffers(K);
+        if (buf) mm_panels(&a, 0, NG, buf);
+        else failed = 1;
+    } else {
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            uint16_t *buf = panel_buffers(K);
+            const long g0 = NG * t / nt, g1 = NG * (t + 1) / nt;
+            if (!buf) failed = 1;
+            else if (g0 < g1) mm_panels(&a, g0, g1, buf);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(xtail);
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#else
+    (void)M, (void)N, (void)K, (void)px, (void)pw, (void)py, (void)relu2, (void)nthreads;
+    PyErr_SetString(PyExc_RuntimeError, "the AMX matmul was not compiled in (needs gcc >= 12 on x86-64)");
+    return NULL;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"linear", py_linear, METH_VARARGS,
+     "linear(M, N, K, x, w, y, relu2, nthreads): y[M, N] = x[M, K] @ w[N, K]^T in bf16 (relu2: relu(y)^2)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matmul_cpu",
+                                    "bf16 x @ W^T on AMX tiles, W packed on the fly.", -1, methods};
+
+PyMODINIT_FUNC PyInit__matmul_cpu(void) {
+#ifdef HAVE_AMX
+    amx_init();
+#endif
+    PyObject *mod = PyModule_Create(&module);
+    if (mod && PyModule_AddIntConstant(mod, "available", amx_ok) < 0) Py_CLEAR(mod);
+    return mod;
+}
