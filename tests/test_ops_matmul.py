@@ -1,4 +1,4 @@
-"""The AMX bf16 matmul (rwkvkit.ops.matmul) against F.linear.
+"""The AMX bf16 matmul (rwkvkit.ops.matmul) against F.linear, and the models with it on and off.
 
 Tolerances. The kernel multiplies the same bf16 values exactly and sums the products in fp32, as
 oneDNN does, only in another order; the result is then rounded to bf16. Against the fp32 product of
@@ -16,7 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rwkvkit
+from rwkvkit.models import common
 from rwkvkit.ops import fused, matmul
+from rwkvkit.testing import random_checkpoint
 
 pytestmark = pytest.mark.skipif(not matmul.available(), reason="AMX matmul not built or no AMX-BF16")
 bf16 = torch.bfloat16
@@ -83,3 +86,52 @@ def test_relu2_epilogue(M):
 def test_linear_checks_its_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         matmul.linear(*args)
+
+
+def test_linear_layer_uses_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = matmul.linear
+    monkeypatch.setattr(matmul, "linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    layer = common.Linear(64, 96).to(bf16)
+    with torch.no_grad():
+        layer(torch.randn(1, 40, 64))  # cast to bf16, 40 rows: the kernel
+        layer(torch.randn(1, 1, 64))  # one row: torch.mv
+        layer(torch.randn(1, 31, 64))  # too few rows
+        common.Linear(64, 80).to(bf16)(torch.randn(64, 64))  # N % 32 != 0
+        common.Linear(64, 96)(torch.randn(64, 64))  # fp32 weights
+    layer(torch.randn(1, 40, 64))  # parameters want gradients: F.linear
+    assert calls == [torch.Size([1, 40, 64])]
+    matmul.set_enabled(False)
+    try:
+        with torch.no_grad():
+            layer(torch.randn(1, 40, 64))
+    finally:
+        matmul.set_enabled(True)
+    assert len(calls) == 1
+    with torch.no_grad():
+        y = layer.forward_relu2(torch.randn(64, 64))
+    assert len(calls) == 2 and (y >= 0).all()
+
+
+def _logits(model, tokens, enabled):
+    matmul.set_enabled(enabled)
+    try:
+        with torch.no_grad():
+            return model(tokens)[0]
+    finally:
+        matmul.set_enabled(True)
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_model_logits_with_and_without_the_kernel(version, tmp_path, monkeypatch):
+    path = tmp_path / "m.pth"
+    random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)
+    model = rwkvkit.load(path, dtype=bf16)
+    tokens = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, tokens, False)
+    calls = []
+    real = matmul.linear
+    monkeypatch.setattr(matmul, "linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = _logits(model, tokens, True)
+    assert len(calls) >= 2 * 4 and {"epilogue": "relu2"} in calls  # the blocks' matrices, the fused key
+    assert (got - want).abs().max() / want.abs().max() <= 2.0**-7  # MODEL_TOL[bf16] of test_ops_fused

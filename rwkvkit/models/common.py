@@ -19,11 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops import fused
+from ..ops import fused, matmul
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype)."""
+    """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
+
+    bf16 on the CPU without gradients: one row takes ``torch.mv``, 32 rows or more (a prompt) the AMX
+    kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, not
+    switched off by ``RWKVKIT_AMX_MATMUL=0``); everything else F.linear.
+    """
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -33,15 +38,38 @@ class Linear(nn.Linear):
         """The dtype this layer wants its input in (and returns)."""
         return self.weight.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(w.dtype)
+        return x
+
+    def _amx(self, x: torch.Tensor) -> bool:
+        """True when the AMX kernel takes x @ W^T: a prompt's rows, no gradient wanted, shapes it takes."""
+        w = self.weight
+        if x.numel() < 32 * x.shape[-1] or not matmul.applies(x, w):
+            return False
+        return not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        w = self.weight
+        x = self._cast(x)
         if x.numel() == x.shape[-1] and w.dtype == torch.bfloat16 and x.device.type == "cpu":
             # one row (decode, last-position logits): the CPU's bf16 matrix-vector kernel reads weights
             # about twice as fast as F.linear's single-row bf16 path
             return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+        if self._amx(x):
+            return matmul.linear(x, w)
         return F.linear(x, w)
+
+    def forward_relu2(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x)) ** 2`` (the channel-mix's key), inference: in the AMX kernel's epilogue when
+        it applies, else ``fused.relu_square_`` on ``self(x)`` (the same values up to the products'
+        summation order)."""
+        x = self._cast(x)
+        if self._amx(x):
+            return matmul.linear(x, self.weight, epilogue="relu2")
+        return fused.relu_square_(self(x))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -118,7 +146,8 @@ class ChannelMix(nn.Module):
     ) -> torch.Tensor:
         """The fused path from the two mixes on (in the compute dtype): ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)``
         in fp32; with ``residual`` (fp32, contiguous) that is added to it in place and returned."""
-        k = fused.relu_square_(self.key(xk))
+        relu2 = getattr(self.key, "forward_relu2", None)  # a quantised key has none
+        k = relu2(xk) if relu2 is not None else fused.relu_square_(self.key(xk))
         r, v = self.receptance(xr), self.value(k)
         if residual is None:
             return fused.sigmoid_mul(r, v, torch.float32)
