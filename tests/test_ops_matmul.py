@@ -71,6 +71,23 @@ def test_relu2_epilogue(M):
     assert (got.float() >= 0).all()
 
 
+@pytest.mark.parametrize("M", [1, 31, 33, 512])
+def test_gated_residual_epilogue_equals_the_composition(M):
+    # the same roundings as the channel-mix's separate passes on our own product: bit-equal
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 256, generator=g).to(torch.bfloat16)
+    w = (torch.randn(96, 256, generator=g) * 0.1).to(torch.bfloat16)
+    r = (torch.randn(M, 96, generator=g) * 3).to(torch.bfloat16)
+    res = torch.randn(M, 96, generator=g)
+    want = res + fused.sigmoid_mul(r, matmul.linear(x, w), torch.float32)
+    got = matmul.gated_residual_(res, x, w, r)
+    assert got is res and torch.equal(res, want)
+    with pytest.raises(ValueError, match="res must be"):
+        matmul.gated_residual_(res.to(torch.bfloat16), x, w, r)
+    with pytest.raises(ValueError, match="r must be"):
+        matmul.gated_residual_(res, x, w, r.float())
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

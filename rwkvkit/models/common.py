@@ -71,6 +71,15 @@ class Linear(nn.Linear):
             return matmul.linear(x, self.weight, epilogue="relu2")
         return fused.relu_square_(self(x))
 
+    def gated_residual_(self, res: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``res += sigmoid(r) * self(x)`` in place (the channel-mix's end; res fp32 contiguous, r in
+        the compute dtype), inference: in the AMX kernel's epilogue when it applies (r bf16), else
+        ``fused.sigmoid_mul_add_`` on ``self(x)`` (the same values up to the products' summation order)."""
+        x = self._cast(x)
+        if r.dtype == torch.bfloat16 and self._amx(x):
+            return matmul.gated_residual_(res, x, self.weight, r)
+        return fused.sigmoid_mul_add_(res, r, self(x))
+
 
 class LayerNorm(nn.LayerNorm):
     """fp32 LayerNorm (eps 1e-5) over the last dimension, whatever the input dtype."""
@@ -148,10 +157,13 @@ class ChannelMix(nn.Module):
         in fp32; with ``residual`` (fp32, contiguous) that is added to it in place and returned."""
         relu2 = getattr(self.key, "forward_relu2", None)  # a quantised key has none
         k = relu2(xk) if relu2 is not None else fused.relu_square_(self.key(xk))
-        r, v = self.receptance(xr), self.value(k)
+        r = self.receptance(xr)
         if residual is None:
-            return fused.sigmoid_mul(r, v, torch.float32)
-        return fused.sigmoid_mul_add_(residual, r, v)
+            return fused.sigmoid_mul(r, self.value(k), torch.float32)
+        gated = getattr(self.value, "gated_residual_", None)  # a quantised value has none
+        if gated is not None:
+            return gated(residual, k, r)
+        return fused.sigmoid_mul_add_(residual, r, self.value(k))
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""

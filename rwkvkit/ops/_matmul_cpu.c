@@ -1,6 +1,7 @@
 /* rwkvkit/ops/_matmul_cpu.c: y = x @ W^T for bf16 x [M, K] and the nn.Linear weight W [N, K] as it
  * is (row-major, no packed copy kept), bf16 y [M, N], fp32 sums, on AMX-BF16 tiles (Sapphire Rapids
- * on); optionally y = relu(y)^2 (the channel-mix's key) in the same pass.
+ * on); optionally y = relu(y)^2 (the channel-mix's key) in the same pass, or instead of storing y
+ * the channel-mix's end: res += sigmoid(r) * y (bf16 roundings as the PyTorch path, res fp32).
  *
  * Why not F.linear: oneDNN is as fast on a hot matrix, but in a prefill every weight is used once and
  * comes cold from memory, and oneDNN's blocking does not hide that. Here each thread owns a run of
@@ -130,11 +131,52 @@ AMX_TARGET INLINE void store_rows(uint16_t *y, long ldy, const float *a, const f
     }
 }
 
+/* fexp (_cpu_math.h) in 16 lanes, the same steps written out (no contraction), so the same values */
+AMX_TARGET INLINE __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.37f);
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi), magic = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, under, _mm512_setzero_ps()), over,
+                              _mm512_set1_ps(__builtin_inff()));
+}
+
+AMX_TARGET INLINE __m512 bf16_value(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+
+/* the gated residual (the channel-mix's end): res += bf16(bf16(sigmoid(r)) * bf16(y)) for rows of a
+   32 x 32 block, r bf16 and res fp32 [M, N] at the block's corner: the values of
+   x + fused.sigmoid_mul(r, F.linear(...), float32) */
+AMX_TARGET INLINE void gate_rows(float *res, const uint16_t *r, long ld, const float *a, const float *b, int nrows) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int i = 0; i < nrows; i++)
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = bf16_value(bf16_round(_mm512_load_ps((h ? b : a) + i * 16)));
+            const __m512 rr = bf16_value(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r + i * ld + h * 16))));
+            const __m512 sg = bf16_value(bf16_round(_mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), rr))))));
+            const __m512 g = bf16_value(bf16_round(_mm512_mul_ps(sg, v)));
+            float *o = res + i * ld + h * 16;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), g));
+        }
+}
+
 typedef struct {
     const uint16_t *x, *w, *xtail; /* xtail: the last M % 32 rows of x, zero-padded to 32, or NULL */
     uint16_t *y;
     long M, N, K;
     int relu2;
+    const uint16_t *gate; /* with res: the gated residual epilogue (gate_rows), y unused */
+    float *res;
 } mm_args;
 
 /* per-thread panel buffers (two groups: the one in use and the next), kept between calls */
@@ -212,7 +254,14 @@ AMX_TARGET static void mm_panels(const mm_args *a, long g0, long g1, uint16_t *b
                 _tile_stored(1, acc[1], 64);
                 _tile_stored(2, acc[2], 64);
                 _tile_stored(3, acc[3], 64);
-                uint16_t *yo = a->y + mg * 32 * N + (g + p) * 32;
+                const long at = mg * 32 * N + (g + p) * 32;
+                if (a->res) {
+                    gate_rows(a->res + at, a->gate + at, N, acc[0], acc[1], rows < 16 ? (int)rows : 16);
+                    if (rows > 16)
+                        gate_rows(a->res + at + 16 * N, a->gate + at + 16 * N, N, acc[2], acc[3], (int)rows - 16);
+                    continue;
+                }
+                uint16_t *yo = a->y + at;
                 store_rows(yo, N, acc[0], acc[1], rows < 16 ? (int)rows : 16, a->relu2);
                 if (rows > 16) store_rows(yo + 16 * N, N, acc[2], acc[3], (int)rows - 16, a->relu2);
             }
@@ -222,12 +271,14 @@ AMX_TARGET static void mm_panels(const mm_args *a, long g0, long g1, uint16_t *b
 }
 #endif /* HAVE_AMX */
 
-/* linear(M, N, K, x, w, y, relu2, nthreads): pointers as integers; returns None */
+/* linear(M, N, K, x, w, y, relu2, nthreads, gate=0, res=0): pointers as integers; returns None.
+   With gate and res (y then unused): res += bf16(bf16(sigmoid(gate)) * bf16(x @ W^T)) */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     long M, N, K;
-    unsigned long long px, pw, py;
+    unsigned long long px, pw, py, pg = 0, pres = 0;
     int relu2, nthreads;
-    if (!PyArg_ParseTuple(args, "lllKKKii", &M, &N, &K, &px, &pw, &py, &relu2, &nthreads)) return NULL;
+    if (!PyArg_ParseTuple(args, "lllKKKii|KK", &M, &N, &K, &px, &pw, &py, &relu2, &nthreads, &pg, &pres))
+        return NULL;
 #ifdef HAVE_AMX
     if (!amx_ok) {
         PyErr_SetString(PyExc_RuntimeError, "the AMX matmul is not available on this CPU");
@@ -237,8 +288,13 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "linear needs M >= 1, N and K positive multiples of 32");
         return NULL;
     }
+    if (!pg != !pres) {
+        PyErr_SetString(PyExc_ValueError, "linear: gate and res go together");
+        return NULL;
+    }
     mm_args a = {(const uint16_t *)(uintptr_t)px, (const uint16_t *)(uintptr_t)pw, NULL,
-                 (uint16_t *)(uintptr_t)py, M, N, K, relu2};
+                 (uint16_t *)(uintptr_t)py, M, N, K, relu2,
+                 (const uint16_t *)(uintptr_t)pg, (float *)(uintptr_t)pres};
     uint16_t *xtail = NULL;
     const long tail = M % 32;
     if (tail) {
@@ -272,7 +328,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    (void)M, (void)N, (void)K, (void)px, (void)pw, (void)py, (void)relu2, (void)nthreads;
+    (void)M, (void)N, (void)K, (void)px, (void)pw, (void)py, (void)relu2, (void)nthreads, (void)pg, (void)pres;
     PyErr_SetString(PyExc_RuntimeError, "the AMX matmul was not compiled in (needs gcc >= 12 on x86-64)");
     return NULL;
 #endif

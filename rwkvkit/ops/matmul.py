@@ -91,3 +91,28 @@ def linear(x: Tensor, w: Tensor, epilogue: str | None = None) -> Tensor:
         M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), int(epilogue == "relu2"), torch.get_num_threads()
     )
     return y
+
+
+def gated_residual_(res: Tensor, x: Tensor, w: Tensor, r: Tensor) -> Tensor:
+    """``res += sigmoid(r) * (x @ w.T)`` in place, rounded as the channel-mix's PyTorch path (the product
+    to bf16, sigmoid to bf16, their product to bf16, then the fp32 add): the same values as
+    ``res + fused.sigmoid_mul(r, linear(x, w), torch.float32)``. res fp32 contiguous [..., N], r bf16
+    [..., N], x, w as in ``linear``; returns res."""
+    if not applies(x, w):
+        raise ValueError("gated_residual_ needs what linear needs: bf16 x [..., K], w [N, K] (32 | N, K)")
+    N, K = w.shape
+    shape = (*x.shape[:-1], N)
+    if tuple(res.shape) != shape or res.dtype != torch.float32 or not res.is_contiguous():
+        raise ValueError(
+            f"res must be a contiguous float32 tensor {shape}, got {tuple(res.shape)} {res.dtype}"
+        )
+    if tuple(r.shape) != shape or r.dtype != torch.bfloat16:
+        raise ValueError(f"r must be bfloat16 {shape}, got {tuple(r.shape)} {r.dtype}")
+    M = x.numel() // K
+    if M == 0:
+        return res
+    x, w, r = x.contiguous(), w.contiguous(), r.contiguous()
+    _matmul_cpu.linear(
+        M, N, K, x.data_ptr(), w.data_ptr(), 0, 0, torch.get_num_threads(), r.data_ptr(), res.data_ptr()
+    )
+    return res
