@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import decode as native
+from ..ops import matmul
 from .common import Linear
 
 _GEMV_MAX_ROWS = 32  # up to this many input rows, products read the int8 weights directly
@@ -64,8 +65,9 @@ class Int8Linear(nn.Module):
             if x2.shape[0] <= _GEMV_MAX_ROWS:
                 out = native.q8_matmul(x2, self.weight_int8, self.scale).to(torch.bfloat16)
             else:
-                w = native.q8_dequantize_bf16(self.weight_int8, self.scale)
-                out = F.linear(x2.to(torch.bfloat16), w)
+                w, xb = native.q8_dequantize_bf16(self.weight_int8, self.scale), x2.to(torch.bfloat16)
+                no_grad = not (torch.is_grad_enabled() and x2.requires_grad)
+                out = matmul.linear(xb, w) if no_grad and matmul.applies(xb, w) else F.linear(xb, w)
         else:  # no native kernels (or another device): dequantise and multiply
             out = F.linear(x2.float(), self.weight.to(x2.device)).to(torch.bfloat16)
         return out.view(*shape[:-1], self.out_features)
