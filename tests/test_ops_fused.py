@@ -334,3 +334,21 @@ def test_fused_path_is_skipped_when_training(tmp_path):
     # training through the model reaches every time-mix parameter (the PyTorch path ran)
     model.loss(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]])).backward()
     assert all(p.grad is not None for p in att.parameters())
+
+
+def test_tensor_subclasses_are_not_handed_to_the_kernels():
+    """FSDP2 shards parameters as DTensors, whose data pointer is only the local shard: the kernels and
+    the block's fused path must not take any tensor subclass."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.zeros(4, 64)
+    assert fused.plain(t, torch.nn.Parameter(t), None)
+    assert not fused.plain(t, t.as_subclass(Sub))
+    assert not fused.usable(t.as_subclass(Sub))
+    from rwkvkit.ops import decode, matmul
+
+    w = torch.zeros(64, 64, dtype=bf16)
+    assert not matmul.applies(torch.zeros(32, 64, dtype=bf16), w.as_subclass(Sub))
+    assert decode.matrix_kind(w.as_subclass(Sub)) is None

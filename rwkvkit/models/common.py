@@ -145,6 +145,10 @@ class ChannelMix(nn.Module):
         self.receptance = Linear(C, C)
         self.value = Linear(F_, C)
 
+    def mixes_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and receptance mix parameters."""
+        return getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
+
     def mixes(self) -> torch.Tensor:
         """The key and receptance mix vectors stacked: [2, C] (for ``fused.shift_mix``)."""
         mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)

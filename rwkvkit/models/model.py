@@ -55,8 +55,10 @@ class Block(nn.Module):
         ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
         """
+        # (FSDP2 shards each time-mix and channel-mix separately and gathers their parameters only
+        # inside their own forward: parameters read here, before it, must be plain tensors)
         spec = self.att.shift_mix_spec(x, att_shift, wkv)
-        if spec is not None and fusable(self.ln1, x):
+        if spec is not None and fusable(self.ln1, x) and fused.plain(spec[0], self.ln1.weight, self.ln1.bias):
             # ln1 and the time-mix's first token-shift mixes in one C pass
             ln, (mix, lerp, dt) = self.ln1, spec
             _, mixed, last, xn = fused.add_norm_mix(
@@ -67,12 +69,16 @@ class Block(nn.Module):
         else:
             out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
         ffn = self.ffn
-        if ffn.fused_applies(x, ffn_shift) and fusable(self, x, inputs=(out,)):
+        ln = self.ln2
+        if (
+            ffn.fused_applies(x, ffn_shift)
+            and fusable(self, x, inputs=(out,))
+            and fused.plain(out, ln.weight, ln.bias, *ffn.mixes_params())
+        ):
             # the residual add, ln2 and the channel-mix's two token-shift mixes in one C pass, and the
             # second residual add inside the channel-mix's last kernel
             if keep:
                 x, out = x[:, -keep:], out[:, -keep:]
-            ln = self.ln2
             x, (xk, xr), ffn_shift, _ = fused.add_norm_mix(
                 x, out, ln.weight, ln.bias, ln.eps, ffn_shift, ffn.mixes(), lerp=not ffn.finch,
                 dtype=compute_dtype(ffn.key),

@@ -32,7 +32,10 @@ def _ext():
 
 
 def matrix_kind(weight: torch.Tensor) -> int | None:
-    """The kernel kind for a dense weight (fp32 or bf16, contiguous, CPU), or None if unsupported."""
+    """The kernel kind for a dense weight (fp32 or bf16, contiguous, CPU, a plain tensor: not e.g. an
+    FSDP2 DTensor, whose data pointer is a local shard), or None if unsupported."""
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return None
     if weight.device.type != "cpu" or not weight.is_contiguous():
         return None
     return {torch.float32: MK_F32, torch.bfloat16: MK_BF16}.get(weight.dtype)

@@ -44,10 +44,19 @@ def is_enabled() -> bool:
     return _enabled
 
 
+def plain(*tensors: Tensor | None) -> bool:
+    """True when every tensor is an ordinary tensor or parameter whose memory the kernels may read
+    (not a subclass such as FSDP2's sharded DTensor, whose data pointer is only the local shard)."""
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def usable(*tensors: Tensor | None) -> bool:
-    """True when the models may use the fused kernels for these tensors: built, enabled, all on the CPU,
-    no gradient wanted."""
-    if _fused_cpu is None or not _enabled:
+    """True when the models may use the fused kernels for these tensors: built, enabled, all plain
+    tensors on the CPU, no gradient wanted."""
+    if _fused_cpu is None or not _enabled or not plain(*tensors):
         return False
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return not grad and all(t is None or t.device.type == "cpu" for t in tensors)

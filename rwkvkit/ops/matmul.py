@@ -50,6 +50,8 @@ def applies(x: Tensor, w: Tensor) -> bool:
     return (
         _enabled
         and available()
+        and type(w) in (Tensor, torch.nn.Parameter)  # not a subclass (FSDP2's DTensor: a local shard)
+        and type(x) in (Tensor, torch.nn.Parameter)
         and w.dtype == torch.bfloat16
         and x.dtype == torch.bfloat16
         and w.device.type == "cpu"
