@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..ops import decode, fused, matmul
 
 _ROW_KERNEL = decode.available()  # the native step's matrix-vector kernels are built
+_FEW_ROWS = 4  # up to this many rows, bf16 products take them (measured: faster than oneDNN's up to 4)
 
 
 class Linear(nn.Linear):
@@ -56,14 +57,18 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         w = self.weight
         x = self._cast(x)
-        if x.numel() == x.shape[-1] and w.dtype == torch.bfloat16 and x.device.type == "cpu":
-            # one row (a prompt's last-position logits, decode outside the native step): a matrix-vector
-            # kernel, the native step's (fp32 sums, rounded once to bf16 as torch.mv) when built, about
-            # 1.3x torch.mv, which itself reads weights about twice as fast as F.linear's single row
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= _FEW_ROWS and w.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # a few rows (a prompt's last-position logits, the last block's channel-mix of a last_only
+            # prompt, decode outside the native step): the native step's matrix-vector kernels when
+            # built (fp32 sums rounded once to bf16, as torch), about 1.3x torch.mv for one row and 2x
+            # oneDNN's bf16 matmul for 2-4 rows; torch.mv reads one row twice as fast as F.linear
             grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
-            if _ROW_KERNEL and not grad and decode.matrix_kind(w) is not None:
-                return decode.dense_matmul(x.reshape(1, -1), w).to(w.dtype).view(*x.shape[:-1], w.shape[0])
-            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+            if _ROW_KERNEL and not grad and rows > 0 and decode.matrix_kind(w) is not None:
+                y = decode.dense_matmul(x.reshape(rows, -1), w).to(w.dtype)
+                return y.view(*x.shape[:-1], w.shape[0])
+            if rows == 1:
+                return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if self._amx(x):
             return matmul.linear(x, w)
         return F.linear(x, w)
