@@ -8,8 +8,10 @@ float32 throughout); element-wise work between two matrices stays in the compute
 reference, and a quantised layer (``rwkvkit.models.quant.Int8Linear``) can stand in for a ``Linear``.
 
 CPU inference runs the element-wise chains between the matrices through the fused C kernels of
-``rwkvkit.ops.fused`` when they apply (``fusable``); the PyTorch code next to each call is the
-fallback (training, other devices, fp16, the extension not built) and the definition of the math.
+``rwkvkit.ops.fused`` when they apply (``fusable``), and bf16 prompts' matrices through the AMX kernel
+of ``rwkvkit.ops.matmul`` (with the channel-mix's relu^2 and its gated residual add as epilogues); the
+PyTorch code next to each call is the fallback (training, other devices, fp16, the extension not
+built) and the definition of the math.
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ class Block(nn.Module):
 
         ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
+
+        CPU inference (the fused kernels apply): ln1 comes out of one C pass with the time-mix's first
+        token-shift mixes, the residual add with ln2 and the channel-mix's mixes, and the channel-mix
+        adds its output to the residual in its last kernel; otherwise the plain PyTorch code below.
         """
         # (FSDP2 shards each time-mix and channel-mix separately and gathers their parameters only
         # inside their own forward: parameters read here, before it, must be plain tensors)
