@@ -35,7 +35,7 @@ setup(
         Extension(
             "rwkvkit.ops._fused_cpu",
             ["rwkvkit/ops/_fused_cpu.c"],
-            depends=["rwkvkit/ops/_cpu_math.h"],
+            depends=["rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_amx.h"],
             # no FMA contraction: a*b + c rounds twice, as torch's element-wise ops do
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: resolves to the one torch has loaded
@@ -44,7 +44,7 @@ setup(
         Extension(  # AMX tile code through target attributes; without AMX it loads and says so
             "rwkvkit.ops._matmul_cpu",
             ["rwkvkit/ops/_matmul_cpu.c"],
-            depends=["rwkvkit/ops/_cpu_math.h"],
+            depends=["rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_amx.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp"],  # libgomp.so.1: resolves to the one torch has loaded
             optional=True,

@@ -241,26 +241,11 @@ VARIANTS(finch_mix_rows, fm_args)
    AVX-512 FMA, so the pass is bound by its memory traffic (mostly writing the [5, R, C] output).
    Compared with the fp32 path only the order in which the D products are summed differs (and AMX
    treats subnormal inputs and sums as zero). The rest is AVX-512, which every AMX CPU has. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define HAVE_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#include "_amx.h"
+#ifdef HAVE_AMX
 #define FM_AMX_COLS 32 /* columns per step: two 16-column accumulator tiles */
-static int amx_ok = 0; /* set at import: the CPU has AMX-BF16 and the kernel lets us use it */
+static int amx_ok = 0; /* set at import (amx_request): the CPU has AMX-BF16 and Linux lets us use it */
 #define FM_AMX_OK amx_ok
-
-static void amx_init(void) {
-    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return; /* tests: the fallback */
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
-        !__builtin_cpu_supports("avx512bw"))
-        return;
-    /* Linux hands out the tile state only on request: ARCH_REQ_XCOMP_PERM (0x1023) for
-       XFEATURE_XTILEDATA (18), once per process, valid for all its threads */
-    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}
 
 static inline long fm_amx_kb(long D) { return (D + 31) / 32; } /* 32-input steps */
 static inline long fm_amx_cp(long C) { return (C + FM_AMX_COLS - 1) / FM_AMX_COLS * FM_AMX_COLS; }
@@ -294,16 +279,6 @@ AMX_TARGET static void fm_amx_pack(const uint16_t *w2, uint16_t *wp, long C, lon
     }
 }
 
-/* fp32 -> bf16 in 16 lanes: f32_to_bf16's rounding (nearest even, NaN quietened) */
-AMX_TARGET static inline __m256i fm_bf16x16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
-    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40))));
-}
-
 /* output j of row r for columns [c, c + 32) (n of them valid), acc the row's 32 LoRA terms; prefetches
    the next step's lines of this output (and of x, when j == 0), which the hardware does not guess */
 AMX_TARGET static inline __attribute__((always_inline)) void fm_amx_out(const fm_args *a, long r, long j,
@@ -330,7 +305,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void fm_amx_out(const fm
     const __m512 mix1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, maa + 16), _mm512_load_ps(acc + 16));
     const __m512 o0 = _mm512_fmadd_ps(d0, mix0, x0), o1 = _mm512_fmadd_ps(d1, mix1, x1);
     if (out_dt == DT_BF16) {
-        const __m512i o = _mm512_inserti64x4(_mm512_castsi256_si512(fm_bf16x16(o0)), fm_bf16x16(o1), 1);
+        const __m512i o = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_pack16(o0)), bf16_pack16(o1), 1);
         _mm512_mask_storeu_epi16((uint16_t *)a->out + at, (__mmask32)m0 | ((__mmask32)m1 << 16), o);
     } else {
         _mm512_mask_storeu_ps((float *)a->out + at, m0, o0);
@@ -353,18 +328,7 @@ AMX_TARGET static void fm_amx_outs(const fm_args *a, long rb, long nr, long j, l
    under the memory-bound outputs. Tiles: 0-1 = m (A), 2-3 = maa_w2 (B), 4-7 = accumulators. */
 AMX_TARGET static void finch_mix_amx_rows(const fm_args *a, long r0, long r1) {
     const long C = a->C, D = a->D, KB = fm_amx_kb(D), CB = fm_amx_cp(C) / 16;
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
+    amx_tiles_16x64();
     uint16_t abuf[5 * KB * 1024] __attribute__((aligned(64))); /* m of a row block, [5][KB][32][32] */
     float acc[2][32][32] __attribute__((aligned(64)));
     for (long rb = r0; rb < r1; rb += 32) {
@@ -807,30 +771,8 @@ AMX_TARGET static void lora_pack(const uint16_t *w, uint16_t *wp, long K, long N
 
 /* tanh in 16 lanes: x - x^3/3 + 2x^5/15 below |x| = 0.01 (where 1 - 2/(e^2x + 1) would cancel),
    else 1 - 2 / (exp(2x) + 1), which saturates to +-1 */
-/* fexp (_cpu_math.h) in 16 lanes: the same steps, so the same values */
-AMX_TARGET static inline __m512 lora_exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.37f);
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, under, _mm512_setzero_ps()), over,
-                              _mm512_set1_ps(__builtin_inff()));
-}
-
 AMX_TARGET static inline __m512 lora_tanh16(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.0f), e = lora_exp16(_mm512_add_ps(x, x));
+    const __m512 one = _mm512_set1_ps(1.0f), e = fexp16(_mm512_add_ps(x, x));
     const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
     const __m512 x2 = _mm512_mul_ps(x, x);
     const __m512 poly = _mm512_fmadd_ps(x2, _mm512_set1_ps(2.0f / 15.0f), _mm512_set1_ps(-1.0f / 3.0f));
@@ -878,17 +820,6 @@ AMX_TARGET static void lora_product(const uint16_t *a, long lda, long KB, const 
 /* rows [r0, r1) in blocks of 32; a short last block's rows are copied zero-padded */
 AMX_TARGET static int lora_rows(const lora_args *a, long r0, long r1) {
     const long K = a->K, D = a->D, N = a->N;
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
     /* scratch: fp32 accumulators [32][max(D, N)], t [32][D] bf16, a padded x block [32][K] */
     const long wide = D > N ? D : N;
     char *mem = aligned_alloc(64, (size_t)(32 * wide * 4 + 32 * D * 2 + 32 * K * 2 + 192));
@@ -896,7 +827,7 @@ AMX_TARGET static int lora_rows(const lora_args *a, long r0, long r1) {
     float *acc = (float *)mem;
     uint16_t *tb = (uint16_t *)(mem + 32 * wide * 4);
     uint16_t *xpad = tb + 32 * D + 32;
-    _tile_loadconfig(&cfg);
+    amx_tiles_16x64();
     for (long rb = r0; rb < r1; rb += 32) {
         const long nr = r1 - rb < 32 ? r1 - rb : 32;
         const uint16_t *xa = a->x + rb * K;
@@ -910,16 +841,15 @@ AMX_TARGET static int lora_rows(const lora_args *a, long r0, long r1) {
         uint16_t *tdst = a->w2 ? tb : a->out + rb * D;
         for (long i = 0; i < nr; i++)
             for (long c = 0; c < D; c += 16) {
-                const __m512 h = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(fm_bf16x16(_mm512_loadu_ps(acc + i * D + c))), 16));
-                _mm256_storeu_si256((void *)(tdst + i * D + c), fm_bf16x16(lora_tanh16(h)));
+                const __m512 h = bf16_value16(bf16_bits16(_mm512_loadu_ps(acc + i * D + c)));
+                _mm256_storeu_si256((void *)(tdst + i * D + c), bf16_pack16(lora_tanh16(h)));
             }
         if (!a->w2) continue;
         if (nr < 32) memset(tb + nr * D, 0, sizeof(uint16_t) * (32 - nr) * D);
         lora_product(tb, D, D / 32, a->w2p, N, acc);
         for (long i = 0; i < nr; i++)
             for (long c = 0; c < N; c += 16)
-                _mm256_storeu_si256((void *)(a->out + (rb + i) * N + c), fm_bf16x16(_mm512_loadu_ps(acc + i * N + c)));
+                _mm256_storeu_si256((void *)(a->out + (rb + i) * N + c), bf16_pack16(_mm512_loadu_ps(acc + i * N + c)));
     }
     _tile_release();
     free(mem);
@@ -1005,7 +935,7 @@ PyMODINIT_FUNC PyInit__fused_cpu(void) {
         isa_level = 1;
 #endif
 #ifdef HAVE_AMX
-    amx_init();
+    amx_ok = amx_request();
 #endif
     PyObject *mod = PyModule_Create(&module);
     if (mod && PyModule_AddIntConstant(mod, "finch_mix_amx", FM_AMX_OK) < 0) Py_CLEAR(mod);

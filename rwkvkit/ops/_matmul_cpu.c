@@ -32,48 +32,18 @@
 
 #include "_cpu_math.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define HAVE_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#include "_amx.h"
+#ifdef HAVE_AMX
 #define INLINE static inline __attribute__((always_inline))
 #endif
 
-static int amx_ok = 0; /* set at import: the CPU has AMX-BF16 and the kernel lets us use it */
+static int amx_ok = 0; /* set at import (amx_request): the CPU has AMX-BF16 and Linux lets us use it */
 
 #ifdef HAVE_AMX
-static void amx_init(void) {
-    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return; /* tests: the fallback */
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
-        !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq") ||
-        !__builtin_cpu_supports("avx512vl"))
-        return;
-    /* Linux hands out the tile state only on request: ARCH_REQ_XCOMP_PERM (0x1023) for
-       XFEATURE_XTILEDATA (18), once per process, valid for all its threads */
-    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}
-
-typedef struct {
-    uint8_t palette, start_row, rsv[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg;
 
 /* eight 16 x 64-byte tiles: 0-3 the fp32 sums of a 32 x 32 block, 4-5 two 16-row slices of x,
    6-7 the two 16-column halves of the panel */
-AMX_TARGET static void tile_config(void) {
-    tilecfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+AMX_TARGET static void tile_config(void) { amx_tiles_16x64(); }
 
 /* a panel: W rows [n0, n0 + 32) -> [K / 32][2 halves][16 pairs kk][16 columns][2] bf16, B-tile
    (kb, h) at p + (kb * 2 + h) * 512: its row kk holds W[n0 + 16h + c][32kb + 2kk + q] for c, q.
@@ -107,53 +77,22 @@ AMX_TARGET static void pack_tiles(const uint16_t *w, long K, uint16_t *p, long t
     }
 }
 
-/* fp32 -> bf16 in 16 lanes: f32_to_bf16's rounding (nearest even, NaN quietened) */
-AMX_TARGET INLINE __m512i bf16_round(__m512 v) { /* bf16 bits in the low half of each 32-bit lane */
-    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
-    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-}
 
 /* rows of a 32 x 32 fp32 block (tiles a = columns 0-15, b = 16-31, 16 rows each) -> bf16 y */
 AMX_TARGET INLINE void store_rows(uint16_t *y, long ldy, const float *a, const float *b, int nrows, int relu2) {
     for (int r = 0; r < nrows; r++) {
-        __m512i lo = bf16_round(_mm512_load_ps(a + r * 16)), hi = bf16_round(_mm512_load_ps(b + r * 16));
+        __m512i lo = bf16_bits16(_mm512_load_ps(a + r * 16)), hi = bf16_bits16(_mm512_load_ps(b + r * 16));
         if (relu2) { /* relu of the rounded value, square in fp32, round again */
             const __m512 zl = _mm512_max_ps(_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_setzero_ps());
             const __m512 zh = _mm512_max_ps(_mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)), _mm512_setzero_ps());
-            lo = bf16_round(_mm512_mul_ps(zl, zl));
-            hi = bf16_round(_mm512_mul_ps(zh, zh));
+            lo = bf16_bits16(_mm512_mul_ps(zl, zl));
+            hi = bf16_bits16(_mm512_mul_ps(zh, zh));
         }
         const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(lo)),
                                              _mm512_cvtepi32_epi16(hi), 1);
         _mm512_storeu_si512((void *)(y + r * ldy), v);
     }
 }
-
-/* fexp (_cpu_math.h) in 16 lanes, the same steps written out (no contraction), so the same values */
-AMX_TARGET INLINE __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.37f);
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi), magic = _mm512_set1_ps(12582912.0f);
-    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, under, _mm512_setzero_ps()), over,
-                              _mm512_set1_ps(__builtin_inff()));
-}
-
-AMX_TARGET INLINE __m512 bf16_value(__m512i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
 
 /* the gated residual (the channel-mix's end): res += bf16(bf16(sigmoid(r)) * bf16(y)) for rows of a
    32 x 32 block, r bf16 and res fp32 [M, N] at the block's corner: the values of
@@ -162,10 +101,10 @@ AMX_TARGET INLINE void gate_rows(float *res, const uint16_t *r, long ld, const f
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int i = 0; i < nrows; i++)
         for (int h = 0; h < 2; h++) {
-            const __m512 v = bf16_value(bf16_round(_mm512_load_ps((h ? b : a) + i * 16)));
-            const __m512 rr = bf16_value(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r + i * ld + h * 16))));
-            const __m512 sg = bf16_value(bf16_round(_mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), rr))))));
-            const __m512 g = bf16_value(bf16_round(_mm512_mul_ps(sg, v)));
+            const __m512 v = bf16_value16(bf16_bits16(_mm512_load_ps((h ? b : a) + i * 16)));
+            const __m512 rr = bf16_value16(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r + i * ld + h * 16))));
+            const __m512 sg = bf16_value16(bf16_bits16(_mm512_div_ps(one, _mm512_add_ps(one, fexp16(_mm512_sub_ps(_mm512_setzero_ps(), rr))))));
+            const __m512 g = bf16_value16(bf16_bits16(_mm512_mul_ps(sg, v)));
             float *o = res + i * ld + h * 16;
             _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), g));
         }
@@ -363,7 +302,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matmul_cpu",
 
 PyMODINIT_FUNC PyInit__matmul_cpu(void) {
 #ifdef HAVE_AMX
-    amx_init();
+    amx_ok = amx_request();
 #endif
     PyObject *mod = PyModule_Create(&module);
     if (mod && PyModule_AddIntConstant(mod, "available", amx_ok) < 0) Py_CLEAR(mod);

@@ -1,0 +1,88 @@
+/* rwkvkit/ops/_amx.h: what the AMX kernels (_fused_cpu.c, _matmul_cpu.c) share: the check that the CPU
+ * has AMX-BF16 with the kernel's permission to use it, the tile configuration every kernel uses, and
+ * the AVX-512 twins of _cpu_math.h's scalar helpers (bf16 rounding, exp) they apply to tile results.
+ * Include after _cpu_math.h. Defines HAVE_AMX (and AMX_TARGET, the target attribute of the kernels)
+ * only where the compiler has the AMX intrinsics (gcc >= 12 on x86-64); the including file keeps a
+ * fallback for the rest. */
+#ifndef RWKVKIT_AMX_H
+#define RWKVKIT_AMX_H
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define HAVE_AMX 1
+#include <immintrin.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define AMX_INLINE static inline __attribute__((always_inline)) AMX_TARGET
+
+/* 1 when the kernels may use AMX-BF16 tiles: the CPU has them (and AVX-512) and Linux granted the
+   tile state, which it hands out only on request (ARCH_REQ_XCOMP_PERM = 0x1023 for
+   XFEATURE_XTILEDATA = 18, once per process, valid for all its threads). RWKVKIT_PORTABLE_KERNELS
+   set: 0 (the tests of the fallbacks). Call once, at import. */
+static int amx_request(void) {
+    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return 0;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
+        !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq") ||
+        !__builtin_cpu_supports("avx512vl"))
+        return 0;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+/* all eight tiles 16 rows x 64 bytes (16 fp32 or 32 bf16 per row), for the calling thread */
+AMX_INLINE void amx_tiles_16x64(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* f32_to_bf16 in 16 lanes (nearest even, NaN quietened): the bf16 bits in the low half of each
+   32-bit lane */
+AMX_INLINE __m512i bf16_bits16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v), hi = _mm512_srli_epi32(u, 16);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+/* the same, packed to 16 bf16 values */
+AMX_INLINE __m256i bf16_pack16(__m512 v) { return _mm512_cvtepi32_epi16(bf16_bits16(v)); }
+
+/* a value rounded to bf16 and back: bf16 bits -> fp32 */
+AMX_INLINE __m512 bf16_value16(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
+
+/* fexp in 16 lanes: the same steps (each multiply and add rounded, as written there), so the same
+   values */
+AMX_INLINE __m512 fexp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.37f);
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi), magic = _mm512_set1_ps(12582912.0f);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, under, _mm512_setzero_ps()), over,
+                              _mm512_set1_ps(__builtin_inff()));
+}
+#endif
+
+#endif
