@@ -101,6 +101,23 @@ static inline void split_rows(long R, long *r0, long *r1) {
     *r1 = R * (i + 1) / n;
 }
 
+/* fn(a, i0, i1) over the rows [0, R): on the calling thread when nthreads <= 1, else split in equal
+   ranges over an OpenMP team (torch's pool). Call with the GIL released. */
+#define RUN_ROWS(fn, a, R, nthreads)                          \
+    do {                                                      \
+        const int nt_ = (nthreads);                           \
+        if (nt_ <= 1) {                                       \
+            fn((a), 0, (R));                                  \
+        } else {                                              \
+            _Pragma("omp parallel num_threads(nt_)")          \
+            {                                                 \
+                long r0_, r1_;                                \
+                split_rows((R), &r0_, &r1_);                  \
+                if (r0_ < r1_) fn((a), r0_, r1_);             \
+            }                                                 \
+        }                                                     \
+    } while (0)
+
 /* ---- token-shift mixes ----------------------------------------------------------------------- */
 
 typedef struct {
@@ -148,16 +165,7 @@ static PyObject *py_mix(PyObject *self, PyObject *args) {
     a.mix = (const float *)(uintptr_t)pm;
     a.out = (char *)(uintptr_t)po;
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads <= 1) {
-        mix_rows(&a, 0, a.R);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            long r0, r1;
-            split_rows(a.R, &r0, &r1);
-            mix_rows(&a, r0, r1);
-        }
-    }
+    RUN_ROWS(mix_rows, &a, a.R, nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -513,16 +521,7 @@ static PyObject *py_group_norm_gate(PyObject *self, PyObject *args) {
     a.bias = (const float *)(uintptr_t)pb;
     a.out = (char *)(uintptr_t)po;
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads <= 1) {
-        gn_rows(&a, 0, a.R);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            long r0, r1;
-            split_rows(a.R, &r0, &r1);
-            gn_rows(&a, r0, r1);
-        }
-    }
+    RUN_ROWS(gn_rows, &a, a.R, nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -560,16 +559,7 @@ static PyObject *py_relu_square(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "lKii", &n, &pk, &dt, &nthreads)) return NULL;
     const rs_args a = {(char *)(uintptr_t)pk, dt};
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads <= 1) {
-        relu_square_range(&a, 0, n);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            long i0, i1;
-            split_rows(n, &i0, &i1);
-            relu_square_range(&a, i0, i1);
-        }
-    }
+    RUN_ROWS(relu_square_range, &a, n, nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -622,16 +612,7 @@ static PyObject *py_sigmoid_mul(PyObject *self, PyObject *args) {
     a.v = (const char *)(uintptr_t)pv;
     a.out = (char *)(uintptr_t)po;
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads <= 1) {
-        sigmoid_mul_rows(&a, 0, a.R);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            long r0, r1;
-            split_rows(a.R, &r0, &r1);
-            sigmoid_mul_rows(&a, r0, r1);
-        }
-    }
+    RUN_ROWS(sigmoid_mul_rows, &a, a.R, nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -725,16 +706,7 @@ static PyObject *py_add_norm_mix(PyObject *self, PyObject *args) {
     a.last = (float *)(uintptr_t)pl;
     a.out = (char *)(uintptr_t)po;
     Py_BEGIN_ALLOW_THREADS
-    if (nthreads <= 1) {
-        anm_rows(&a, 0, a.R);
-    } else {
-#pragma omp parallel num_threads(nthreads)
-        {
-            long r0, r1;
-            split_rows(a.R, &r0, &r1);
-            if (r0 < r1) anm_rows(&a, r0, r1);
-        }
-    }
+    RUN_ROWS(anm_rows, &a, a.R, nthreads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
