@@ -158,8 +158,7 @@ class ChannelMix(nn.Module):
 
     def mixes(self) -> torch.Tensor:
         """The key and receptance mix vectors stacked: [2, C] (for ``fused.shift_mix``)."""
-        mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
-        return torch.cat([mk, mr]).view(2, -1)
+        return torch.cat(self.mixes_params()).view(2, -1)
 
     def fused_applies(self, x: torch.Tensor, shift: torch.Tensor) -> bool:
         """True when ``forward_mixed`` may run (the fused CPU kernels, one compute dtype)."""
