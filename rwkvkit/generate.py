@@ -11,9 +11,10 @@ Layers, from the bottom up (each usable alone):
   row), and each row leaves when it hits a stop token, its token budget, its ``on_token`` hook says
   stop, or it is cancelled. It knows nothing about text; the server drives it from a thread.
   With ``interleave=N`` a new row's prompt is not prefilled by ``add`` but by the following
-  ``step`` calls, at most N tokens per step while other rows are decoding (the prompts waiting take
-  turns), so a long prompt arriving never stalls the running streams for longer than N tokens'
-  prefill; with nothing decoding a step prefills ``chunk_len`` tokens.
+  ``step`` calls, N prompt tokens per step in all while other rows are decoding (several short
+  prompts, or a slice of a long one; waiting prompts take turns), so a long prompt arriving never
+  stalls the running streams for longer than N tokens' prefill; with nothing decoding a step
+  prefills ``chunk_len`` tokens.
 - ``generate_tokens`` / ``generate_tokens_batch``: one or several prompts, token ids in and out.
 - ``TextStream`` + ``generate`` / ``generate_batch``: text in, streamed text out, through the
   tokenizer's incremental decoder (no half characters) with stop strings held back until decided.
@@ -235,40 +236,41 @@ class BatchDecoder:
 
     @torch.no_grad()
     def _prefill_slice(self, finished: list[Row]) -> None:
-        """Feed the next prompt waiting its turn up to ``interleave`` tokens (``chunk_len`` when no row
-        is decoding); a prompt that completes joins the batch."""
+        """Feed waiting prompts, in turn, ``interleave`` tokens in all (``chunk_len`` when no row is
+        decoding): several short prompts, or one slice of a long one. Completed prompts join the batch."""
         for p in [p for p in self.prefilling if p.row.cancelled]:
             self.prefilling.remove(p)
             self._finish(p.row, "cancelled", None)
             finished.append(p.row)
-        if not self.prefilling:
-            return
-        p = self.prefilling.pop(0)
-        row, budget = p.row, (self.interleave if self.rows else self.chunk_len)
-        try:
-            if not p.started:
-                p.started = True
-                p.state = row.state.clone() if row.state is not None else None
-                if self.cache is not None and row.state is None:
-                    p.done, p.state, p.logits = self.cache.lookup(row.prompt)
-            end = min(p.done + budget, len(row.prompt))
-            if p.done < end:
-                p.logits, p.state = prefill(
-                    self.model, row.prompt[p.done : end], p.state, chunk_len=self.chunk_len
-                )
-                p.done = end
-                if end == len(row.prompt) and self.cache is not None and row.state is None:
-                    self.cache.store(row.prompt, p.state, p.logits)
-        except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
-            row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
-            finished.append(row)
-            return
-        if p.done < len(row.prompt):
-            self.prefilling.append(p)  # the next waiting prompt goes first
-            return
-        assert p.logits is not None and p.state is not None
-        if not self._join(row, p.logits, p.state):
-            finished.append(row)
+        budget = self.interleave if self.rows else self.chunk_len
+        while budget > 0 and self.prefilling:
+            p = self.prefilling.pop(0)
+            row = p.row
+            try:
+                if not p.started:
+                    p.started = True
+                    p.state = row.state.clone() if row.state is not None else None
+                    if self.cache is not None and row.state is None:
+                        p.done, p.state, p.logits = self.cache.lookup(row.prompt)
+                end = min(p.done + budget, len(row.prompt))
+                if p.done < end:
+                    p.logits, p.state = prefill(
+                        self.model, row.prompt[p.done : end], p.state, chunk_len=self.chunk_len
+                    )
+                    budget -= end - p.done
+                    p.done = end
+                    if end == len(row.prompt) and self.cache is not None and row.state is None:
+                        self.cache.store(row.prompt, p.state, p.logits)
+            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
+                row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
+                finished.append(row)
+                continue
+            if p.done < len(row.prompt):
+                self.prefilling.append(p)  # its budget is spent; the next waiting prompt goes first
+                return
+            assert p.logits is not None and p.state is not None
+            if not self._join(row, p.logits, p.state):
+                finished.append(row)
 
     def _finish(self, row: Row, reason: str, state: State | None) -> None:
         row.finish_reason = reason

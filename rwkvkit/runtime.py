@@ -5,7 +5,8 @@ the next ones, so every prompt pays a few thousand page faults for its activatio
 about 2,300 minor faults and 5% of a 512-token prefill of a 0.1B model). Raising the mmap and trim
 thresholds keeps freed blocks for reuse (the process keeps up to a few hundred MB of freed memory
 instead of returning it). ``rwkvkit.load`` calls it once for CPU models; it affects the whole process,
-only on glibc, and ``RWKVKIT_MALLOC_TUNE=0`` in the environment turns it off.
+only on glibc, and ``RWKVKIT_MALLOC_TUNE=0`` in the environment turns it off. The trainer calls
+it too. ``trim_malloc()`` returns freed memory to the system on demand (the server, when idle).
 """
 
 from __future__ import annotations
@@ -43,3 +44,16 @@ def tune_malloc(
         return False
     _done = ok
     return ok
+
+
+def trim_malloc() -> bool:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim(0)``, every arena, including
+    free pages in the middle of a heap); True if it ran. For long-lived processes that ``tune_malloc``:
+    the server calls it whenever its engine runs out of work, so its resident size levels off."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -297,3 +297,15 @@ def test_interleaved_prefill_error_fails_one_row(model6) -> None:
         finished += dec.step()
     assert bad in finished and bad.finish_reason == "error" and "outside" in (bad.error or "")
     assert good.finish_reason == "length" and len(good.tokens) == 4
+
+
+def test_interleave_budget_covers_several_short_prompts(model6) -> None:
+    dec = BatchDecoder(model6, interleave=16)
+    first = generate_tokens(model6, [4, 5], max_tokens=20, sampling=GREEDY).row
+    dec.add(first)
+    dec.step()
+    short = [generate_tokens(model6, [10 + i, 11, 12], max_tokens=3, sampling=GREEDY).row for i in range(5)]
+    for r in short:
+        dec.add(r)
+    dec.step()  # 16 tokens of budget: five 3-token prompts fit, and they decode in the same step
+    assert len(dec.rows) == 6 and not dec.prefilling and all(len(r.tokens) == 1 for r in short)
