@@ -53,13 +53,24 @@ class Job:
 
     def finish(self) -> None:
         if self.row.finish_reason == "error":
-            self.push("error", self.row.error or "generation failed")
+            self.fail(self.row.error or "generation failed")
             return
         if self.row.finish_reason != "cancelled":
             tail = self.text.finish()
             if tail:
                 self.push("text", tail)
         self.push("done", self.row.finish_reason)
+        self.release()
+
+    def fail(self, message: str) -> None:
+        self.push("error", message)
+        self.release()
+
+    def release(self) -> None:
+        """Break the row -> hook -> job cycle once the row is over, so that reference counting frees
+        the request's tensors (sampler counts, logits) as soon as its handler is done, instead of
+        whenever the cyclic garbage collector next runs (the server's memory grew round after round)."""
+        self.row.on_token = None
 
 
 class QueueFull(Exception):
@@ -139,7 +150,7 @@ class Engine:
                             job.finish()
         with self._cv:
             for job in list(self._waiting) + list(self._jobs.values()):
-                job.push("error", "server shutting down")
+                job.fail("server shutting down")
 
     def _start(self, job: Job) -> None:
         if job.row.cancelled:
@@ -149,7 +160,7 @@ class Engine:
         try:
             self.decoder.add(job.row)  # checks the row; its prompt is fed by the next steps
         except Exception as e:  # noqa: BLE001 - a request the model rejects fails alone
-            job.push("error", f"{type(e).__name__}: {e}")
+            job.fail(f"{type(e).__name__}: {e}")
             return
         if job.row.done:
             job.finish()
@@ -159,7 +170,7 @@ class Engine:
     def _fail_all(self, e: Exception) -> list[Row]:
         for row, job in self._jobs.items():
             row.finish_reason = "error"
-            job.push("error", f"{type(e).__name__}: {e}")
+            job.fail(f"{type(e).__name__}: {e}")
         self._jobs.clear()
         self.decoder = self._decoder(self.decoder.cache)
         return []
