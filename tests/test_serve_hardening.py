@@ -48,7 +48,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory):
 
 def _post(srv, body, path: str = "/v1/completions", headers: dict | None = None, **kw) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) or hasattr(body, "__next__") else json.dumps(body)
-    return httpx.post(srv["url"] + path, content=content, headers={**AUTH, **(headers or {})}, timeout=60, **kw)
+    return httpx.post(
+        srv["url"] + path, content=content, headers={**AUTH, **(headers or {})}, timeout=60, **kw
+    )
 
 
 def _greedy(srv, prompt: str, n: int) -> str:
@@ -226,13 +228,42 @@ def test_engine_gives_memory_back_when_idle(srv, monkeypatch: pytest.MonkeyPatch
     assert calls
 
 
+def test_finished_requests_are_freed_without_the_cycle_collector(srv) -> None:
+    """A request's row (its sampler's counts, its logits) is freed by reference counting when it ends;
+    a row <-> job cycle used to keep every one until the cyclic collector ran, round after round."""
+    import gc
+    import weakref
+
+    engine = srv["engine"]
+    _wait_idle(engine)
+    refs: list = []
+    start = engine._start
+    engine._start = lambda job: (refs.append(weakref.ref(job.row)), start(job))[1]
+    gc.disable()
+    try:
+        _post(srv, {"prompt": "one", "max_tokens": 3})
+        _post(srv, {"prompt": "two", "max_tokens": 3, "stream": True})
+        _post(srv, {"prompt": "", "max_tokens": 3})  # refused before it reaches the engine
+        _post(srv, {"prompt": [5, 6], "max_tokens": 0})
+        _wait_idle(engine)
+        time.sleep(0.3)
+        assert len(refs) == 3 and [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
+        del engine._start
+
+
 # ---- item 6: browsers and keys ----------------------------------------------------------------------
 def test_browser_requests_are_refused(srv) -> None:
     assert_error(_post(srv, {"prompt": "hi"}, headers={"Content-Type": "text/plain"}), 415)
-    assert_error(_post(srv, {"prompt": "hi"}, headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    assert_error(
+        _post(srv, {"prompt": "hi"}, headers={"Content-Type": "application/x-www-form-urlencoded"}), 415
+    )
     err = assert_error(_post(srv, {"prompt": "hi"}, headers={"Host": "evil.example:8000"}), 400)
     assert "Host" in err["message"]
-    assert_error(_post(srv, {"prompt": "hi", "max_tokens": 1}, headers={"Origin": "http://evil.example"}), 403)
+    assert_error(
+        _post(srv, {"prompt": "hi", "max_tokens": 1}, headers={"Origin": "http://evil.example"}), 403
+    )
     assert_error(_post(srv, {"prompt": "hi", "max_tokens": 1}, headers={"Origin": "null"}), 403)
     for path in ("/docs", "/openapi.json", "/redoc"):
         assert_error(httpx.get(srv["url"] + path), 404)

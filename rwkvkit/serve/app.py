@@ -18,6 +18,7 @@ run time, and ``Request`` is imported inside ``create_app``.)
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -167,13 +168,16 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
         finally:
             job.cancel()  # a no-op when it finished; else the client left: the engine drops the row
 
-    async def watch_disconnect(request: Request, job: Job) -> None:
-        """Cancel ``job`` when the client closes the connection (the body is already read)."""
+    async def watch_disconnect(request: Request, job_ref: "weakref.ref[Job]") -> None:
+        """Cancel the job when the client closes the connection (the body is already read). It holds
+        the job weakly: a cancelled task's traceback would otherwise keep the row alive for the GC."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                job.cancel()
-                job.push("done", "cancelled")  # wakes the handler
+                job = job_ref()
+                if job is not None:
+                    job.cancel()
+                    job.push("done", "cancelled")  # wakes the handler
                 return
 
     async def run(request: Request, job: Job, r: Responder, include_usage: bool, stream: bool) -> Any:
@@ -181,7 +185,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
             return r.usage(len(job.row.prompt), len(job.row.tokens))
 
         if not stream:
-            watcher = asyncio.create_task(watch_disconnect(request, job))
+            watcher = asyncio.create_task(watch_disconnect(request, weakref.ref(job)))
             pieces, finish = [], None
             try:
                 async for k, v in events(job):

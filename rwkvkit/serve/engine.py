@@ -135,22 +135,30 @@ class Engine:
     def _run(self) -> None:
         with torch.no_grad():
             while not self._stop:
-                for job in self._admit():
-                    self._start(job)
+                self._admit_and_start()
                 if len(self.decoder):
-                    self.max_rows_seen = max(self.max_rows_seen, len(self.decoder.rows))
-                    try:
-                        finished = self.decoder.step()
-                    except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
-                        finished = self._fail_all(e)
-                    self.steps += 1
-                    for row in finished:
-                        job = self._jobs.pop(row, None)
-                        if job is not None:
-                            job.finish()
+                    self._step()
         with self._cv:
             for job in list(self._waiting) + list(self._jobs.values()):
                 job.fail("server shutting down")
+
+    def _admit_and_start(self) -> None:
+        for job in self._admit():  # (a loop variable in _run would keep the last job alive while idle)
+            self._start(job)
+
+    def _step(self) -> None:
+        """One decoder step; the finished rows' jobs are told (in a method of its own, so that no
+        local variable keeps the last requests alive while the engine waits)."""
+        self.max_rows_seen = max(self.max_rows_seen, len(self.decoder.rows))
+        try:
+            finished = self.decoder.step()
+        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            finished = self._fail_all(e)
+        self.steps += 1
+        for row in finished:
+            job = self._jobs.pop(row, None)
+            if job is not None:
+                job.finish()
 
     def _start(self, job: Job) -> None:
         if job.row.cancelled:
