@@ -88,10 +88,6 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.ctx = D.setup(cfg.strategy, cfg.device)
-        if self.ctx.device.type == "cpu":
-            from rwkvkit.runtime import tune_malloc
-
-            tune_malloc()  # freed activations are reused instead of page-faulted in again every step
         self.out = Path(cfg.out_dir)
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +106,8 @@ class Trainer:
         self.base = model
         self.model = D.wrap(model, self.ctx)
         self.V = model.config.vocab_size
+        if self.ctx.device.type == "cpu":
+            _tune_malloc_for(cfg.micro_bsz * (cfg.chunk_len or cfg.ctx_len) * self.V * 4)
         tokens = read_tokens(cfg.data)
         if cfg.val_data:
             train, val = tokens, read_tokens(cfg.val_data)
@@ -473,6 +471,19 @@ class Trainer:
             "stopped": stop_reason,
             "resumed": resumed,
         }
+
+
+def _tune_malloc_for(logits_bytes: int) -> bool:
+    """glibc thresholds sized to one micro-batch's fp32 logits, so that they, their gradient and the
+    other activations are reused from the heap step after step instead of mapped and page-faulted in
+    afresh (``rwkvkit.runtime``): a fifth of a V=65536 CPU step went to page faults."""
+    from rwkvkit.runtime import tune_malloc
+
+    mb = 1 << 20
+    return tune_malloc(
+        mmap_threshold=min(max(2 * logits_bytes, 64 * mb), 1024 * mb),
+        trim_threshold=min(max(8 * logits_bytes, 256 * mb), 2**31 - 1),
+    )
 
 
 # Settings a resumed run may change silently (they do not change what is computed), and those it
