@@ -33,9 +33,7 @@ class TrainConfig:
     decay_lora: int = 64  # Finch decay LoRA width Dw
     # ---- data ----
     data: str = ""  # token file: binidx prefix, .npy / .bin of token ids (0 ends each document)
-    vocab: str = (
-        ""  # optional vocabulary file of the data's ids (sets vocab_size; copied to out_dir/vocab.txt)
-    )
+    vocab: str = ""  # vocabulary file of the data's ids (sets vocab_size; copied to out_dir/vocab.txt)
     val_data: str = ""  # optional held-out token file; else the last val_fraction of ``data``
     val_fraction: float = 0.01  # held-out tail of ``data`` for validation (when no val_data)
     ctx_len: int = 512  # tokens per sample (a random crop across document boundaries)
