@@ -2,8 +2,8 @@
 
 ``load`` reads the file safely (``torch.load(weights_only=True, mmap=True)``: a pickle that would run
 code is refused, and a 7B file is mapped, not copied), reads the architecture from keys and shapes,
-checks every key and shape against what that architecture needs, and builds the model directly on
-the loaded tensors. By default it folds ``blocks.0.ln0`` into the embedding *in the checkpoint's
+checks every key and shape against what that architecture needs, refuses NaN/Inf weights (in the
+file, or made by converting to fp16), and builds the model directly on the loaded tensors. By default it folds ``blocks.0.ln0`` into the embedding *in the checkpoint's
 dtype*, exactly as the reference implementation does, so bf16 files give the reference's logits.
 ``save`` writes the official layout atomically (temporary name, then rename).
 """
@@ -11,7 +11,6 @@ dtype*, exactly as the reference implementation does, so bf16 files give the ref
 from __future__ import annotations
 
 import os
-import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CheckpointError, ModelConfig, checkpoint_keys
-from .io import atomic_torch_save, atomic_write
+from .io import atomic_torch_save, atomic_write, safe_torch_load
 from .models.model import RWKV
 from .models.quant import quantize_int8
 from .runtime import tune_malloc
@@ -47,20 +46,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {e}") from e
     else:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load {str(path)!r}: it contains pickled objects other than tensors "
-                f"(weights_only loading blocks code execution). Details: {str(e).splitlines()[0]}"
-            ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot read {str(path)!r}: the file is truncated or is not a PyTorch checkpoint ({e})"
-            ) from e
+            sd = safe_torch_load(path, "checkpoint", map_location="cpu", mmap=zipfile.is_zipfile(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
+    bad_keys = [k for k in sd if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{str(path)!r} has non-string keys {bad_keys[:5]}: not an RWKV state dict")
     if any(k.startswith("module.") for k in sd):  # DDP / DeepSpeed wrappers
         sd = {k.removeprefix("module."): v for k, v in sd.items()}
     return sd
@@ -91,6 +86,23 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> Non
             raise CheckpointError(
                 f"key 'blocks.{i}.att.time_state' has shape {tuple(ts.shape)}, expected {(H, N, N)}"
             )
+
+
+def _check_finite(key: str, original: torch.Tensor, loaded: torch.Tensor, path: str | os.PathLike) -> None:
+    """CheckpointError if ``loaded`` holds NaN or Inf: a model with them generates nothing or one token."""
+    lo, hi = torch.aminmax(loaded)  # NaN propagates; ~50x faster than isfinite().all() on the CPU
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    bad = int((~torch.isfinite(loaded)).sum())
+    if bool(torch.isfinite(original.float()).all()):  # finite in the file: the dtype conversion overflowed
+        raise CheckpointError(
+            f"{str(path)!r}: key {key!r} overflows to Inf in {_DTYPES[loaded.dtype]} ({bad} of "
+            f"{loaded.numel()} values, max |w| = {float(original.float().abs().max()):.4g}); load it in bf16 or fp32"
+        )
+    raise CheckpointError(
+        f"{str(path)!r}: key {key!r} holds {bad} NaN/Inf values of {loaded.numel()}: the file is "
+        "corrupt or comes from a diverged training run"
+    )
 
 
 _LORA = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
@@ -145,6 +157,7 @@ def load(
         if rescale and k.endswith(("att.output.weight", "ffn.value.weight")):
             t = t.float() / 2 ** (int(k.split(".")[1]) // rescale)
         tensors[k] = t.to(dtype if _is_matrix(k) else torch.float32)
+        _check_finite(k, sd[k], tensors[k], path)
 
     with torch.device("meta"):
         model = RWKV(config)
@@ -157,6 +170,9 @@ def load(
         missing = [i for i in range(config.n_layer) if f"blocks.{i}.att.time_state" not in sd]
         if missing:
             raise CheckpointError(f"time_state present for some layers but missing for layers {missing}")
+        for i in range(config.n_layer):
+            k = f"blocks.{i}.att.time_state"
+            _check_finite(k, sd[k], sd[k].float(), path)
         model.time_state = torch.stack(
             [sd[f"blocks.{i}.att.time_state"].float().transpose(1, 2) for i in range(config.n_layer)]
         )

@@ -21,7 +21,7 @@ import torch
 
 ASSETS = Path(__file__).with_name("assets")
 MODEL = ASSETS / "demo-finch-L6-C256.pth"
-VOCAB = ASSETS / "demo-vocab.txt"
+VOCAB = MODEL.with_name(MODEL.stem + ".vocab.txt")  # beside the model: found by rwkvkit.model_args
 PROMPTS = (
     "def read_config(path):\n",
     "It is a truth universally acknowledged, that",

@@ -8,7 +8,8 @@ A ``State`` holds, for every layer and batch row, what the model needs to contin
 - v4: ``aa``, ``bb``, ``pp`` [L, B, C] fp32, numerator, denominator and running max exponent
 
 Passing a state back to the model continues the sequence exactly. States can be cloned, moved,
-saved to and loaded from a file, and split or stacked by batch row (for batched generation and for
+saved to and loaded from a file (read without unpickling code and validated in full: version,
+tensor types, consistent shapes, finite values), and split or stacked by batch row (for batched generation and for
 caching the state of a shared prompt prefix). The WKV parts are always fp32; shifts follow the
 model's compute dtype.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
-from .io import atomic_torch_save
+from .io import atomic_torch_save, safe_torch_load
 
 _KEYS = {4: ("att_shift", "aa", "bb", "pp", "ffn_shift"), 5: ("att_shift", "wkv", "ffn_shift")}
 _KEYS[6] = _KEYS[5]
@@ -78,9 +79,12 @@ class State:
                     f"state file lacks {key!r} (needs one time_state per layer, {config.n_layer} layers)"
                 )
             t = sd[key]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{key!r} is not a floating-point tensor")
             if tuple(t.shape) != (H, N, N):
                 raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the model needs {(H, N, N)}")
             st.tensors["wkv"][i, 0] = t.float().transpose(-1, -2)
+        st.validate("time_state")
         return st
 
     def to_time_state(self) -> dict[str, torch.Tensor]:
@@ -166,18 +170,63 @@ class State:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> State:
-        try:
-            payload = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"cannot read state file {str(path)!r}: {e}") from e
+        """Read a file written by ``save``; ValueError (naming the problem) for anything else."""
+        where = f"state file {str(path)!r}"
+        payload = safe_torch_load(path, "state file", map_location="cpu")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{str(path)!r} is not an rwkvkit state file")
-        version = int(payload["version"])
+        version = payload.get("version")
+        if type(version) is not int or version not in _KEYS:
+            raise ValueError(
+                f"{where} has no valid 'version' (got {version!r}; expected one of {sorted(_KEYS)})"
+            )
         keys = state_keys(version)
         missing = [k for k in keys if k not in payload]
         if missing:
-            raise ValueError(f"state file {str(path)!r} lacks {missing}")
-        return cls(version, {k: payload[k] for k in keys})
+            raise ValueError(f"{where} lacks {missing}")
+        extra = [k for k in payload if k not in keys and k not in ("format", "version")]
+        if extra:
+            raise ValueError(f"{where} has unexpected entries {[str(k) for k in extra][:5]}")
+        state = cls(version, {k: payload[k] for k in keys})
+        state.validate(where)
+        return state.to(device)
+
+    def validate(self, where: str = "state") -> None:
+        """Raise ValueError unless every part is a finite float tensor and the shapes agree with each
+        other (same layers and batch rows; v5/v6 ``wkv`` [L, B, H, N, N] with H * N = C)."""
+        keys = _KEYS.get(self.version)
+        if keys is None:
+            raise ValueError(f"{where}: unknown RWKV version {self.version!r}")
+        for k in keys:
+            t = self.tensors.get(k)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{where}: {k!r} is {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise ValueError(f"{where}: {k!r} has dtype {t.dtype}, expected a floating-point tensor")
+            want = 5 if k == "wkv" else 3
+            if t.dim() != want or 0 in t.shape:
+                raise ValueError(
+                    f"{where}: {k!r} has shape {tuple(t.shape)}, expected {want} non-empty dimensions"
+                )
+        L, B, C = self.tensors["att_shift"].shape
+        for k in keys:
+            t = self.tensors[k]
+            if tuple(t.shape[:2]) != (L, B):
+                raise ValueError(
+                    f"{where}: {k!r} has {t.shape[0]} layers x {t.shape[1]} rows, 'att_shift' has {L} x {B}"
+                )
+            if k != "wkv" and t.shape[2] != C:
+                raise ValueError(f"{where}: {k!r} has width {t.shape[2]}, 'att_shift' has {C}")
+        if "wkv" in self.tensors:
+            H, N, N2 = self.tensors["wkv"].shape[2:]
+            if N != N2 or H * N != C:
+                raise ValueError(
+                    f"{where}: 'wkv' heads {(H, N, N2)} do not fit width {C} (need H x N x N, H*N = C)"
+                )
+        for k in keys:
+            lo, hi = torch.aminmax(self.tensors[k].detach())
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise ValueError(f"{where}: {k!r} holds NaN or Inf values")
 
     def check(self, config: ModelConfig, batch_size: int | None = None) -> None:
         """Raise ValueError if this state does not fit ``config`` (and ``batch_size`` if given)."""

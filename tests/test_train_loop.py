@@ -64,8 +64,8 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path):
     b.stop_at_step = 0
     second = Trainer(b).fit(resume=True)
     assert second["resumed"] and second["step"] == 6
-    sa = torch.load(tmp_path / "a" / "run" / "train_state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "run" / "train_state.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a" / "run" / "train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "run" / "train_state.pt", weights_only=True)
     for k, v in sa["model"].items():
         torch.testing.assert_close(sb["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]

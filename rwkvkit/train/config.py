@@ -24,8 +24,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class TrainConfig:
     # ---- model (ignored when ``load`` gives a checkpoint: its shapes decide) ----
     version: int = 6  # 4, 5 (Eagle) or 6 (Finch)
-    n_layer: int = 2
-    n_embd: int = 64
+    n_layer: int = 2  # number of blocks L
+    n_embd: int = 64  # model width C (a multiple of head_size for v5/v6)
     head_size: int = 64  # v5/v6 head size N
     vocab_size: int = 0  # 0: taken from the tokenizer vocab file (vocab), else 65536
     ffn_dim: int = 0  # 0: the version's default
@@ -33,22 +33,22 @@ class TrainConfig:
     decay_lora: int = 64  # Finch decay LoRA width Dw
     # ---- data ----
     data: str = ""  # token file: binidx prefix, .npy / .bin of token ids (0 ends each document)
-    vocab: str = ""  # optional vocab file (shipped next to the checkpoint; sets vocab_size)
+    vocab: str = ""  # vocabulary file of the data's ids (sets vocab_size; copied to out_dir/vocab.txt)
     val_data: str = ""  # optional held-out token file; else the last val_fraction of ``data``
-    val_fraction: float = 0.01
+    val_fraction: float = 0.01  # held-out tail of ``data`` for validation (when no val_data)
     ctx_len: int = 512  # tokens per sample (a random crop across document boundaries)
     micro_bsz: int = 4  # samples per process per micro-step
     accum_steps: int = 1  # micro-steps per optimiser step (gradient accumulation)
     seed: int = 0  # seeds init, data order (sample = f(seed, step, rank, i)) and dropout
     # ---- optimisation (RWKV-LM's recipe) ----
-    lr_init: float = 6e-4
-    lr_final: float = 6e-5
+    lr_init: float = 6e-4  # learning rate after the warmup
+    lr_final: float = 6e-5  # learning rate at max_steps
     lr_schedule: str = "cosine"  # cosine | exp | constant (after the warmup)
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # steps of linear warmup from lr_init/100 to lr_init
     max_steps: int = 100  # optimiser steps (the schedule's length)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    adam_eps: float = 1e-8
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.99  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
     weight_decay: float = 0.001  # on 2-D weight matrices only (not time_*, not LoRA, not emb/ln)
     grad_clip: float = 1.0  # 0 disables
     l2wrap: float = 1e-4  # L2Wrap coefficient (0 disables): pushes down the largest logit
@@ -62,19 +62,20 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     max_minutes: float = 0.0  # >0: stop (and save) after this much wall-clock time
     stop_at_step: int = 0  # >0: stop (and save) after this step; the schedule still spans max_steps
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # run folder: checkpoints, train_state.pt, metrics.jsonl, loss.png, vocab.txt
     save_every: int = 100  # optimiser steps between checkpoints (and at the end)
     eval_every: int = 50  # steps between validation losses (0: only at the end)
     eval_batches: int = 8  # micro-batches per validation
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics.jsonl records
+    keep_last: int = 0  # >0: keep only the newest N numbered checkpoints (rwkv-final.pth always stays)
     progress: bool = True  # tqdm bar
     # ---- fine-tuning ----
     mode: str = "full"  # full | lora | state
     load: str = ""  # checkpoint to start from (required for lora/state)
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scale alpha (the update is alpha / r * B @ A)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: list[str] = field(  # the matrices (name suffixes) that get LoRA adapters
         default_factory=lambda: [
             "att.receptance",
             "att.key",
@@ -113,6 +114,12 @@ class TrainConfig:
         )
         need(self.mode != "state" or self.version != 4 or bool(self.load), "state tuning needs v5/v6")
         need(self.lora_r > 0, "lora_r must be positive")
+        need(self.keep_last >= 0, f"keep_last must be >= 0, got {self.keep_last!r}")
+        need(
+            self.version == 4 or bool(self.load) or self.n_embd % self.head_size == 0,
+            f"n_embd {self.n_embd} is not a multiple of head_size {self.head_size} (heads = n_embd / head_size)",
+        )
+        need(self.vocab_size >= 0, f"vocab_size must be >= 0, got {self.vocab_size!r}")
         need(bool(self.data), "data=<token file> is required")
         return self
 
@@ -167,7 +174,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {item!r} must look like key=value")
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
-        out[k] = yaml.safe_load(v) if v.strip() else ""
+        try:
+            out[k] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML") from None
     return out
 
 
@@ -179,11 +189,40 @@ def load_config(
     if path:
         import yaml
 
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}:{where} is not valid YAML ({what})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(values).__name__}")
         apply(cfg, values)
     if overrides:
         apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides))
     return cfg.validate()
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """name -> (default, the comment beside the field in TrainConfig's source): what ``--help`` prints."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(TrainConfig).splitlines()
+    except (OSError, TypeError):  # no source shipped: defaults only
+        lines = []
+    for line in lines:
+        m = re.match(r"\s{4}(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    defaults = TrainConfig()
+    return {
+        f.name: (getattr(defaults, f.name), comments.get(f.name, "")) for f in dataclasses.fields(TrainConfig)
+    }
