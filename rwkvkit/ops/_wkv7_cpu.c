@@ -10,7 +10,8 @@
  * recurrence itself does not; denormals are flushed to zero (they are below 1e-38).
  *
  * Python entry: wkv7_forward(*, B, T, H, N, r, w, k, v, a, b, r_bf16, w_bf16, k_bf16, v_bf16, a_bf16,
- * b_bf16, state, y, threads), all keyword arguments; r..b, state and y are raw pointers (integers) to
+ * b_bf16, state, y, threads, portable=False), all keyword arguments (portable: the portable loop even
+ * where the AVX-512 one applies, for tests); r..b, state and y are raw pointers (integers) to
  * contiguous buffers validated by the wrapper (rwkvkit/ops/wkv7_native.py):
  *   r, w, k, v, a, b: [B, T, H, N] float32, or bfloat16 where their x_bf16 flag is 1; w the LOG decay;
  *   state: [B, H, N, N] float32 [value][key], updated in place; y: [B, T, H, N] float32.
@@ -93,23 +94,29 @@ static void run_pairs(const wkv7_seq_t *sq, long first, long last, float *buf) {
 
 static PyObject *wkv7_forward(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"B", "T", "H", "N", "r", "w", "k", "v", "a", "b", "r_bf16", "w_bf16", "k_bf16",
-                             "v_bf16", "a_bf16", "b_bf16", "state", "y", "threads", NULL};
-    wkv7_seq_t sq;
-    unsigned long long p[6], ps, py;
-    int nthreads;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$llllKKKKKKiiiiiiKKi", kwlist, &sq.B, &sq.T, &sq.H, &sq.N,
+                             "v_bf16", "a_bf16", "b_bf16", "state", "y", "threads", "portable", NULL};
+    /* keyword-only arguments must be optional in the format ("|$"): missing ones stay 0, refused below */
+    wkv7_seq_t sq = {0};
+    unsigned long long p[6] = {0}, ps = 0, py = 0;
+    int nthreads = 1, portable = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$llllKKKKKKiiiiiiKKip", kwlist, &sq.B, &sq.T, &sq.H, &sq.N,
                                      &p[0], &p[1], &p[2], &p[3], &p[4], &p[5], &sq.bf16[0], &sq.bf16[1],
-                                     &sq.bf16[2], &sq.bf16[3], &sq.bf16[4], &sq.bf16[5], &ps, &py, &nthreads))
+                                     &sq.bf16[2], &sq.bf16[3], &sq.bf16[4], &sq.bf16[5], &ps, &py, &nthreads,
+                                     &portable))
         return NULL;
     if (sq.B <= 0 || sq.T <= 0 || sq.H <= 0 || sq.N <= 0) {
-        PyErr_SetString(PyExc_ValueError, "wkv7_forward: B, T, H, N must be positive");
+        PyErr_SetString(PyExc_ValueError, "wkv7_forward: B, T, H, N must be given and positive");
+        return NULL;
+    }
+    if (!p[0] || !p[1] || !p[2] || !p[3] || !p[4] || !p[5] || !ps || !py) {
+        PyErr_SetString(PyExc_ValueError, "wkv7_forward: r, w, k, v, a, b, state and y must be given (non-null)");
         return NULL;
     }
     for (int j = 0; j < 6; j++) sq.in[j] = (const void *)(uintptr_t)p[j];
     sq.state = (float *)(uintptr_t)ps;
     sq.y = (float *)(uintptr_t)py;
 #ifdef WKV7_HAVE_N64_AVX512
-    sq.avx512 = wkv7_avx512_ok();
+    sq.avx512 = !portable && wkv7_avx512_ok();
 #else
     sq.avx512 = 0;
 #endif
@@ -142,7 +149,7 @@ static PyObject *wkv7_forward(PyObject *self, PyObject *args, PyObject *kwargs) 
 static PyMethodDef methods[] = {
     {"wkv7_forward", (PyCFunction)(void (*)(void))wkv7_forward, METH_VARARGS | METH_KEYWORDS,
      "wkv7_forward(*, B, T, H, N, r, w, k, v, a, b, r_bf16, w_bf16, k_bf16, v_bf16, a_bf16, b_bf16, "
-     "state, y, threads): the RWKV-7 WKV over a sequence; raw pointers, keyword arguments only"},
+     "state, y, threads, portable=False): the RWKV-7 WKV over a sequence; raw pointers, keyword arguments only"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wkv7_cpu", "RWKV-7 WKV forward on the CPU.", -1,

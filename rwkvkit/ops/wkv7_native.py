@@ -36,11 +36,12 @@ def usable(*tensors: Tensor | None) -> bool:
 
 
 def wkv7_native(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor, *, portable: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``wkv7_naive``: r, w, k, v, a, b [B, T, H, N] (w the log decay), s0 [B, H,
     N(value), N(key)] (not modified). Returns y [B, T, H, N] fp32 and the final state fp32.
-    Each of the six inputs is read as it is when bf16 or fp32; other dtypes are cast to fp32 first."""
+    Each of the six inputs is read as it is when bf16 or fp32; other dtypes are cast to fp32 first.
+    ``portable`` runs the portable C loop even where the AVX-512 one applies (for tests)."""
     if _wkv7_cpu is None:
         raise RuntimeError(
             "the native WKV-7 kernel is not built; reinstall rwkvkit with a C compiler "
@@ -57,6 +58,15 @@ def wkv7_native(
     ptr = {name: x.data_ptr() for name, x in zip("rwkvab", xs)}
     bf16 = {f"{name}_bf16": int(x.dtype == torch.bfloat16) for name, x in zip("rwkvab", xs)}
     _wkv7_cpu.wkv7_forward(
-        B=B, T=T, H=H, N=N, **ptr, **bf16, state=state.data_ptr(), y=y.data_ptr(), threads=threads
+        B=B,
+        T=T,
+        H=H,
+        N=N,
+        **ptr,
+        **bf16,
+        state=state.data_ptr(),
+        y=y.data_ptr(),
+        threads=threads,
+        portable=portable,
     )
     return y, state
