@@ -12,10 +12,11 @@ Mapped to fla-core 0.6.0 (the ops package of flash-linear-attention 0.6.0; ``pip
   the state TRANSPOSED (ours is the reference's [V, K]), ``w`` again the log decay, scale 1.0 for
   RWKV. Without ``lower_bound`` it picks its safe 16-token chunks (exact for any w < 0).
 
-fla computes in the inputs' dtype (bf16/fp16 inputs, fp32 accumulation); here all of an op's inputs
-are passed in one dtype: theirs when they all share a 16-bit or fp32 dtype, else fp32 (fp64 is not
-supported by the kernels and runs in fp32). Outputs are returned in fp32 like every other backend.
-Both functions are differentiable (fla's own backward kernels, initial state included).
+Dtypes (fp64 is not supported by the kernels and runs in fp32): RWKV-7's r, k, v, a, b go in their
+shared dtype when it is bf16, fp16 or fp32, else in fp32, and its log decay always in fp32 (the
+combination fla's own delta-rule tests use); RWKV-6's r, k, v, w, u go in one dtype, as in fla's
+RWKV-6 tests: their shared one, else fp32. Outputs are returned in fp32 like every other backend. Both functions are
+differentiable (fla's own backward kernels, the initial state included).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def require(x: Tensor) -> None:
 
 
 def _common(*xs: Tensor) -> tuple[Tensor, ...]:
+    """xs in their shared dtype when it is bf16, fp16 or fp32, else all in fp32."""
     dt = xs[0].dtype
     if dt not in (torch.bfloat16, torch.float16, torch.float32) or any(x.dtype != dt for x in xs):
         dt = torch.float32
@@ -80,7 +82,8 @@ def wkv7_fla(
     ``chunk_rwkv7``. Returns y [B, T, H, N] fp32 and the final state fp32 [value, key]."""
     from fla.ops.rwkv7 import chunk_rwkv7
 
-    r, w, k, v, a, b = _common(r, w, k, v, a, b)
+    r, k, v, a, b = _common(r, k, v, a, b)
+    w = w.to(torch.float32)
     h0 = s0.to(torch.float32).transpose(-1, -2).contiguous()  # fla: [B, H, K, V]
     with warnings.catch_warnings():
         # fla warns on every fp32 call of its delta-rule kernels ("does not support float32 on some
