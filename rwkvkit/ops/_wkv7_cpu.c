@@ -3,11 +3,16 @@
  * The exact per-token recurrence of wkv7_naive (rwkvkit/ops/wkv7.py, the source of truth), per
  * (batch, head) pair and token, with the state [N(value)][N(key)] fp32:
  *     S_i <- S_i * exp(w) + (S_i . a) b + v_i k ;   y_i = S_i . r
- * The per-token update of one head is _wkv7_step.h's (shared with a one-token decode step); this
- * file adds the sequence loop: each token's six vectors are read (fp32 or bf16, converted here), the
- * decay exp(w) is taken here (vectorised), and (batch, head) pairs are split over OpenMP threads
- * (PyTorch's own pool: the same libgomp). Decay factors lie in (0, 1], so nothing grows that the
- * recurrence itself does not; denormals are flushed to zero (they are below 1e-38).
+ * Two paths, both exact to fp32 rounding, per (batch, head) pair:
+ * - calls of >= SEQ_MIN tokens (prefill): the head's state is transposed to key-major X = S^T, and
+ *   each token is one pass over X whose every loop is an axpy over values (S a^T accumulated from
+ *   the rows as they are written, for the next token); no horizontal reductions. Back at the end.
+ * - shorter calls (decode): _wkv7_step.h's row step on the [value][key] state as it is (each row
+ *   gives its two dot products and its update), the function a one-token decode step can share.
+ * Each token's six vectors are read here (fp32 or bf16, converted per token), the decay exp(w) is
+ * taken here (vectorised), and (batch, head) pairs are split over OpenMP threads (PyTorch's own
+ * pool: the same libgomp). Decay factors lie in (0, 1], so nothing grows that the recurrence itself
+ * does not; denormals are flushed to zero (they are below 1e-38).
  *
  * Python entry: wkv7_forward(*, B, T, H, N, r, w, k, v, a, b, r_bf16, w_bf16, k_bf16, v_bf16, a_bf16,
  * b_bf16, state, y, threads, portable=False), all keyword arguments (portable: the portable loop even
@@ -66,29 +71,131 @@ ALWAYS_INLINE void load_vec(float *restrict dst, const void *src, int bf16, long
 #define MULTIVERSION
 #endif
 
-/* (batch, head) pairs first .. last - 1, all tokens. buf: 7 * N floats (the token's six vectors,
-   the generic step's scratch). */
+/* A call of at least SEQ_MIN tokens transposes each head's state to key-major (X[j][i] = S[i][j]) for
+   the sequence pass below, and back at the end; shorter calls (decode) run _wkv7_step.h's row step
+   on the state as it is. */
+#define SEQ_MIN 4
+
+/* token t of batch row b, head h: its six vectors as fp32 into x (6 * N floats, in the order of
+   wkv7_vecs_t: r, d, k, v, a, b), the decay factor d = exp(w) taken here */
+ALWAYS_INLINE void load_token(const wkv7_seq_t *sq, long b, long h, long t, float *restrict x) {
+    const long N = sq->N, off = ((b * sq->T + t) * sq->H + h) * N;
+    for (int j = 0; j < 6; j++) load_vec(x + j * N, sq->in[j], sq->bf16[j], off, N);
+    for (long i = 0; i < N; i++) x[IN_W * N + i] = fexp(x[IN_W * N + i]); /* in (0, 1] */
+}
+
+ALWAYS_INLINE wkv7_vecs_t vecs_at(const float *x, long N) {
+    return (wkv7_vecs_t){x, x + N, x + 2 * N, x + 3 * N, x + 4 * N, x + 5 * N};
+}
+
+/* The key-major sequence pass of one head, any N: per token one pass over X, row j (key j) giving
+       X_j <- d_j X_j + b_j sa + k_j v,   y += r_j X_j,   sa' += a'_j X_j
+   (sa = S a^T over values, sa' the next token's, accumulated from the rows just written, in the
+   same order as the first token's own pass). No reductions: every loop is an axpy over values.
+   tok: two token buffers of 6 * N, acc: 3 * N floats (sa, sa', y). */
+ALWAYS_INLINE void seq_head_generic(const wkv7_seq_t *sq, long b, long h, float *restrict X, float *tok,
+                                    float *restrict acc) {
+    const long N = sq->N, T = sq->T;
+    float *restrict sa = acc, *restrict san = acc + N, *restrict y = acc + 2 * N;
+    load_token(sq, b, h, 0, tok);
+    const float *a0 = tok + IN_A * N;
+    for (long i = 0; i < N; i++) sa[i] = 0.0f;
+    for (long j = 0; j < N; j++)
+        for (long i = 0; i < N; i++) sa[i] += a0[j] * X[j * N + i];
+    for (long t = 0; t < T; t++) {
+        const float *cur = tok + (t & 1) * 6 * N, *nxt = tok + ((t + 1) & 1) * 6 * N;
+        if (t + 1 < T) load_token(sq, b, h, t + 1, (float *)nxt);
+        const float *r = cur, *d = cur + N, *k = cur + 2 * N, *v = cur + 3 * N, *bb = cur + 5 * N;
+        const float *an = nxt + IN_A * N;
+        for (long i = 0; i < N; i++) y[i] = 0.0f, san[i] = 0.0f;
+        for (long j = 0; j < N; j++) {
+            float *restrict Xj = X + j * N;
+            const float dj = d[j], bj = bb[j], kj = k[j], rj = r[j], aj = t + 1 < T ? an[j] : 0.0f;
+            for (long i = 0; i < N; i++) {
+                const float x = Xj[i] * dj + (bj * sa[i] + kj * v[i]);
+                y[i] += rj * x;
+                san[i] += aj * x;
+                Xj[i] = x;
+            }
+        }
+        memcpy(sq->y + ((b * T + t) * sq->H + h) * N, y, sizeof(float) * (size_t)N);
+        memcpy(sa, san, sizeof(float) * (size_t)N);
+    }
+}
+
+#ifdef WKV7_HAVE_N64_AVX512
+/* The same pass for N == 64 with AVX-512: sa, sa', v and y stay in registers (four each), a row of X
+   is four registers, the token's per-key scalars are broadcast. */
+WKV7_N64_TARGET static void seq_head_n64(const wkv7_seq_t *sq, long b, long h, float *X, float *tok) {
+    const long N = 64, T = sq->T;
+    __m512 sa[4], san[4], y[4], v[4];
+    load_token(sq, b, h, 0, tok);
+    for (int q = 0; q < 4; q++) sa[q] = _mm512_setzero_ps();
+    for (long j = 0; j < N; j++) {
+        const __m512 aj = _mm512_set1_ps(tok[IN_A * N + j]);
+        for (int q = 0; q < 4; q++) sa[q] = _mm512_fmadd_ps(aj, _mm512_loadu_ps(X + j * N + 16 * q), sa[q]);
+    }
+    for (long t = 0; t < T; t++) {
+        const float *cur = tok + (t & 1) * 6 * N, *nxt = tok + ((t + 1) & 1) * 6 * N;
+        if (t + 1 < T) load_token(sq, b, h, t + 1, (float *)nxt);
+        const float *r = cur, *d = cur + N, *k = cur + 2 * N, *bb = cur + 5 * N, *an = nxt + IN_A * N;
+        const int more = t + 1 < T;
+        for (int q = 0; q < 4; q++) {
+            v[q] = _mm512_loadu_ps(cur + IN_V * N + 16 * q);
+            y[q] = san[q] = _mm512_setzero_ps();
+        }
+        for (long j = 0; j < N; j++) {
+            float *Xj = X + j * N;
+            const __m512 dj = _mm512_set1_ps(d[j]), bj = _mm512_set1_ps(bb[j]), kj = _mm512_set1_ps(k[j]);
+            const __m512 rj = _mm512_set1_ps(r[j]), aj = _mm512_set1_ps(more ? an[j] : 0.0f);
+            for (int q = 0; q < 4; q++) {
+                const __m512 w = _mm512_fmadd_ps(bj, sa[q], _mm512_mul_ps(kj, v[q]));
+                const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(Xj + 16 * q), dj, w);
+                y[q] = _mm512_fmadd_ps(rj, x, y[q]);
+                san[q] = _mm512_fmadd_ps(aj, x, san[q]);
+                _mm512_storeu_ps(Xj + 16 * q, x);
+            }
+        }
+        float *yt = sq->y + ((b * T + t) * sq->H + h) * N;
+        for (int q = 0; q < 4; q++) _mm512_storeu_ps(yt + 16 * q, y[q]), sa[q] = san[q];
+    }
+}
+#endif
+
+/* (batch, head) pairs first .. last - 1, all tokens. buf: N * N + 16 * N floats (the transposed
+   state, two token buffers, the generic pass's accumulators and the row step's scratch). */
 MULTIVERSION
 static void run_pairs(const wkv7_seq_t *sq, long first, long last, float *buf) {
     const long T = sq->T, H = sq->H, N = sq->N;
-    float *x[6];
-    for (int j = 0; j < 6; j++) x[j] = buf + j * N;
-    const wkv7_vecs_t vecs = {x[IN_R], x[IN_W], x[IN_K], x[IN_V], x[IN_A], x[IN_B]}; /* d in place of w */
+    float *X = buf, *tok = buf + N * N, *acc = tok + 12 * N;
     for (long bh = first; bh < last; bh++) {
         const long b = bh / H, h = bh % H;
         float *S = sq->state + bh * N * N;
-        for (long t = 0; t < T; t++) {
-            const long off = ((b * T + t) * H + h) * N;
-            for (int j = 0; j < 6; j++) load_vec(x[j], sq->in[j], sq->bf16[j], off, N);
-            for (long i = 0; i < N; i++) x[IN_W][i] = fexp(x[IN_W][i]); /* decay factor, in (0, 1] */
+        if (T < SEQ_MIN) { /* decode: the row step on the [value][key] state */
+            const wkv7_vecs_t vecs = vecs_at(tok, N);
+            for (long t = 0; t < T; t++) {
+                load_token(sq, b, h, t, tok);
+                float *yt = sq->y + ((b * T + t) * H + h) * N;
 #ifdef WKV7_HAVE_N64_AVX512
-            if (sq->avx512 && N == 64) {
-                wkv7_head_n64(S, &vecs, sq->y + off);
-                continue;
-            }
+                if (sq->avx512 && N == 64) {
+                    wkv7_head_n64(S, &vecs, yt);
+                    continue;
+                }
 #endif
-            wkv7_head_generic(S, &vecs, sq->y + off, buf + 6 * N, N);
+                wkv7_head_generic(S, &vecs, yt, acc, N);
+            }
+            continue;
         }
+        for (long i = 0; i < N; i++)
+            for (long j = 0; j < N; j++) X[j * N + i] = S[i * N + j];
+#ifdef WKV7_HAVE_N64_AVX512
+        if (sq->avx512 && N == 64)
+            seq_head_n64(sq, b, h, X, tok);
+        else
+#endif
+            seq_head_generic(sq, b, h, X, tok, acc);
+        for (long i = 0; i < N; i++)
+            for (long j = 0; j < N; j++) S[i * N + j] = X[j * N + i];
     }
 }
 
@@ -131,7 +238,7 @@ static PyObject *wkv7_forward(PyObject *self, PyObject *args, PyObject *kwargs) 
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
     {
         const int i = omp_get_thread_num(), n = omp_get_num_threads();
-        float *buf = (float *)malloc(sizeof(float) * 7 * (size_t)sq.N);
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(sq.N * sq.N + 16 * sq.N));
         if (!buf) {
             failed = 1;
         } else {

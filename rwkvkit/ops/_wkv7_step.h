@@ -1,5 +1,6 @@
 /* rwkvkit/ops/_wkv7_step.h: one token of the RWKV-7 WKV recurrence on the CPU, for one head or all
- * heads, shared by the sequence kernel (_wkv7_cpu.c) and meant for a one-token decode step.
+ * heads, on the state as the model keeps it ([value][key]): the decode path of _wkv7_cpu.c (calls
+ * of a few tokens), meant to be shared with a one-token decode step.
  *
  * Per head, with the state S [N(value)][N(key)] fp32 (the reference's layout) and one token's fp32
  * vectors r, d (the decay factors exp(w)), k, v, a, b [N]:

@@ -50,20 +50,19 @@ def _to_rows(x: Tensor, pad: int, rows: int, L: int) -> Tensor:
 
 def _flat_pairs(r: Tensor, w: Tensor, k: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
     """Chunks whose total decay is >= -FLAT_SPAN in every channel, factorised at the chunk start.
-    Returns (A [G, 2L, 2L] = [[A_ak, A_ab], [A_rk, A_rb]], a~ = a exp(c_{t-1}), r~ = r exp(c_t),
-    k^ = k exp(c_L - c_t), b^ = b exp(c_L - c_t), total log decay c_L [G, N])."""
+    Returns (A_a = [A_ak | A_ab], A_r = [A_rk | A_rb] [G, L, 2L], a~ = a exp(c_{t-1}), r~ = r exp(c_t),
+    kb^ = [k^; b^] = [k; b] exp(c_L - c_t) [G, 2L, N], total log decay c_L [G, N])."""
     L = r.shape[1]
     c = torch.cumsum(w, 1)  # [G, L, N], inclusive, same-sign terms
     tot = c[:, -1]
-    q = torch.cat((a * torch.exp(c - w), r * torch.exp(c)), 1)  # [G, 2L, N]: a~ then r~
-    kinv = torch.exp(-c)  # <= exp(FLAT_SPAN)
-    keys = torch.cat((k * kinv, b * kinv), 1)  # [G, 2L, N]
-    A = q @ keys.transpose(1, 2)  # [G, 2L, 2L]
-    # a-queries see keys s < t, r-queries s <= t
+    at, rt = a * torch.exp(c - w), r * torch.exp(c)
+    keys = torch.cat((k, b), 1) * torch.exp(-c).repeat(1, 2, 1)  # [G, 2L, N], factors <= exp(FLAT_SPAN)
     mask = torch.ones(L, L, dtype=torch.bool, device=r.device)
-    A = A * torch.cat((mask.tril(-1), mask.tril(0))).repeat(1, 2).to(A.dtype)
-    to_end = torch.exp(tot[:, None] - c)  # <= 1
-    return A, q[:, :L], q[:, L:], k * to_end, b * to_end, tot
+    # a-queries see keys s < t, r-queries s <= t
+    A_a = (at @ keys.transpose(1, 2)) * mask.tril(-1).repeat(1, 2).to(r.dtype)
+    A_r = (rt @ keys.transpose(1, 2)) * mask.tril(0).repeat(1, 2).to(r.dtype)
+    to_end = torch.exp(tot[:, None] - c).repeat(1, 2, 1)  # <= 1
+    return A_a, A_r, at, rt, torch.cat((k, b), 1) * to_end, tot
 
 
 def _hier_pairs(r: Tensor, w: Tensor, k: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
@@ -72,15 +71,15 @@ def _hier_pairs(r: Tensor, w: Tensor, k: Tensor, a: Tensor, b: Tensor) -> tuple[
     (a, a, r exp(w), r exp(w)) against keys (k, b, k, b), and the diagonals r.k, r.b added."""
     G, L, N = r.shape
     rd = r * torch.exp(w)  # r_t gamma(s, t) = (r_t D_t) gamma(s, t-1)
-    q = torch.cat((a, a, rd, rd))
-    keys = torch.cat((k, b, k, b))
-    A4, qc, kc, tc = _chunk_attention(q, keys, w.repeat(4, 1, 1), r.new_zeros(4 * G, N))
-    A4 = A4.view(4, G, L, L)
-    A_rk = A4[2] + torch.diag_embed((r * k).sum(-1))
-    A_rb = A4[3] + torch.diag_embed((r * b).sum(-1))
-    A = torch.cat((torch.cat((A4[0], A4[1]), 2), torch.cat((A_rk, A_rb), 2)), 1)
-    qc, kc = qc.view(4, G, L, N), kc.view(4, G, L, N)
-    return A, qc[0], qc[2], kc[0], kc[1], tc[:G]
+    A4, qc, kc, tc = _chunk_attention(
+        torch.cat((a, a, rd, rd)), torch.cat((k, b, k, b)), w.repeat(4, 1, 1), r.new_zeros(4 * G, N)
+    )
+    A_ak, A_ab, A_rk, A_rb = A4.view(4, G, L, L).unbind(0)
+    A_rk = A_rk + torch.diag_embed((r * k).sum(-1))
+    A_rb = A_rb + torch.diag_embed((r * b).sum(-1))
+    qa, _, qr, _ = qc.view(4, G, L, N).unbind(0)
+    kh, bh, _, _ = kc.view(4, G, L, N).unbind(0)
+    return torch.cat((A_ak, A_ab), 2), torch.cat((A_rk, A_rb), 2), qa, qr, torch.cat((kh, bh), 1), tc[:G]
 
 
 def wkv7_chunked(
@@ -97,28 +96,29 @@ def wkv7_chunked(
     # w = 0: an identity transition that writes nothing.
     r, w, k, v, a, b = (_to_rows(x, pad, rows, L) for x in (r, w, k, v, a, b))
     flat = bool((w.sum(1) >= -FLAT_SPAN).all())
-    A, at, rt, kh, bh, tot = (_flat_pairs if flat else _hier_pairs)(r, w, k, a, b)
-    A_ak, A_ab, A_rk, A_rb = A[:, :L, :L], A[:, :L, L:], A[:, L:, :L], A[:, L:, L:]
+    A_a, A_r, at, rt, kbh, tot = (_flat_pairs if flat else _hier_pairs)(r, w, k, a, b)
+    # (split and unbind, not slicing: their backward is one concatenation, not a zero-filled copy each)
+    A_ak, A_ab = A_a.split(L, 2)
 
     # WY: (I - A_ab) [W | U] = [a~ | A_ak v], then each chunk's affine map X_L = M X_0 + Delta.
-    eye = torch.eye(L, dtype=A.dtype, device=A.device)
+    eye = torch.eye(L, dtype=A_a.dtype, device=A_a.device)
     WU = torch.linalg.solve_triangular(
         eye - A_ab, torch.cat((at, A_ak @ v), 2), upper=False, unitriangular=True
     )
-    W, U = WU[..., :N], WU[..., N:]
+    W, U = WU.split(N, 2)
+    kh, bh = kbh.split(L, 1)
     M = torch.diag_embed(torch.exp(tot)) + bh.transpose(1, 2) @ W  # [rows, N, N]
-    Delta = kh.transpose(1, 2) @ v + bh.transpose(1, 2) @ U
+    Delta = kbh.transpose(1, 2) @ torch.cat((v, U), 1)  # k^T v + b^T U
 
     # Across chunks: the state entering each chunk (the only serial loop), in the [key, value] layout.
-    M, Delta = M.view(B * H, nc, N, N), Delta.view(B * H, nc, N, N)
     X = s0.reshape(B * H, N, N).transpose(1, 2)
     starts = []
-    for c in range(nc):
+    for Mc, Dc in zip(M.view(B * H, nc, N, N).unbind(1), Delta.view(B * H, nc, N, N).unbind(1)):
         starts.append(X)
-        X = torch.baddbmm(Delta[:, c], M[:, c], X)
+        X = torch.baddbmm(Dc, Mc, X)
     X0 = torch.stack(starts, 1).view(rows, N, N)
 
     u = torch.baddbmm(U, W, X0)  # the pseudo values [rows, L, N]
-    y = torch.baddbmm(A_rk @ v + A_rb @ u, rt, X0)
+    y = torch.baddbmm(A_r @ torch.cat((v, u), 1), rt, X0)
     y = y.view(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
     return y, X.transpose(1, 2).reshape(B, H, N, N)

@@ -1,11 +1,11 @@
 """The native CPU WKV-7 kernel (``rwkvkit.ops._wkv7_cpu``), a fast twin of ``wkv7_naive`` for inference.
 
-The C kernel runs the exact per-token recurrence, one pass over each head's [value, key] state per
-token (rows are independent: each gives S a^T, its update and its output while it sits in
-registers), vectorised over the key dimension (AVX-512 for N = 64, a portable loop otherwise) and
-threaded over (batch, head) pairs on PyTorch's OpenMP pool. r, w, k, v, a, b are read as fp32 or
-bf16 as they are (converted per token in C), and the decay exp(w) is taken per token in C, so
-there is no cast or exp pass over [B, T, H, N]. It has no autograd: ``wkv7`` uses it only for CPU
+The C kernel runs the exact per-token recurrence, one pass over each head's state per token,
+vectorised (AVX-512 for N = 64, a portable loop otherwise) and threaded over (batch, head) pairs on
+PyTorch's OpenMP pool. Prompts of 4+ tokens run on the state transposed to key-major, where every
+loop is an axpy (no reductions); shorter calls (decode) update the [value, key] state row by row.
+r, w, k, v, a, b are read as fp32 or bf16 as they are (converted per token in C), and the decay
+exp(w) is taken per token in C, so there is no cast or exp pass over [B, T, H, N]. It has no autograd: ``wkv7`` uses it only for CPU
 tensors when no gradient is wanted. ``available()`` says whether the extension was built (it is
 optional; the install step builds it with the C compiler).
 """
