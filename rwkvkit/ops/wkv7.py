@@ -103,7 +103,10 @@ def describe_backend(
     if r.device.type == "cpu":
         if wkv7_native.usable(*xs) and not all64:
             return "native", "CPU tensors without gradient: the C kernel"
-        why = "gradient wanted" if wkv7_native.available() else "C kernel not built"
+        if not wkv7_native.available():
+            why = "C kernel not built"
+        else:
+            why = "fp64 inputs (the C kernel computes in fp32)" if all64 else "gradient wanted"
     elif r.device.type == "cuda":
         if fla.available() and r.shape[1] > 1:
             return "fla", "CUDA and flash-linear-attention installed"
