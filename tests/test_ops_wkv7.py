@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.ops import wkv7
+from rwkvkit.ops import wkv7, wkv7_naive
 from rwkvkit.ops.wkv7 import describe_backend
 from tests.test_ops_wkv import assert_close_rel, d64
 
@@ -151,6 +151,9 @@ def test_zero_state_equals_none_and_low_precision_inputs():
     y1, s1 = wkv7(*xs[:6], None)
     y2, s2 = wkv7(*xs[:6], torch.zeros(2, 2, 8, 8))
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    y3, s3 = wkv7_naive(*xs[:6])  # the twin: wkv7's signature, the naive backend
+    y4, s4 = wkv7(*xs[:6], backend="naive")
+    assert torch.equal(y3, y4) and torch.equal(s3, s4)
     xb = [x.bfloat16() for x in xs[:6]]
     y, sT = wkv7(*xb)
     assert y.dtype == torch.float32 and sT.dtype == torch.float32

@@ -8,8 +8,8 @@
 Each has ``backend="naive"`` (fp32 per-step loop, the source of truth), ``"chunked"`` (parallel
 form in plain PyTorch, the default), ``"auto"`` (the fastest that applies: the C kernel for CPU
 inference, flash-linear-attention on CUDA for v5-v7, else naive for one token and chunked). The naive
-and chunked forms are differentiable. The naive twins ``wkv4_naive`` / ``wkv6_naive`` /
-``wkv7_naive`` take already-validated fp32 inputs.
+and chunked forms are differentiable. The naive twins ``wkv4_naive`` / ``wkv6_naive`` take
+already-validated fp32 inputs; ``wkv7_naive`` has ``wkv7``'s signature (less the backend arguments).
 """
 
 from .wkv4 import wkv4, wkv4_naive

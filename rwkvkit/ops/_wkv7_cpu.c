@@ -162,30 +162,31 @@ WKV7_N64_TARGET static void seq_head_n64(const wkv7_seq_t *sq, long b, long h, f
 }
 #endif
 
-/* (batch, head) pairs first .. last - 1, all tokens. buf: N * N + 16 * N floats (the transposed
-   state, two token buffers, the generic pass's accumulators and the row step's scratch). */
+/* Decode (calls of fewer than SEQ_MIN tokens): batch rows first .. last - 1, token by token, every
+   head through _wkv7_step.h's wkv7_token_heads on the [value][key] state. buf: 6 * H * N + N floats. */
 MULTIVERSION
-static void run_pairs(const wkv7_seq_t *sq, long first, long last, float *buf) {
-    const long T = sq->T, H = sq->H, N = sq->N;
+static void run_rows_step(const wkv7_seq_t *sq, long first, long last, float *buf) {
+    const long T = sq->T, HN = sq->H * sq->N;
+    for (long b = first; b < last; b++)
+        for (long t = 0; t < T; t++) {
+            const long off = (b * T + t) * HN;
+            for (int j = 0; j < 6; j++) load_vec(buf + j * HN, sq->in[j], sq->bf16[j], off, HN);
+            for (long i = 0; i < HN; i++) buf[IN_W * HN + i] = fexp(buf[IN_W * HN + i]); /* in (0, 1] */
+            const wkv7_token_t tk = {sq->H, sq->N, sq->state + b * HN * sq->N, vecs_at(buf, HN), sq->y + off};
+            wkv7_token_heads(&tk, buf + 6 * HN, sq->avx512);
+        }
+}
+
+/* Prompts: (batch, head) pairs first .. last - 1, each head's state transposed to key-major for the
+   sequence pass and back. buf: N * N + 15 * N floats (the transposed state, two token buffers, the
+   generic pass's accumulators). */
+MULTIVERSION
+static void run_pairs_seq(const wkv7_seq_t *sq, long first, long last, float *buf) {
+    const long H = sq->H, N = sq->N;
     float *X = buf, *tok = buf + N * N, *acc = tok + 12 * N;
     for (long bh = first; bh < last; bh++) {
         const long b = bh / H, h = bh % H;
         float *S = sq->state + bh * N * N;
-        if (T < SEQ_MIN) { /* decode: the row step on the [value][key] state */
-            const wkv7_vecs_t vecs = vecs_at(tok, N);
-            for (long t = 0; t < T; t++) {
-                load_token(sq, b, h, t, tok);
-                float *yt = sq->y + ((b * T + t) * H + h) * N;
-#ifdef WKV7_HAVE_N64_AVX512
-                if (sq->avx512 && N == 64) {
-                    wkv7_head_n64(S, &vecs, yt);
-                    continue;
-                }
-#endif
-                wkv7_head_generic(S, &vecs, yt, acc, N);
-            }
-            continue;
-        }
         for (long i = 0; i < N; i++)
             for (long j = 0; j < N; j++) X[j * N + i] = S[i * N + j];
 #ifdef WKV7_HAVE_N64_AVX512
@@ -227,9 +228,12 @@ static PyObject *wkv7_forward(PyObject *self, PyObject *args, PyObject *kwargs) 
 #else
     sq.avx512 = 0;
 #endif
-    const long pairs = sq.B * sq.H;
+    /* work units split over threads: batch rows when decoding, (batch, head) pairs otherwise */
+    const int decode = sq.T < SEQ_MIN;
+    const long units = decode ? sq.B : sq.B * sq.H;
+    const size_t nbuf = decode ? (size_t)(7 * sq.H * sq.N) : (size_t)(sq.N * sq.N + 15 * sq.N);
     if (nthreads < 1) nthreads = 1;
-    if (nthreads > pairs) nthreads = (int)pairs;
+    if (nthreads > units) nthreads = (int)units;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -238,12 +242,16 @@ static PyObject *wkv7_forward(PyObject *self, PyObject *args, PyObject *kwargs) 
 #pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
     {
         const int i = omp_get_thread_num(), n = omp_get_num_threads();
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(sq.N * sq.N + 16 * sq.N));
+        float *buf = (float *)malloc(sizeof(float) * nbuf);
         if (!buf) {
             failed = 1;
         } else {
             FTZ_ON();
-            run_pairs(&sq, pairs * i / n, pairs * (i + 1) / n, buf);
+            const long first = units * i / n, last = units * (i + 1) / n;
+            if (decode)
+                run_rows_step(&sq, first, last, buf);
+            else
+                run_pairs_seq(&sq, first, last, buf);
             FTZ_OFF();
             free(buf);
         }

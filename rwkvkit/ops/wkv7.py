@@ -13,7 +13,8 @@ so each step's decay factor lies in [0.545, 1).
 
 Backends (chosen by argument; all compute in fp32, fp64 when every input is fp64):
 
-- ``naive``: the per-step loop above (``wkv7_naive``), the source of truth; differentiable.
+- ``naive``: the per-step loop above (also ``wkv7_naive``, the same signature), the source of
+  truth; differentiable.
 - ``chunked``: the parallel form of ``rwkvkit.ops.wkv7_chunked`` (WY representation per chunk,
   stable for any w <= 0); differentiable by autograd.
 - ``native``: the C kernel of ``rwkvkit.ops.wkv7_native`` (CPU, inference: no gradient).
@@ -90,7 +91,7 @@ def wkv7(
         return fla.wkv7_fla(r, w, k, v, a, b, s0)
     r, w, k, v, a, b = (x.to(dt) for x in xs)
     if backend == "naive":
-        return wkv7_naive(r, w, k, v, a, b, s0)
+        return _naive_loop(r, w, k, v, a, b, s0)
     return wkv7_chunked(r, w, k, v, a, b, s0, chunk_size)
 
 
@@ -148,10 +149,17 @@ def check_inputs(
 
 
 def wkv7_naive(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The per-step loop, the source of truth: ``wkv7(..., backend="naive")``. Arguments and results
+    as in ``wkv7``."""
+    return wkv7(r, w, k, v, a, b, state, backend="naive")
+
+
+def _naive_loop(
     r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The per-step loop (no checks, no casts; use ``wkv7(..., backend="naive")``). Shapes as in
-    ``wkv7``; s0 [B, H, N(value), N(key)] is required. Returns (y, final state)."""
+    """The loop itself on validated inputs of one float dtype, s0 [B, H, N(value), N(key)], T >= 1."""
     S = s0
     decay = torch.exp(w)
     ys = []
@@ -165,6 +173,4 @@ def wkv7_naive(
             + v[:, t, :, :, None] * k[:, t, :, None, :]
         )
         ys.append((S * r[:, t, :, None, :]).sum(-1))
-    if not ys:
-        return r.new_zeros(r.shape), S
     return torch.stack(ys, dim=1), S
