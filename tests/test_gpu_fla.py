@@ -2,8 +2,8 @@
 fp64 (forward, final state, every gradient), and their timings beside the torch forms (``pytest -s``).
 
 Skipped without CUDA or without the ``fla`` extra. Errors are read as fla's own tests read them: the
-RMS of the difference over the RMS of the truth. fp32 inputs run fla's kernels with TF32 tensor-core
-dots (Triton's default), bf16 inputs with bf16 ones; the tolerances are set for those.
+RMS of the difference over the RMS of the truth. fla's fp32 kernels may use TF32 tensor-core dots
+(Triton's default for fp32), its bf16 ones bf16 dots; the tolerances allow for both.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.ops import wkv7, wkv7_naive
+from rwkvkit.ops import wkv5, wkv6, wkv7, wkv7_naive
 from rwkvkit.ops.wkv7 import describe_backend
-from tests.test_ops_wkv import assert_close_rel, d64
+from tests.test_ops_wkv import assert_close_rel, d64, inputs6
 
 W_MIN = -math.exp(-0.5)  # the model's most negative log decay per token
 
@@ -182,6 +182,16 @@ def test_bad_arguments_raise_named_errors():
     for args, kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             wkv7(*args, **kw)
+
+
+def test_fla_backend_is_refused_clearly_off_cuda():
+    """backend="fla" names what is missing (CUDA tensors, or the extra), for wkv5/6 as for wkv7."""
+    r, k, v, w, u, s = inputs6(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="fla"):
+        wkv6(r, k, v, w, u, s, backend="fla")
+    with pytest.raises(ValueError, match="fla"):
+        wkv5(r, k, v, w[0, 0], u, s, backend="fla")
+    assert describe_backend(*inputs7(1, 5, 2, 4))[0] != "fla"
 
 
 def test_empty_sequence_returns_the_state_unchanged():
