@@ -1,5 +1,5 @@
-"""Build script for rwkvkit's optional native parts (the tokenizer core, the CPU WKV kernel,
-the one-token decode step, the fused element-wise CPU kernels, the AMX bf16 matmul).
+"""Build script for rwkvkit's optional native parts (the tokenizer core, the CPU WKV kernels
+(v5/v6 and v7), the one-token decode step, the fused element-wise CPU kernels, the AMX bf16 matmul).
 
 Everything else is declared in pyproject.toml. The extension is optional: if the C compiler is
 missing the build still succeeds and rwkvkit falls back to its pure-Python twins.
@@ -22,6 +22,14 @@ setup(
             depends=["rwkvkit/ops/_cpu_math.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: PyTorch's, already loaded
+            optional=True,
+        ),
+        Extension(  # RWKV-7's WKV; OpenMP: at run time PyTorch's own libgomp
+            "rwkvkit.ops._wkv7_cpu",
+            ["rwkvkit/ops/_wkv7_cpu.c"],
+            depends=["rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_wkv7_step.h"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
             optional=True,
         ),
         Extension(  # OpenMP: at run time this is PyTorch's own libgomp, already loaded
