@@ -206,3 +206,13 @@ def test_missing_lm_eval_is_named(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     assert cli.main(["--tasks", "rwkvkit_mc"]) == 2
     assert "pip install 'rwkvkit[eval]'" in capsys.readouterr().err
+
+
+def test_built_from_lm_eval_model_args():
+    lm = RWKVLM(pretrained=str(MODEL), dtype="bf16", batch_size="auto", max_batch_size=None)
+    assert lm.tokenizer.vocab_size == 8192  # the demo model's own vocabulary, found by resolve_vocab
+    assert lm.model.head.weight.dtype == torch.bfloat16 and lm.batch_size == scoring.DEFAULT_BATCH_SIZE
+    with pytest.raises(TypeError, match="dtyp"):
+        RWKVLM(pretrained=str(MODEL), dtyp="bf16")
+    with pytest.raises(ValueError, match="pretrained"):
+        RWKVLM()

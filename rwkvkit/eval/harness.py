@@ -31,6 +31,7 @@ from ..sampling import GREEDY, Sampler, SamplingParams
 
 EOD = 0  # end of document: what an RWKV model has seen before a document starts
 DEFAULT_MAX_GEN_TOKS = 256
+_LM_EVAL_EXTRAS = {"max_batch_size", "trust_remote_code"}  # lm-eval passes them to every model; unused here
 
 
 def _progress(desc: str, total: int, disable: bool):
@@ -64,6 +65,9 @@ class RWKVLM(LM):
         **unused: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(unused) - _LM_EVAL_EXTRAS)
+        if unknown:
+            raise TypeError(f"RWKVLM got unknown arguments {unknown}")
         if model is None:
             if pretrained is None:
                 raise ValueError("RWKVLM needs a model, or pretrained=PATH in lm-eval's model_args")
