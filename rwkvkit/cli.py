@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rwkvkit.serve:main", "OpenAI-compatible HTTP server"),
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
-    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops"),
+    "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),
+    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score"),
 }
 
 BENCHES: dict[str, str] = {
@@ -26,6 +27,7 @@ BENCHES: dict[str, str] = {
     "serve": "rwkvkit.bench.serve:main",
     "train": "rwkvkit.bench.train:main",
     "ops": "rwkvkit.bench.ops:main",
+    "score": "rwkvkit.bench.score:main",
 }
 
 

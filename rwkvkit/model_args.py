@@ -29,11 +29,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WORLD_VOCAB_SIZE = 65536  # the World vocabulary (ids 0..65529) as released models pad it
 
 
-def add_model_args(p: argparse.ArgumentParser, *, dtype: str = "fp32") -> None:
-    """``--model``, ``--vocab``, ``--device``, ``--dtype``, ``--quantize``."""
-    p.add_argument(
-        "--model", required=True, help="local .pth/.safetensors, hf://owner/repo/file.pth or owner/repo:file"
-    )
+def add_model_args(
+    p: argparse.ArgumentParser, *, dtype: str = "fp32", default_model: str | None = None
+) -> None:
+    """``--model``, ``--vocab``, ``--device``, ``--dtype``, ``--quantize`` (``--model`` is required
+    unless ``default_model`` is given)."""
+    where = "local .pth/.safetensors, hf://owner/repo/file.pth or owner/repo:file"
+    if default_model is None:
+        p.add_argument("--model", required=True, help=where)
+    else:
+        p.add_argument("--model", default=default_model, help=f"{where} (default: %(default)s)")
     p.add_argument(
         "--vocab",
         default=None,
