@@ -1,11 +1,13 @@
-"""The one-call decode step: Eagle and Finch, one token per row, on the CPU.
+"""The one-call decode step: one token per row, on the CPU, for the versions that declare one.
 
-``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, Eagle or Finch, fp32,
-bf16 or int8 matrices, backend "auto" or "native"): the native step (``rwkvkit/ops/_decode_cpu.c``)
-then runs every layer and the head in one C call, reading the weights where the model keeps them.
-This module builds the plan (a flat int64 array of addresses and sizes, the layout of the C structs)
-and checks, at every call, that the model still holds the tensors the plan points to; anything it
-cannot take (fp16 with its rescaling, RWKV-4, tensors on another device) stays on the PyTorch path.
+``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, a version with a
+native step, fp32, bf16 or int8 matrices, backend "auto" or "native"): the native step
+(``rwkvkit/ops/_decode_cpu.c``) then runs every layer and the head in one C call, reading the weights
+where the model keeps them. This module builds the plan (a flat int64 array of addresses and sizes,
+the layout of the C structs: the generic header here, each layer's record by the version's
+``native_layer``) and checks, at every call, that the model still holds the tensors the plan points
+to; anything it cannot take (fp16 with its rescaling, a version without a native step, tensors on
+another device) stays on the PyTorch path.
 
 ``RWKVKIT_NATIVE_STEP=0`` in the environment turns the step off (the PyTorch modules are then used,
 which is how the tests compare the two).
@@ -33,7 +35,7 @@ def enabled() -> bool:
     return native.available() and os.environ.get("RWKVKIT_NATIVE_STEP", "1") != "0"
 
 
-class _PlanBuilder:
+class PlanBuilder:
     def __init__(self) -> None:
         self.ints: list[int] = []
         self.tensors: list[torch.Tensor] = []  # everything the plan points to (kept alive, re-checked)
@@ -97,15 +99,16 @@ class NativeStep:
 
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
-        if cfg.version not in (5, 6):
-            raise Unsupported(f"RWKV-{cfg.version} (the native step runs Eagle and Finch)")
+        spec = cfg.spec
+        try:
+            extra = spec.native_header(cfg)
+        except NotImplementedError as e:
+            raise Unsupported(str(e)) from None
         if getattr(model, "rescale_every", 0):
-            raise Unsupported("fp16 layer rescaling")
+            raise Unsupported("fp16 models use the PyTorch path (their layer rescaling)")
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-        finch = cfg.version == 6
-        D, Dw = (cfg.mix_lora, cfg.decay_lora) if finch else (0, 0)
-        b = _PlanBuilder()
-        b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, D, Dw]
+        b = PlanBuilder()
+        b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, *extra]
         b.vec(b.own(model, "ln_out"), "weight", C)
         b.vec(model.ln_out, "bias", C)
         b.matrix(model, "head")
@@ -114,36 +117,8 @@ class NativeStep:
         blocks = b.own(model, "blocks")
         for i in range(cfg.n_layer):
             blk = b.own(blocks, str(i))
-            att, ffn = b.own(blk, "att"), b.own(blk, "ffn")
             start = len(b.ints)
-            for ln in ("ln1", "ln2"):
-                b.vec(b.own(blk, ln), "weight", C)
-                b.vec(getattr(blk, ln), "bias", C)
-            if finch:
-                for m in "xwkvrg":
-                    b.vec(att, f"time_maa_{m}", C)
-            else:
-                b.ints += [0, 0]  # no maa_x, no w branch
-                for m in "kvrg":
-                    b.vec(att, f"time_mix_{m}", C)
-            b.vec(att, "time_decay", C)
-            b.vec(att, "time_faaaa", C)
-            b.vec(b.own(att, "ln_x"), "weight", C)
-            b.vec(att.ln_x, "bias", C)
-            b.vec(ffn, ffn.mix_k_name, C)
-            b.vec(ffn, ffn.mix_r_name, C)
-            if finch:
-                b.lora(att, "time_maa_w1", 5 * D, C)
-                b.lora(att, "time_maa_w2", C, D)  # [5, D, C]: the C side takes slice j
-                b.lora(att, "time_decay_w1", Dw, C)
-                b.lora(att, "time_decay_w2", C, Dw)
-            else:
-                for _ in range(4):
-                    b.lora(None, "", 0, 0)
-            for name in ("receptance", "key", "value", "gate", "output"):
-                b.matrix(att, name)
-            for name in ("key", "receptance", "value"):
-                b.matrix(ffn, name)
+            spec.native_layer(b, blk)
             if len(b.ints) - start != _LAYER_INTS:
                 raise AssertionError("plan layer layout")
         self.config = cfg
