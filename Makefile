@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format clean bench
 
-$(STAMP): pyproject.toml requirements.lock setup.py rwkvkit/tokenizer/_trie.c rwkvkit/tokenizer/_decode.c rwkvkit/ops/_wkv_cpu.c rwkvkit/ops/_decode_cpu.c rwkvkit/ops/_cpu_math.h rwkvkit/ops/_amx.h rwkvkit/ops/_fused_cpu.c rwkvkit/ops/_matmul_cpu.c
+NATIVE := $(wildcard rwkvkit/tokenizer/_*.c rwkvkit/tokenizer/_*.h rwkvkit/ops/_*.c rwkvkit/ops/_*.h)
+
+$(STAMP): pyproject.toml requirements.lock setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.lock

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from .config import CheckpointError, ModelConfig, checkpoint_keys
 from .dtypes import NAMES as _DTYPE_NAMES
 from .io import atomic_torch_save, atomic_write
+from .kernels import MALLOC_TUNE, Kernels
 from .models.model import RWKV
 from .models.quant import quantize_int8
-from .runtime import tune_malloc
+from .runtime import tune_malloc as _tune_malloc
 
 FP16_RESCALE_EVERY = 6  # the reference's RESCALE_LAYER for fp16
 
@@ -108,6 +109,8 @@ def load(
     quantize: str | None = None,
     *,
     fold_ln0: bool = True,
+    kernels: Kernels | None = None,
+    tune_malloc: bool | None = None,
 ) -> RWKV:
     """Load an official checkpoint of any registered version (RWKV-4, Eagle, Finch).
 
@@ -118,6 +121,11 @@ def load(
     the embedding and the Finch LoRAs. ``fold_ln0=True`` (default) folds ln0 into the embedding
     like the reference and returns a frozen inference model; ``fold_ln0=False`` keeps every parameter
     as in the file and trainable, for fine-tuning and re-saving.
+
+    ``kernels``: the fast CPU paths the model may take (``rwkvkit.kernels.Kernels``; default: all, as
+    the environment overrides leave them; ``model.set_kernels`` changes it later, ``model.describe()``
+    shows what runs). ``tune_malloc``: for a CPU model, raise glibc's malloc thresholds for the process
+    (``rwkvkit.runtime.tune_malloc``); None means yes unless ``RWKVKIT_MALLOC_TUNE=0``.
     """
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
@@ -158,8 +166,9 @@ def load(
     if quantize == "int8":
         quantize_int8(model)
     model = model.to(device)
-    if torch.device(device).type == "cpu":
-        tune_malloc()  # reuse freed activation memory instead of page-faulting it in again
+    model.set_kernels(kernels or Kernels.default())
+    if torch.device(device).type == "cpu" and (MALLOC_TUNE if tune_malloc is None else tune_malloc):
+        _tune_malloc()  # reuse freed activation memory instead of page-faulting it in again
     if model.time_state is not None:
         model.time_state = model.time_state.to(device)
     model.eval()

@@ -265,14 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             for B in args.batches:
                 tok = torch.tensor([prompt[:B]]).T  # [B, 1]
                 st = model.init_state(B)
-                times, saved = [], os.environ.get("RWKVKIT_NATIVE_STEP")
-                for native_step in ("1", "0"):
-                    os.environ["RWKVKIT_NATIVE_STEP"] = native_step
+                times = []
+                for native_step in (True, False):
+                    model.set_kernels(native_step=native_step)
                     times.append(_best(lambda tok=tok, st=st: model(tok, st), args.repeat))
-                if saved is None:
-                    os.environ.pop("RWKVKIT_NATIVE_STEP")
-                else:
-                    os.environ["RWKVKIT_NATIVE_STEP"] = saved
+                model.set_kernels(native_step=True)
                 batch_rows.append((B, *times))
         del model
 

@@ -33,8 +33,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
 
     bf16 on the CPU without gradients: one row takes ``torch.mv``, 32 rows or more (a prompt) the AMX
-    kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, not
-    switched off by ``RWKVKIT_AMX_MATMUL=0``); everything else F.linear.
+    kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, chosen:
+    ``Kernels.amx_matmul``); everything else F.linear.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -241,3 +241,23 @@ def ln_x_init(config: ModelConfig, layer: int) -> dict[str, torch.Tensor]:
     C = config.n_embd
     w = ((layer + 1) / config.n_layer) ** 0.7
     return {"att.ln_x.weight": torch.full((C,), w, dtype=torch.float64), "att.ln_x.bias": torch.zeros(C)}
+
+
+def native_wkv_kernel(model: nn.Module, fused_epilogue: bool) -> tuple[str, str]:
+    """``Version.wkv_kernel`` of the versions whose WKV runs on ``rwkvkit.ops.native`` (Eagle, Finch):
+    the C recurrence on the CPU when built; Finch's fused path also hands it the decay before its
+    exps and GroupNorm * silu(gate) as an epilogue."""
+    from ..ops import native
+    from .spec import CHUNKED
+
+    if model.device.type != "cpu":
+        return CHUNKED, f"native WKV: CPU-only (device {model.device})"
+    if not native.available():
+        return CHUNKED, "native WKV: the _wkv_cpu extension is not built"
+    plain = "native C recurrence (_wkv_cpu), GroupNorm and gate after it"
+    if not fused_epilogue:
+        return plain, ""
+    dt = compute_dtype(model.blocks[0].att.receptance)
+    if not (model.kernels.fused and fused.available() and dt in fused.DTYPES):
+        return plain, "the fused decay/GroupNorm/gate epilogue needs the fused kernels and an fp32/bf16 model"
+    return "native C recurrence (_wkv_cpu) with the decay's exps, GroupNorm and gate fused", ""

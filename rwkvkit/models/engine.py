@@ -9,17 +9,16 @@ the layout of the C structs: the generic header here, each layer's record by the
 to; anything it cannot take (fp16 with its rescaling, a version without a native step, tensors on
 another device) stays on the PyTorch path.
 
-``RWKVKIT_NATIVE_STEP=0`` in the environment turns the step off (the PyTorch modules are then used,
-which is how the tests compare the two).
+Whether the step is wanted is the model's choice (``Kernels.native_step``, ``rwkvkit.kernels``); with
+it off the PyTorch modules run, which is how the tests compare the two.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from .. import kernels
 from ..ops import decode as native
 from ..state import State
 from .quant import Int8Linear
@@ -32,7 +31,8 @@ class Unsupported(Exception):
 
 
 def enabled() -> bool:
-    return native.available() and os.environ.get("RWKVKIT_NATIVE_STEP", "1") != "0"
+    """Built and chosen (``kernels.active().native_step``)."""
+    return native.available() and kernels.active().native_step
 
 
 class PlanBuilder:
@@ -104,6 +104,9 @@ class NativeStep:
             extra = spec.native_header(cfg)
         except NotImplementedError as e:
             raise Unsupported(str(e)) from None
+        if len(spec.recurrent) != 1:
+            raise AssertionError("the native step carries one recurrent tensor per layer")
+        self.recurrent = spec.recurrent[0].name
         if getattr(model, "rescale_every", 0):
             raise Unsupported("fp16 models use the PyTorch path (their layer rescaling)")
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
@@ -140,16 +143,17 @@ class NativeStep:
         B = x.shape[0]
         st = state.tensors
         f32 = torch.float32
-        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", "wkv")}
+        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", self.recurrent)}
         outs = {k: torch.empty_like(v) for k, v in ins.items()}
         x = x.to(f32).contiguous()
         logits = torch.empty((B, cfg.vocab_size), dtype=f32)
+        rec = self.recurrent
         native._decode_cpu.step(
-            self.plan.data_ptr(), B, x.data_ptr(),
-            ins["att_shift"].data_ptr(), outs["att_shift"].data_ptr(),
-            ins["ffn_shift"].data_ptr(), outs["ffn_shift"].data_ptr(),
-            ins["wkv"].data_ptr(), outs["wkv"].data_ptr(),
-            logits.data_ptr(), torch.get_num_threads(),
+            plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
+            att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
+            ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
+            wkv_in=ins[rec].data_ptr(), wkv_out=outs[rec].data_ptr(),
+            logits=logits.data_ptr(), threads=torch.get_num_threads(),
         )  # fmt: skip
         for k in ("att_shift", "ffn_shift"):
             outs[k] = outs[k].to(st[k].dtype)

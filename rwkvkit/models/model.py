@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..config import ModelConfig
+from ..kernels import Kernels
 from ..ops import fused
 from ..state import State
 from . import engine
@@ -105,11 +107,25 @@ class RWKV(nn.Module):
         self.rescale_every = 0  # fp16: halve x after every n-th block (weights scaled to match at load)
         self.gradient_checkpointing = False
         self.time_state: torch.Tensor | None = None  # [L, ...] state layout, from a state-tuned file
+        self.kernels = Kernels.default()  # the fast CPU paths this model may take (set_kernels)
         self._native_step: engine.NativeStep | None = None
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: tensors move, the plan goes
         self._native_step = None
         return super()._apply(fn, recurse)
+
+    def set_kernels(self, kernels: Kernels | None = None, **changes: bool) -> RWKV:
+        """Choose the fast CPU paths: a ``Kernels`` and/or changes to the current choice
+        (``model.set_kernels(native_step=False)``). Returns the model."""
+        self.kernels = (kernels or self.kernels).replace(**changes)
+        return self
+
+    def describe(self) -> str:
+        """Which implementation each part of this model runs for CPU inference, and why a faster one
+        does not (dtype, quantisation, the kernel choice, what is built, the CPU's features)."""
+        from .report import describe
+
+        return describe(self)
 
     def native_step(self) -> engine.NativeStep | None:
         """The one-call C decode step for this model as it is now, or None if it cannot take it."""
@@ -173,7 +189,12 @@ class RWKV(nn.Module):
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        tokens = self._tokens(tokens)
+        with kernels.using(self.kernels):
+            return self._forward(self._tokens(tokens), state, backend, last_only)
+
+    def _forward(
+        self, tokens: torch.Tensor, state: State | None, backend: str, last_only: bool
+    ) -> tuple[torch.Tensor, State]:
         B, T = tokens.shape
         if state is None:
             state = self.init_state(B)

@@ -32,6 +32,7 @@ from .common import (
     heads_from_faaaa,
     ln_x_init,
     make_ln_x,
+    native_wkv_kernel,
     token_shift,
 )
 from .spec import StateSlot, TimeStateLayout, Uniform, Version, per_head_matrix, rwkv_lm_ramps
@@ -169,6 +170,9 @@ class RWKV5(Version):
         if name == "time_decay":  # log(-log w): -6 (slow decay) .. 1.5 (w = exp(-4.5))
             return uniform(shape, -6.0, 1.5)
         return uniform(shape, -1.0, 1.0) if name == "time_faaaa" else None
+
+    def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
+        return native_wkv_kernel(model, fused_epilogue=False)
 
     def native_header(self, config: ModelConfig) -> list[int]:
         return [0, 0]  # plan_t's D, Dw: no LoRAs

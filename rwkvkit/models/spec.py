@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from ..config import ModelConfig
 
 
+CHUNKED = "chunked parallel form (PyTorch); one token: the per-step loop"
 Uniform = Callable[[tuple[int, ...], float, float], torch.Tensor]  # (shape, lo, hi) -> U(lo, hi) draws
 
 
@@ -136,9 +137,10 @@ class Version:
         """Append one layer's record (``layer_t``) to ``plan`` (an ``engine.PlanBuilder``)."""
         raise NotImplementedError(f"{self.name} has no native one-token step")
 
-    def wkv_kernel(self, device: torch.device, grad: bool) -> tuple[str, str]:
-        """(which WKV implementation ``backend="auto"`` runs on ``device``, why not a faster one or '')."""
-        return "chunked parallel form (PyTorch); one token: the per-step loop", ""
+    def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
+        """(which WKV implementation ``backend="auto"`` runs for ``model``'s inference, why not a
+        faster one or ''), for ``model.describe()``."""
+        return CHUNKED, f"no native WKV kernel for {self.name}"
 
     # ---- derived --------------------------------------------------------------------------------
     def n_head(self, config: ModelConfig) -> int:
