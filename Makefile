@@ -19,13 +19,13 @@ demo: $(STAMP)
 	$(BIN)/rwkvkit demo
 
 test: $(STAMP)
-	$(BIN)/ruff format --check rwkvkit tests benchmarks
-	$(BIN)/ruff check rwkvkit tests benchmarks
+	$(BIN)/ruff format --check rwkvkit tests
+	$(BIN)/ruff check rwkvkit tests
 	$(BIN)/python -m pytest -q -x --durations=15
 
 format: $(STAMP)
-	$(BIN)/ruff format rwkvkit tests benchmarks
-	$(BIN)/ruff check --fix rwkvkit tests benchmarks
+	$(BIN)/ruff format rwkvkit tests
+	$(BIN)/ruff check --fix rwkvkit tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info rwkvkit/tokenizer/*.so

@@ -29,16 +29,18 @@ def random_checkpoint(
     dtype: torch.dtype = torch.float32,
     time_state: bool = False,
     path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
     **sizes: int,
 ) -> dict[str, torch.Tensor]:
     """A random state dict in the official layout; written with ``torch.save`` to ``path`` if given.
-    ``sizes``: the version's own sizes (Finch: ``mix_lora``, ``decay_lora``), else its defaults."""
+    ``sizes``: the version's own sizes (Finch: ``mix_lora``, ``decay_lora``), else its defaults.
+    ``device``: where the tensors are drawn (another device's generator gives other values)."""
     cfg = ModelConfig(version, n_layer, n_embd, vocab_size, head_size=head_size, ffn_dim=ffn_dim, **sizes)
     spec = cfg.spec
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def U(shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(shape, generator=g) * (hi - lo) + lo
+        return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
 
     sd: dict[str, torch.Tensor] = {}
     for key, shape in checkpoint_keys(cfg).items():
@@ -47,13 +49,13 @@ def random_checkpoint(
         if own is not None:
             t = own
         elif key == "emb.weight":
-            t = torch.randn(shape, generator=g)
+            t = torch.randn(shape, generator=g, device=device)
         elif key.endswith(".bias"):
             t = U(shape, -0.2, 0.2)
         elif key.endswith("weight") and (".ln" in key or key.startswith("ln_out")):
             t = U(shape, 0.5, 1.5)
         elif key.endswith(".weight"):  # linear [out, in]
-            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            t = torch.randn(shape, generator=g, device=device) / shape[1] ** 0.5
             if key == "head.weight":
                 t = t * 2
         else:
@@ -64,7 +66,9 @@ def random_checkpoint(
             raise ValueError(f"time_state does not exist for {spec.name} checkpoints")
         slot = next(s for s in spec.recurrent if s.name == spec.time_state.slot)
         for i in range(n_layer):
-            sd[f"blocks.{i}.att.time_state"] = (torch.randn(slot.shape(cfg), generator=g) * 0.3).to(dtype)
+            sd[f"blocks.{i}.att.time_state"] = (
+                torch.randn(slot.shape(cfg), generator=g, device=device) * 0.3
+            ).to(dtype)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(sd, path)
