@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean bench
+.PHONY: demo test format clean
 
 NATIVE := $(wildcard rwkvkit/tokenizer/_*.c rwkvkit/tokenizer/_*.h rwkvkit/ops/_*.c rwkvkit/ops/_*.h)
 

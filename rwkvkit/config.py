@@ -95,14 +95,6 @@ class ModelConfig:
     def n_head(self) -> int:
         return self.spec.n_head(self)
 
-    def to_dict(self) -> dict:
-        """Flat: ``ModelConfig(**config.to_dict()) == config``."""
-        out = {
-            k: getattr(self, k)
-            for k in ("version", "n_layer", "n_embd", "vocab_size", "head_size", "ffn_dim")
-        }
-        return {**out, **self.sizes}
-
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> ModelConfig:
         """Read the architecture from an official state dict's keys and shapes."""

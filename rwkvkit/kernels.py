@@ -32,14 +32,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
-ENV = (
-    "RWKVKIT_NATIVE_STEP",
-    "RWKVKIT_AMX_MATMUL",
-    "RWKVKIT_FUSED",
-    "RWKVKIT_MALLOC_TUNE",
-    "RWKVKIT_PORTABLE_KERNELS",
-)
-
 
 def _flag(name: str, default: bool) -> bool:
     """An override: unset or empty -> default; "0" -> False; anything else -> True."""

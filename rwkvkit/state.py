@@ -111,8 +111,6 @@ class State:
     def clone(self) -> State:
         return State(self.version, {k: v.clone() for k, v in self.tensors.items()})
 
-    copy = clone
-
     def detach(self) -> State:
         return State(self.version, {k: v.detach() for k, v in self.tensors.items()})
 
@@ -149,14 +147,6 @@ class State:
         return State(
             version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors}
         )
-
-    cat = stack
-
-    def assign_rows(self, rows: Sequence[int] | torch.Tensor, other: State) -> None:
-        """In place: overwrite batch rows ``rows`` with the rows of ``other`` (same order)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for k, v in self.tensors.items():
-            v.index_copy_(1, idx, other.tensors[k].to(v.dtype))
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..dtypes import DTYPES
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         default="bf16",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(DTYPES),
         help="server weights (bf16: a batched step of 16 rows costs about one row's weight read on this CPU)",
     )
     args = p.parse_args(argv)

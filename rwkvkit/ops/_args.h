@@ -65,22 +65,17 @@ static inline int parse_named(const char *fn, PyObject *args, PyObject *kw, cons
         PyErr_Format(PyExc_TypeError, "%s takes keyword arguments only", fn);
         return 0;
     }
-    Py_ssize_t used = 0;
-    for (size_t i = 0; i < n; i++) {
-        PyObject *v = kw ? PyDict_GetItemString(kw, spec[i].name) : NULL; /* borrowed */
-        if (!v) {
-            if (spec[i].kind == ARG_OPT_PTR) {
-                void *null = NULL;
-                memcpy(spec[i].dst, &null, sizeof null);
-                continue;
-            }
-            PyErr_Format(PyExc_TypeError, "%s: missing argument '%s'", fn, spec[i].name);
-            return 0;
-        }
-        used++;
-        if (!named_store(fn, &spec[i], v)) return 0;
+    PyObject *values[64];
+    if (n > 64) {
+        PyErr_Format(PyExc_SystemError, "%s: too many arguments", fn);
+        return 0;
     }
-    if (kw && PyDict_GET_SIZE(kw) != used) {
+    Py_ssize_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        values[i] = kw ? PyDict_GetItemString(kw, spec[i].name) : NULL; /* borrowed */
+        found += values[i] != NULL;
+    }
+    if (kw && PyDict_GET_SIZE(kw) != found) { /* some keyword names no argument */
         PyObject *key, *value;
         Py_ssize_t pos = 0;
         while (PyDict_Next(kw, &pos, &key, &value)) {
@@ -92,6 +87,18 @@ static inline int parse_named(const char *fn, PyObject *args, PyObject *kw, cons
                 return 0;
             }
         }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!values[i]) {
+            if (spec[i].kind == ARG_OPT_PTR) {
+                void *null = NULL;
+                memcpy(spec[i].dst, &null, sizeof null);
+                continue;
+            }
+            PyErr_Format(PyExc_TypeError, "%s: missing argument '%s'", fn, spec[i].name);
+            return 0;
+        }
+        if (!named_store(fn, &spec[i], values[i])) return 0;
     }
     return 1;
 }

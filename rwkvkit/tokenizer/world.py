@@ -224,11 +224,3 @@ class Tokenizer:
     def stream_decoder(self, errors: str = "replace") -> StreamDecoder:
         """An incremental decoder that never emits half a UTF-8 character."""
         return StreamDecoder(self, errors)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes of one id (``b""`` for id 0)."""
-        return self.decode_bytes([token_id])
-
-    def stats(self) -> dict[str, int]:
-        """Trie size figures from the core (nodes, cells, table bytes, ids)."""
-        return dict(self._core.stats())

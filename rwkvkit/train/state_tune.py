@@ -63,10 +63,3 @@ def export_state(tuned: TunedState, path: str | os.PathLike) -> tuple[Path, Path
     state_path = path.with_suffix(".state")
     tuned.as_state().save(state_path)
     return path, state_path
-
-
-def merge_state_into(checkpoint_sd: dict[str, torch.Tensor], tuned: TunedState) -> dict[str, torch.Tensor]:
-    """An official state dict with the tuned ``blocks.{i}.att.time_state`` keys added."""
-    out = dict(checkpoint_sd)
-    out.update(tuned.as_state().to_time_state())
-    return out
