@@ -79,8 +79,9 @@ class PlanBuilder:
         self.ptr(w, w.dtype)
         self.ints.append(0)
 
-    def lora(self, module: nn.Module | None, name: str, n_out: int, n_in: int) -> None:
-        """An input-major matrix [n_in, n_out] (the Finch LoRAs), or an empty record."""
+    def lora(self, module: nn.Module | None, name: str, n_out: int, n_in: int, stacked: int = 1) -> None:
+        """An input-major matrix [n_in, n_out] (LoRAs; ``stacked`` of them in one tensor, the C side
+        taking slice j), or an empty record."""
         if module is None:
             self.ints += [native.MK_F32, 0, 0, 0, 0]
             return
@@ -89,7 +90,7 @@ class PlanBuilder:
         if kind is None:
             raise Unsupported(f"a {w.dtype} LoRA on {w.device}")
         self.ints += [kind, n_out, n_in]
-        self.ptr(w, w.dtype, 5 * n_out * n_in if name == "time_maa_w2" else n_out * n_in)
+        self.ptr(w, w.dtype, stacked * n_out * n_in)
         self.ints.append(0)
 
 

@@ -48,9 +48,13 @@ class Block(nn.Module):
         ffn_shift: torch.Tensor,
         backend: str,
         keep: int = 0,
+        carry: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
         """x [B, T, C] fp32 residual -> (x, att_shift, wkv, ffn_shift); ``wkv`` is the time-mix's
         recurrent state, the layer's tensors of the version's ``recurrent`` slots in their order.
+
+        ``carry``: a dict the time-mixes of one call share from layer to layer (values a version passes
+        down the layers within a token, such as RWKV-7's value residual; not part of the state).
 
         ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
@@ -68,10 +72,10 @@ class Block(nn.Module):
             _, mixed, last, xn = fused.add_norm_mix(
                 x, None, ln.weight, ln.bias, ln.eps, att_shift, mix, lerp=lerp, dtype=dt, want_normed=True
             )
-            out, _, wkv = self.att(xn, att_shift, wkv, backend, mixed=mixed)
+            out, _, wkv = self.att(xn, att_shift, wkv, backend, mixed=mixed, carry=carry)
             att_shift = last
         else:
-            out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
+            out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend, carry=carry)
         ffn = self.ffn
         ln = self.ln2
         spec = ffn.shift_mix_spec(x, ffn_shift)
@@ -212,11 +216,12 @@ class RWKV(nn.Module):
         st = state.tensors
         names = [slot.name for slot in self.config.spec.recurrent]
         att_shift, ffn_shift, wkv = [], [], []
+        carry: dict = {}  # passed from layer to layer within this call (Block.forward)
         for i, block in enumerate(self.blocks):
             s_wkv = tuple(st[name][i] for name in names)
             # the last block of a last_only call: its channel-mix needs only the last two positions
             keep = 2 if last_only and T > 2 and i == len(self.blocks) - 1 else 0
-            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend, keep)
+            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend, keep, carry)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, a, w, f = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -55,9 +55,11 @@ class TimeMix4(nn.Module):
         wkv_state: tuple[torch.Tensor, ...],
         backend: str,
         mixed: torch.Tensor | None = None,
+        carry: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (aa, bb, pp) [B, C] fp32 each.
-        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1).
+        ``carry``: what layers pass on to later layers within the call (unused here)."""
         mk, mv, mr = self.time_mix_k, self.time_mix_v, self.time_mix_r
         spec = self.shift_mix_spec(x, shift, wkv_state) if mixed is None else None
         if mixed is not None or spec is not None:
@@ -79,6 +81,7 @@ class TimeMix4(nn.Module):
 class RWKV4(Version):
     version = 4
     name = "RWKV-4"
+    short = "RWKV-4"
     time_mix = TimeMix4
     channel_mix = ChannelMix
     heads = False

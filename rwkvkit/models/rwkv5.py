@@ -72,9 +72,11 @@ class TimeMix5(nn.Module):
         wkv_state: tuple[torch.Tensor],
         backend: str,
         mixed: torch.Tensor | None = None,
+        carry: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor]]:
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (wkv [B, H, N, N] fp32, key x value,).
-        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1).
+        ``carry``: what layers pass on to later layers within the call (unused here)."""
         B, T, C = x.shape
         (state,) = wkv_state
         H, N = self.n_head, self.head_size
@@ -112,6 +114,7 @@ class TimeMix5(nn.Module):
 class RWKV5(Version):
     version = 5
     name = "Eagle (RWKV-5.2)"
+    short = "Eagle"
     time_mix = TimeMix5
     channel_mix = ChannelMix
     recurrent = (StateSlot("wkv", per_head_matrix),)  # [H, N, N], key x value

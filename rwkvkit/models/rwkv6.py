@@ -90,9 +90,11 @@ class TimeMix6(nn.Module):
         wkv_state: tuple[torch.Tensor],
         backend: str,
         mixed: torch.Tensor | None = None,
+        carry: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor]]:
         """x [B, T, C] normalised fp32; shift [B, C]; wkv_state (wkv [B, H, N, N] fp32, key x value,).
-        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1)."""
+        ``mixed``: the mixes of ``shift_mix_spec`` already computed (the block fuses them with ln1).
+        ``carry``: what layers pass on to later layers within the call (unused here)."""
         B, T, C = x.shape
         H, N, D = self.n_head, self.head_size, self.mix_lora
         cdt = compute_dtype(self.receptance)
@@ -180,6 +182,7 @@ _LORAS = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
 class RWKV6(Version):
     version = 6
     name = "Finch (RWKV-6)"
+    short = "Finch"
     time_mix = TimeMix6
     channel_mix = ChannelMix6
     sizes = {"mix_lora": 32, "decay_lora": 64}  # D and Dw; 7B-class files use 64 and 128
@@ -279,7 +282,7 @@ class RWKV6(Version):
         plan.vec(ffn, ffn.mix_k_name, C)
         plan.vec(ffn, ffn.mix_r_name, C)
         plan.lora(att, "time_maa_w1", 5 * D, C)
-        plan.lora(att, "time_maa_w2", C, D)  # [5, D, C]: the C side takes slice j
+        plan.lora(att, "time_maa_w2", C, D, stacked=5)  # [5, D, C]: the C side takes slice j
         plan.lora(att, "time_decay_w1", Dw, C)
         plan.lora(att, "time_decay_w2", C, Dw)
         for name in ("receptance", "key", "value", "gate", "output"):

@@ -75,7 +75,9 @@ class Version:
     # ---- identity and modules (required) --------------------------------------------------------
     version: int  # the number of ModelConfig.version, state files and messages ("RWKV-6")
     name: str  # for people: "Finch (RWKV-6)"
-    time_mix: type[nn.Module]  # TimeMix(config): forward(x, shift, recurrent, backend, mixed=None)
+    short: str  # in lists: "Finch"
+    time_mix: type[nn.Module]  # TimeMix(config): forward(x, shift, recurrent, backend, mixed=None,
+    #                            carry=None) -> (out, new shift, new recurrent); shift_mix_spec(...)
     channel_mix: type[nn.Module]  # ChannelMix(config): forward(x, shift), shift_mix_spec, forward_mixed
 
     # ---- sizes ----------------------------------------------------------------------------------

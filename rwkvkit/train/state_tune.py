@@ -28,7 +28,10 @@ class TunedState(nn.Module):
         cfg = model.config
         layout = cfg.spec.time_state
         if layout is None:
-            raise ValueError(f"state tuning needs a model with a matrix state; {cfg.spec.name} has none")
+            from rwkvkit.models.registry import VERSIONS
+
+            tunable = " or ".join(f"{s.short} (v{s.version})" for s in VERSIONS.values() if s.time_state)
+            raise ValueError(f"state tuning needs an {tunable} model; {cfg.spec.name} has no matrix state")
         start = getattr(model, "time_state", None)
         if start is None:
             start = State.zeros(cfg, 1).tensors[layout.slot][:, 0]
