@@ -19,8 +19,9 @@ RWKVKIT_AMX_MATMUL=0     ``Kernels.amx_matmul`` defaults to False (bf16 prompts'
 RWKVKIT_FUSED=0          ``Kernels.fused`` defaults to False (the element-wise chains between the
                          matrices run as PyTorch ops)
 RWKVKIT_MALLOC_TUNE=0    ``load(..., tune_malloc=None)`` leaves glibc's malloc thresholds alone
-RWKVKIT_PORTABLE_KERNELS=1  the C kernels use neither AVX-512 nor AMX (tests of the plain-C
-                         fallbacks; process-wide, see ``set_portable``)
+RWKVKIT_PORTABLE_KERNELS=1  no AMX tiles anywhere and the one-token step's plain-C matrix
+                         kernels instead of its AVX-512 ones (tests of the fallbacks; process-wide,
+                         see ``set_portable``)
 ======================== ======================================================================
 """
 
@@ -88,8 +89,8 @@ def using(kernels: Kernels) -> Iterator[Kernels]:
 
 
 def set_portable(flag: bool) -> None:
-    """Process-wide: make the C kernels use only portable code (no AVX-512, no AMX) or, with False,
-    the best the CPU has. AMX permission and the CPU's features are per process, hence not per model."""
+    """Process-wide: make the C kernels use their portable code (no AMX tiles, the one-token step's
+    plain-C matrix kernels) or, with False, the best the CPU has. AMX permission and the CPU's features are per process, hence not per model."""
     global PORTABLE
     PORTABLE = bool(flag)
     from .ops import decode, fused, matmul

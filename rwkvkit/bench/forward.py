@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             if not got:
                 print("\nreference: the rwkv package is not installed (pip install rwkv==0.8.32)")
                 break
-            ref_logits = logits if ref_logits is None else ref_logits
+            if (
+                ref_logits is None or not jit
+            ):  # the quality column's reference: the JIT-off run (as the tests)
+                ref_logits = logits
             for strat, pre, de in got:
                 name = f"rwkv '{strat}' JIT {'on' if jit else 'off'}"
                 for key, value in (("prefill", pre), ("decode", de)):
