@@ -224,3 +224,7 @@ class Tokenizer:
     def stream_decoder(self, errors: str = "replace") -> StreamDecoder:
         """An incremental decoder that never emits half a UTF-8 character."""
         return StreamDecoder(self, errors)
+
+    def stats(self) -> dict[str, int]:
+        """Trie size figures from the core (nodes, cells, table bytes, ids)."""
+        return dict(self._core.stats())
