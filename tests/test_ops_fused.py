@@ -281,14 +281,11 @@ MODEL_TOL = {torch.float32: 5e-6, bf16: 2.0**-7}
 
 def _run(model, tokens, enabled: bool):
     """Whole-sequence logits and state, and the logits of the last token decoded as a T == 1 step."""
-    fused.set_enabled(enabled)
-    try:
-        with torch.no_grad():
-            whole, state = model(tokens)
-            _, prefix = model(tokens[:, :-1])
-            step, _ = model(tokens[:, -1:], prefix)
-    finally:
-        fused.set_enabled(True)
+    model.set_kernels(fused=enabled)
+    with torch.no_grad():
+        whole, state = model(tokens)
+        _, prefix = model(tokens[:, :-1])
+        step, _ = model(tokens[:, -1:], prefix)
     return whole, state, step
 
 

@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..dtypes import DTYPES
+
 MEASURES = ("throughput", "gap", "rss")
 
 
@@ -188,7 +190,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default="bf16",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(DTYPES),
         help="server weights (bf16: a batched step of 16 rows costs about one row's weight read on this CPU)",
     )
     p.add_argument("--quantize", default=None, choices=["int8"], help="server matrices as int8")

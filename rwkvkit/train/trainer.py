@@ -477,8 +477,11 @@ def _tune_malloc_for(logits_bytes: int) -> bool:
     """glibc thresholds sized to one micro-batch's fp32 logits, so that they, their gradient and the
     other activations are reused from the heap step after step instead of mapped and page-faulted in
     afresh (``rwkvkit.runtime``): a fifth of a V=65536 CPU step went to page faults."""
+    from rwkvkit.kernels import MALLOC_TUNE
     from rwkvkit.runtime import tune_malloc
 
+    if not MALLOC_TUNE:  # RWKVKIT_MALLOC_TUNE=0
+        return False
     mb = 1 << 20
     return tune_malloc(
         mmap_threshold=min(max(2 * logits_bytes, 64 * mb), 1024 * mb),
