@@ -209,11 +209,9 @@ class State:
                 raise ValueError(
                     f"{where}: {k!r} has {t.shape[0]} layers x {t.shape[1]} rows, 'att_shift' has {L} x {B}"
                 )
-        if tuple(self.tensors["ffn_shift"].shape) != (L, B, C):
-            raise ValueError(
-                f"{where}: 'ffn_shift' has shape {tuple(self.tensors['ffn_shift'].shape)}, "
-                f"'att_shift' has {(L, B, C)}"
-            )
+        ffn = self.tensors["ffn_shift"]
+        if ffn.dim() != 3 or ffn.shape[2] != C:
+            raise ValueError(f"{where}: 'ffn_shift' has width {tuple(ffn.shape[2:])}, 'att_shift' has {C}")
         for k in keys:
             lo, hi = torch.aminmax(self.tensors[k].detach())
             if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):

@@ -225,6 +225,10 @@ class Tokenizer:
         """An incremental decoder that never emits half a UTF-8 character."""
         return StreamDecoder(self, errors)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one id (``b""`` for id 0)."""
+        return self.decode_bytes([token_id])
+
     def stats(self) -> dict[str, int]:
         """Trie size figures from the core (nodes, cells, table bytes, ids)."""
         return dict(self._core.stats())
