@@ -24,8 +24,11 @@ from rwkv.model import RWKV as _RefRWKV  # noqa: E402
 
 
 def load_reference(path: str | os.PathLike, strategy: str = "cpu fp32") -> _RefRWKV:
-    """The reference model for a .pth file (the package appends '.pth' itself, so it is stripped)."""
+    """The reference model for a .pth file (the package appends '.pth' itself, so it is stripped); an
+    RWKV-7 file (``blocks.0.att.r_k``) gets the x070 class (``load_reference_v7``)."""
     name = str(path)
+    if "blocks.0.att.r_k" in torch.load(name, map_location="cpu", weights_only=True, mmap=True):
+        return load_reference_v7(path, strategy)
     name = name[: -len(".pth")] if name.endswith(".pth") else name
     return _RefRWKV(model=name, strategy=strategy, verbose=False)
 
@@ -60,7 +63,8 @@ def _v7_module():
 
 
 def reference_state_from(state, config) -> list[torch.Tensor]:
-    """An rwkvkit ``State`` (batch row 0) as the reference's per-layer list [att shift, wkv, ffn shift]."""
+    """An rwkvkit RWKV-7 ``State`` (batch row 0) as the reference's per-layer list [att shift, wkv, ffn
+    shift] (v7's wkv is laid out as the reference's, value x key)."""
     out = []
     for i in range(config.n_layer):
         out += [state["att_shift"][i, 0].float().clone(), state["wkv"][i, 0].float().clone()]

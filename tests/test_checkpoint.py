@@ -37,7 +37,7 @@ def test_config_read_from_keys_and_shapes(finch):
     assert model.config == cfg
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_save_load_roundtrip_pth_and_safetensors(tmp_path, version):
     sd = random_checkpoint(version, 2, 64, 300, head_size=32, path=tmp_path / "a.pth")
     model = rwkvkit.load(tmp_path / "a.pth", fold_ln0=False)
