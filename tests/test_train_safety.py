@@ -79,7 +79,9 @@ def test_resume_without_state_and_resume_messages(tmp_path: Path, capsys: pytest
     assert "model.mix_lora is not a size of Goose (RWKV-7)" in capsys.readouterr().err
 
 
-def test_a_run_saved_with_the_flat_config_layout_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_run_saved_with_the_flat_config_layout_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """train_state.pt of a run from before the model section (flat version, n_layer, ..., Finch's LoRA
     widths for every version): the same model resumes, a changed one is refused by name."""
     cfg = tiny_config(tmp_path, stop_at_step=2, **FAST)
