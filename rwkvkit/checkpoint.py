@@ -3,8 +3,10 @@
 ``load`` reads the file safely (``torch.load(weights_only=True, mmap=True)``: a pickle that would run
 code is refused, and a 7B file is mapped, not copied), reads the architecture from keys and shapes,
 checks every key and shape against what that architecture needs, refuses NaN/Inf weights (in the
-file, or made by converting to fp16), and builds the model directly on the loaded tensors. By default it folds ``blocks.0.ln0`` into the embedding *in the checkpoint's
-dtype*, exactly as the reference implementation does, so bf16 files give the reference's logits.
+file, or made by converting to fp16), and builds the model directly on the loaded tensors. By
+default it folds ``blocks.0.ln0`` into the embedding in the dtype the reference does (v4-v6: the
+checkpoint's; v7: the one it loads in, as its x070 class converts first), so bf16 files give the
+reference's logits.
 ``save`` writes the official layout atomically (temporary name, then rename).
 """
 
@@ -124,14 +126,15 @@ def load(
     kernels: Kernels | None = None,
     tune_malloc: bool | None = None,
 ) -> RWKV:
-    """Load an official checkpoint of any registered version (RWKV-4, Eagle, Finch).
+    """Load an official checkpoint of any registered version (RWKV-4, Eagle, Finch, Goose).
 
     ``dtype`` (fp32, bf16 or fp16) applies to the large matrices; LayerNorms, decays and the WKV state
     stay fp32. fp16 uses the reference's rescaling (``att.output``/``ffn.value`` halved every 6 layers,
     x halved after every 6th block) so it does not overflow. ``quantize="int8"`` stores the matrices as
     int8 (ggml's Q8_0 layout: an fp16 scale per 32 inputs) for fast CPU decode; ``dtype`` then applies to
-    the embedding and the Finch LoRAs. ``fold_ln0=True`` (default) folds ln0 into the embedding
-    like the reference and returns a frozen inference model; ``fold_ln0=False`` keeps every parameter
+    the embedding and the LoRAs. ``fold_ln0=True`` (default) folds ln0 into the embedding like the
+    reference (v4-v6 in the checkpoint's dtype, v7 in ``dtype``) and returns a frozen inference
+    model; ``fold_ln0=False`` keeps every parameter
     as in the file and trainable, for fine-tuning and re-saving.
 
     ``kernels``: the fast CPU paths the model may take (``rwkvkit.kernels.Kernels``; default: all, as
@@ -152,8 +155,10 @@ def load(
     tensors: dict[str, torch.Tensor] = {}
     for k, shape in expected.items():
         t = sd[k].reshape(shape)
-        if fold_ln0 and k == "emb.weight":  # in the checkpoint dtype, as the reference does
+        if fold_ln0 and k == "emb.weight":  # in the dtype the reference folds in (the version says)
             w0, b0 = sd["blocks.0.ln0.weight"], sd["blocks.0.ln0.bias"]
+            if config.spec.fold_ln0_in_model_dtype:
+                t = t.to(dtype)
             try:
                 t = F.layer_norm(t, (config.n_embd,), weight=w0.to(t.dtype), bias=b0.to(t.dtype))
             except RuntimeError:

@@ -41,7 +41,7 @@ class ModelConfig:
     every version); unknown names are refused.
     """
 
-    version: int  # a registered version: 4 (RWKV-4), 5 (Eagle, RWKV-5.2), 6 (Finch, RWKV-6)
+    version: int  # a registered version: 4 (RWKV-4), 5 (Eagle, RWKV-5.2), 6 (Finch), 7 (Goose)
     n_layer: int  # number of blocks
     n_embd: int  # C, the residual width
     vocab_size: int  # V, 65536 for the World models
@@ -67,7 +67,7 @@ class ModelConfig:
             raise TypeError(
                 f"ModelConfig got unknown sizes {unknown}; RWKV-{version} takes {sorted(spec.sizes)}"
             )
-        own = {name: int(given.get(name, default)) for name, default in spec.sizes.items()}
+        own = {name: int(given.get(name, spec.default_size(name, n_embd))) for name in spec.sizes}
         values = dict(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size)
         for name, value in values.items():
             object.__setattr__(self, name, value)

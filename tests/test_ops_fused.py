@@ -290,7 +290,7 @@ def _run(model, tokens, enabled: bool):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_fused_matches_unfused(version, dtype, tmp_path):
     path = tmp_path / "m.pth"
     random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)

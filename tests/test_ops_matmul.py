@@ -133,7 +133,7 @@ def _logits(model, tokens, enabled):
         return model(tokens)[0]
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_logits_with_and_without_the_kernel(version, tmp_path, monkeypatch):
     path = tmp_path / "m.pth"
     random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)

@@ -88,6 +88,17 @@ def test_version_sizes():
     )
 
 
+def test_goose_lora_widths_default_to_rwkv_lms_suggestion():
+    """RWKV-LM's max(32, round(s * C^p / 32) * 32), as in the released x070 files (0.1B, 1.5B)."""
+    small, large = ModelConfig(7, 12, 768, 100), ModelConfig(7, 24, 2048, 100)
+    assert dict(small.sizes) == {"decay_lora": 64, "a_lora": 64, "v_lora": 32, "gate_lora": 128}
+    assert dict(large.sizes) == {"decay_lora": 96, "a_lora": 96, "v_lora": 64, "gate_lora": 256}
+    assert dict(ModelConfig(7, 2, 64, 100, head_size=32, a_lora=8).sizes) == {
+        "decay_lora": 32, "a_lora": 8, "v_lora": 32, "gate_lora": 32,
+    }  # fmt: skip
+    assert small.ffn_dim == 4 * 768 and small.n_head == 12
+
+
 def test_each_layout_is_claimed_by_exactly_one_version():
     for version in VERSIONS:
         sd = random_checkpoint(version, 1, 64, 50, head_size=32)
@@ -101,3 +112,5 @@ def test_learning_rate_multipliers_come_from_the_versions():
     assert registry.lr_multiplier("module.blocks.0.att.time_faaaa") == 3.0
     assert registry.lr_multiplier("blocks.0.att.time_first") == 3.0
     assert registry.lr_multiplier("blocks.0.att.key.weight") == 1.0
+    assert registry.lr_multiplier("blocks.2.att.w0") == 2.0  # Goose: the decay's base at 2x
+    assert registry.lr_multiplier("blocks.2.att.w1") == 1.0

@@ -37,7 +37,7 @@ class Block(nn.Module):
             self.ln0 = LayerNorm(config.n_embd)
         self.ln1 = LayerNorm(config.n_embd)
         self.ln2 = LayerNorm(config.n_embd)
-        self.att = config.spec.time_mix(config)
+        self.att = config.spec.time_mix_for(config, layer_id)
         self.ffn = config.spec.channel_mix(config)
 
     def forward(

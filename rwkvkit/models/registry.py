@@ -12,17 +12,15 @@ from collections.abc import Mapping
 import torch
 
 from ..config import CheckpointError
-from . import rwkv4, rwkv5, rwkv6
+from . import rwkv4, rwkv5, rwkv6, rwkv7
 from .spec import Version
 
 VERSIONS: dict[int, Version] = {
     4: rwkv4.SPEC,
     5: rwkv5.SPEC,
     6: rwkv6.SPEC,
+    7: rwkv7.SPEC,
 }
-
-# layouts recognised only to be refused with a clear message (a version's detect() claims its own)
-_NOT_SUPPORTED = ((("k_k", "k_a", "w0", "a0", "v0"), "this looks like an RWKV-7 (Goose) checkpoint"),)
 
 
 def get(version: int) -> Version:
@@ -50,9 +48,6 @@ def detect(sd: Mapping[str, torch.Tensor]) -> Version:
     if found:
         raise CheckpointError(f"ambiguous checkpoint: it fits {[s.name for s in found]}")
     att = "blocks.0.att."
-    for suffixes, message in _NOT_SUPPORTED:
-        if any(k.startswith(att) and k.endswith(suffixes) for k in sd):
-            raise CheckpointError(f"{message}; rwkvkit supports {supported()}")
     keys = sorted(k[len(att) :] for k in sd if k.startswith(att))
     raise CheckpointError(f"unknown RWKV layout: block 0 time-mix keys are {keys}")
 

@@ -1,5 +1,5 @@
 """``Version``: what one RWKV version declares about itself, the only interface between a version's own
-module (``rwkv4.py``, ``rwkv5.py``, ``rwkv6.py``) and the rest of the package.
+module (``rwkv4.py``, ``rwkv5.py``, ``rwkv6.py``, ``rwkv7.py``) and the rest of the package.
 
 A version module defines its time-mix and channel-mix modules and one ``Version`` subclass whose
 instance ``registry.py`` registers. Everything outside the version modules asks that instance instead
@@ -90,6 +90,9 @@ class Version:
     lr_mult: Mapping[str, float] = {}  # parameter name (last part) -> learning-rate multiplier
     zero_init: tuple[str, ...] = ()  # matrices RWKV-LM starts at zero ("att.output", ...)
     small_init: tuple[str, ...] = ()  # matrices RWKV-LM starts orthogonal with gain 0.1
+    init_gain_by_shape: bool = True  # RWKV-LM's orthogonal gain grows by sqrt(out/in) for tall matrices
+    fold_ln0_in_model_dtype: bool = False  # the reference folds ln0 after converting (True) or in the
+    #                                        checkpoint's dtype (False: bf16 files fold in bf16)
 
     # ---- state ----------------------------------------------------------------------------------
     recurrent: tuple[StateSlot, ...] = ()  # the time-mix's state, in the order it takes it (required)
@@ -117,9 +120,18 @@ class Version:
         raise NotImplementedError
 
     # ---- optional methods -----------------------------------------------------------------------
+    def time_mix_for(self, config: ModelConfig, layer: int) -> nn.Module:
+        """The time-mix module of block ``layer`` (a version whose first layer differs overrides this)."""
+        return self.time_mix(config)
+
     def default_ffn_dim(self, n_embd: int) -> int:
         """The channel-mix width when the config gives none."""
         return 4 * n_embd
+
+    def default_size(self, name: str, n_embd: int) -> int:
+        """The default of the version's own size ``name`` for width ``n_embd`` (``sizes[name]`` unless
+        the version derives it from the width)."""
+        return self.sizes[name]
 
     def init_random(self, name: str, shape: torch.Size, gen: torch.Generator | None) -> torch.Tensor | None:
         """RWKV-LM's random start of a non-matrix parameter ``name`` (its last part), or None."""

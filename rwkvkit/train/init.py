@@ -5,13 +5,16 @@ keys. The rules common to every version live here; each version declares its own
 ``init_values``, ``init_random``, ``zero_init``, ``small_init``; see ``rwkvkit/models/rwkv*.py``):
 
 - ``emb`` U(+-1e-4); ``head`` orthogonal, gain ``0.5*sqrt(V/C)``; LayerNorms weight 1, bias 0;
-- matrices orthogonal with gain ``sqrt(out/in)`` when ``out > in``; the version's ``zero_init``
+- matrices orthogonal with gain ``sqrt(out/in)`` when ``out > in`` (gain 1 whatever the shape
+  where the version's ``init_gain_by_shape`` is False: RWKV-7); the version's ``zero_init``
   matrices zero (``att.output``, ``ffn.value``, ``ffn.receptance``, ...), its ``small_init`` ones
-  with gain 0.1 (Eagle/Finch ``att.key``, ``att.gate``);
+  with gain 0.1 (``att.key``, Eagle/Finch ``att.gate``);
 - the version's own parameters (token-shift mixes, decays, bonuses, ``ln_x``) from its
-  ``init_values`` and, for random non-matrix ones (Finch's LoRAs), its ``init_random``.
+  ``init_values`` and, for random non-matrix ones (the LoRAs), its ``init_random``; buffers a
+  version keeps in the file but does not train (RWKV-7's block-0 ``v0/v1/v2``) take the same rules.
 
-Parameters are visited in the model's order, drawing from one generator, so a seed reproduces a model.
+Parameters (then such buffers) are visited in the model's order, drawing from one generator, so a
+seed reproduces a model.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def init_weights(model: nn.Module, seed: int | None = None) -> nn.Module:
             values[f"blocks.{layer}.{k}"] = v
     zero = tuple(f".{name}." for name in spec.zero_init)
     small = tuple(f".{name}." for name in spec.small_init)
-    for name, p in model.named_parameters():
+    buffers = [(n, b) for n, b in model.named_buffers() if n in values or spec.is_matrix(n)]
+    for name, p in [*model.named_parameters(), *buffers]:
         own = values.get(name)
         if own is None:
             own = spec.init_random(name.rsplit(".", 1)[-1], p.shape, gen)
@@ -51,7 +55,10 @@ def init_weights(model: nn.Module, seed: int | None = None) -> nn.Module:
             if any(z in dotted for z in zero):
                 p.zero_()
                 continue
-            gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] else 1.0
+            by_shape = (
+                spec.init_gain_by_shape or name == "head.weight"
+            )  # head: 0.5 sqrt(V/C) in every version
+            gain = math.sqrt(p.shape[0] / p.shape[1]) if p.shape[0] > p.shape[1] and by_shape else 1.0
             if name == "head.weight":
                 gain *= 0.5
             elif any(s in dotted for s in small):

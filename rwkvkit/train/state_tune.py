@@ -1,12 +1,13 @@
 """State tuning: train only the initial recurrent state of every layer (versions with a ``time_state``).
 
 The model is frozen; one trainable tensor ``time_state`` [L, ...] (in the layout of the ``State``
-tensor the version names, Eagle/Finch: ``wkv`` [L, H, N, N] key x value) becomes the starting state
-of every sequence (token-shift states start at zero,
-as in RWKV-LM's state tuning). Because the model's forward uses its incoming state differentiably,
+tensor the version names, Eagle/Finch: ``wkv`` [L, H, N, N] key x value; Goose: value x key) becomes
+the starting state of every sequence (token-shift states start at zero, as in RWKV-LM's state
+tuning). Because the model's forward uses its incoming state differentiably,
 the gradient reaches it through the chunked WKV. The result is exported both as
-``blocks.{i}.att.time_state`` tensors (RWKV-LM's file layout, Eagle/Finch [H, N, N] stored [value,
-key], which the ``rwkv`` package and ``rwkvkit.load`` read next to a checkpoint) and as an rwkvkit ``State`` file.
+``blocks.{i}.att.time_state`` tensors (RWKV-LM's / RWKV-PEFT's file layout, [H, N, N] stored [value,
+key] for every version, which ``rwkvkit.load`` and, for v5/v6, the ``rwkv`` package read next to a
+checkpoint) and as an rwkvkit ``State`` file.
 """
 
 from __future__ import annotations

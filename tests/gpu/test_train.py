@@ -42,9 +42,10 @@ def config(sizes, tmp_path_factory) -> Path:
     data = tmp / "tokens.npy"
     pattern_tokens(data, sizes.tr_tokens)
     cpu = sizes.device == "cpu"
+    model = dict(version=6, n_layer=2, n_embd=sizes.tr_embd, head_size=sizes.tr_head, vocab_size=VOCAB, mix_lora=16,
+                 decay_lora=32)  # fmt: skip
     cfg = dict(
-        version=6, n_layer=2, n_embd=sizes.tr_embd, head_size=sizes.tr_head, vocab_size=VOCAB, mix_lora=16,
-        decay_lora=32, data=str(data), ctx_len=sizes.tr_ctx, micro_bsz=sizes.tr_bsz, max_steps=sizes.tr_steps,
+        model=model, data=str(data), ctx_len=sizes.tr_ctx, micro_bsz=sizes.tr_bsz, max_steps=sizes.tr_steps,
         warmup_steps=0, lr_init=3e-3, lr_final=1e-3, device=sizes.device, precision="bf16",
         threads=1 if cpu else 0, eval_every=0, eval_batches=2, save_every=0, progress=False,
     )  # fmt: skip
