@@ -165,7 +165,7 @@ def _assert_error(r: httpx.Response, status: int) -> dict:
         {"prompt": "hi", "stream": "yes"},
         {"prompt": "hi", "max_tokens": -1},
         {"prompt": "hi", "top_p": 3},
-        {"prompt": "hi", "n": 2},
+        {"prompt": "hi", "n": 2000},
         {"prompt": "hi", "stop": [1, 2]},
         {"max_tokens": 5},
         {"prompt": [70000]},
