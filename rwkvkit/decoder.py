@@ -29,6 +29,7 @@ model's distribution, the log-softmax of the raw logits, computed before and ind
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ from .state import State
 
 DEFAULT_CHUNK_LEN = 256
 TopN = list[tuple[int, float]]
+# ``BatchDecoder.timings``: decode steps and rows decoded (counts), then seconds spent in ``step``:
+# prompt slices, sampling (logits copy, bias, draws), logprobs, the per-row loop (bookkeeping and the
+# rows' on_token hooks: the server's text decoding), the [B, 1] model forward, and the whole step.
+TIMINGS = ("steps", "rows", "prefill_s", "sample_s", "score_s", "emit_s", "model_s", "step_s")
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -261,6 +266,8 @@ class BatchDecoder:
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of self.rows
         self._device = _device(model)
         self._vocab = _vocab_size(model)
+        self.timings = dict.fromkeys(TIMINGS, 0.0)  # cumulative seconds (and counts) of ``step``
+        self.clock: Callable[[], float] = time.perf_counter  # what ``timings`` measure (process_time: CPU)
 
     def __len__(self) -> int:
         return len(self.rows) + sum(1 + len(p.copies) for p in self.prefilling)
@@ -405,11 +412,19 @@ class BatchDecoder:
     def step(self) -> list[Row]:
         """Prefill one slice of a waiting prompt (``interleave``), then emit one token for every
         decoding row; return the rows that finished in this step."""
+        clock = self.clock
+        tm, t0 = self.timings, clock()
         finished: list[Row] = []
         if self.prefilling:
             self._prefill_slice(finished)
-        if not self.rows:
-            return finished
+            tm["prefill_s"] += clock() - t0
+        if self.rows:
+            self._decode(finished, tm, clock)
+        tm["step_s"] += clock() - t0
+        return finished
+
+    def _decode(self, finished: list[Row], tm: dict[str, float], clock: Callable[[], float]) -> None:
+        """One token for every decoding row (``step`` after its prompt slice)."""
         live = [i for i, r in enumerate(self.rows) if not r.cancelled]
         for r in self.rows:
             if r.cancelled:
@@ -418,11 +433,18 @@ class BatchDecoder:
         if len(live) < len(self.rows):
             self._keep(live)
             if not self.rows:
-                return finished
+                return
         assert self._state is not None and self._logits is not None
         rows, raw = self.rows, self._logits
+        tm["steps"] += 1
+        tm["rows"] += len(rows)
+        t = clock()
         toks = self._sample(rows, raw)
+        t1 = clock()
         scored = self._score(rows, raw, toks)
+        t2 = clock()
+        tm["sample_s"] += t1 - t
+        tm["score_s"] += t2 - t1
         feed: list[int] = []  # row indices whose new token goes through the model
         keep: list[int] = []  # rows still generating after this step
         for i, r in enumerate(rows):
@@ -448,11 +470,14 @@ class BatchDecoder:
             feed.append(i)
             if not r.done:
                 keep.append(i)
+        t3 = clock()
+        tm["emit_s"] += t3 - t2
         if feed:
             state = self._state if len(feed) == len(rows) else self._state.select(feed)
             x = torch.tensor([toks[i] for i in feed], dtype=torch.long, device=self._device).reshape(-1, 1)
             out, state = self.model(x, state)
             new_logits = out[:, -1]
+            tm["model_s"] += clock() - t3
             for j, i in enumerate(feed):
                 r = rows[i]
                 if r.done:
@@ -468,7 +493,6 @@ class BatchDecoder:
         self.rows = [rows[i] for i in keep]
         if not self.rows:
             self._state, self._logits = None, None
-        return finished
 
     def _sample(self, rows: list[Row], raw: torch.Tensor) -> list[int]:
         """One token per row, drawn together (``sampling.draw_rows``) from a CPU copy of the logits with

@@ -137,15 +137,22 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     The sort and the float32 cumulative sum are done in NumPy, as the reference does (and ~20x
     faster than ``torch.sort`` on a 65536-entry vocabulary on CPU).
     """
-    p = probs.detach().float().cpu().numpy()
-    # Tokens below (1 - top_p) / V hold less than 1 - top_p in total, so the cutoff is never below
-    # that: sorting only the tokens above it gives the same prefix sums, hence the same cutoff.
+    return probs >= top_p_cutoff(probs.detach().float().cpu().numpy(), top_p)
+
+
+def top_p_cutoff(p: np.ndarray, top_p: float) -> float:
+    """The top-p cutoff of probabilities ``p`` [V] (float32 NumPy): the reference's
+    ``desc = sort(p)[::-1]; desc[argmax(cumsum(desc) >= top_p)]``.
+
+    Tokens below ``(1 - top_p) / V`` hold less than ``1 - top_p`` in total, so the cutoff is never below
+    that: sorting only the tokens above it gives the same prefix sums, hence the same cutoff. (The
+    float32 prefix sums in sorted order are what decide the cutoff exactly as the reference does, so
+    the nucleus is sorted: ~1 ms for the ~30k candidates of a flat 65536-token distribution.)
+    """
     cand = p[p >= (1.0 - top_p) / p.size]
     desc = np.sort(cand if cand.size else p)[::-1]
-    cum = np.cumsum(desc)
-    reached = cum >= top_p
-    cutoff = float(desc[int(np.argmax(reached))] if reached.any() else desc[-1])
-    return probs >= cutoff
+    reached = np.cumsum(desc) >= top_p
+    return float(desc[int(np.argmax(reached))] if reached.any() else desc[-1])
 
 
 def top_k_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -373,12 +380,5 @@ def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
 
 def _top_p_rows(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """``top_p_mask`` of every row of probs [b, V]: the cutoffs per row (NumPy), the mask in one op."""
-    P = probs.numpy()
-    low = (1.0 - top_p) / P.shape[1]
-    cut = np.empty(P.shape[0], dtype=np.float32)
-    for i, p in enumerate(P):
-        cand = p[p >= low]
-        desc = np.sort(cand if cand.size else p)[::-1]
-        reached = np.cumsum(desc) >= top_p
-        cut[i] = desc[int(np.argmax(reached))] if reached.any() else desc[-1]
+    cut = np.array([top_p_cutoff(p, top_p) for p in probs.numpy()], dtype=np.float32)
     return probs >= torch.from_numpy(cut).unsqueeze(1)

@@ -247,3 +247,18 @@ def test_chat_segments_tokenize_as_the_whole_prompt(tok, messages) -> None:
         reply = tok.encode(segs[2 * k + 1])  # " text\n\n": the reply's tokens through its stop
         assert joined[: len(before) + len(reply)] == before + reply
         assert reply[-1] == tok.encode("\n\n")[0] or text.strip() == ""
+
+
+# ---- the decoder's own timings (what /health reports, what bench serve --measure profile reads) ---------
+def test_timings_count_steps_rows_and_parts(model) -> None:
+    dec = BatchDecoder(model, interleave=4)
+    rows = [_row(list(range(300, 310)), GREEDY, 5), _row(list(range(400, 403)), PARAMS[1], 7)]
+    for r in rows:
+        dec.add(r)
+    _run(dec)
+    tm = dec.timings
+    assert tm["rows"] == sum(len(r.tokens) for r in rows) == 12  # one row-step per token emitted
+    assert 7 <= tm["steps"] < 12  # the rows share steps
+    parts = sum(tm[k] for k in ("prefill_s", "sample_s", "score_s", "emit_s", "model_s"))
+    assert tm["prefill_s"] > 0 and tm["model_s"] > 0 and tm["sample_s"] > 0
+    assert parts <= tm["step_s"] + 1e-6

@@ -18,6 +18,9 @@ measures (``--measure``, comma-separated):
   ``--long-tokens`` tokens arrive at once, against its median gap before they arrive. A server that
   prefills a prompt in one go inside its decode loop freezes every stream for the whole prefill; the
   interleaved engine feeds ``--prefill-slice`` prompt tokens per decode step.
+- ``profile``: where a decode step's time goes (``serve_profile``): with ``throughput``, the
+  server's own timings per step at each level (model, sampling, logprobs, the per-row loop with the
+  text hooks, prompt slices); and the largest level's rows decoded in this process without HTTP.
 - ``rss``: the server's resident memory (VmRSS) after each of ``--rounds`` rounds of
   ``--rss-clients`` streaming clients: it must level off, not grow round after round.
 
@@ -45,7 +48,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-MEASURES = ("throughput", "chat", "gap", "rss")
+from .serve_profile import cpu_seconds, describe, per_step, profile_decoder
+
+MEASURES = ("throughput", "chat", "gap", "rss", "profile")
 
 
 class HTTPError(Exception):
@@ -125,11 +130,20 @@ def _client_run(url: str, prompt: str, n: int, barrier: threading.Barrier, args:
     return first, last, tokens
 
 
-def run_level(url: str, clients: int, n_tokens: int, args: argparse.Namespace) -> float:
+def run_level(url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0) -> float:
+    """Aggregate decode tokens/s of ``clients`` streaming clients; with ``--measure profile`` also
+    prints the server's time per decode step, part by part, during the run."""
     barrier = threading.Barrier(clients)
     prompts = [f"Client {i} says: hello, " + "and " * (i % 7) for i in range(clients)]
+    before = get_json(url + "/health").get("timings")  # None from a server without timings
+    t0, c0 = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     with ThreadPoolExecutor(clients) as ex:
         results = list(ex.map(lambda p: _client_run(url, p, n_tokens, barrier, args), prompts))
+    wall, cpu_s = time.perf_counter() - t0, (cpu_seconds(pid) - c0 if pid else None)
+    if before and "profile" in args.measures and "throughput" in args.measures and n_tokens == args.tokens:
+        p = per_step(before, get_json(url + "/health")["timings"], wall, cpu_s)
+        print("  " + describe(f"server, {clients} clients", p), flush=True)
+        args.profiles[clients] = p
     start = min(r[0] for r in results if r[0] is not None)
     end = max(r[1] for r in results if r[1] is not None)
     total = sum(r[2] for r in results)
@@ -307,6 +321,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-root", default=None, help="run the server from this rwkvkit checkout")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = p.parse_args(argv)
+    args.profiles = {}
     args.levels = [int(x) for x in args.clients.split(",") if x.strip()]
     args.measures = [m.strip() for m in args.measure.split(",") if m.strip()]
     if not args.levels or min(args.levels) <= 0:
@@ -361,10 +376,19 @@ def main(argv: list[str] | None = None) -> int:
                     print("server did not start within 600 s")
                     return 1
                 time.sleep(0.2)
-            return _run(url, server.pid, args)
+            code = _run(url, server.pid, args)
         finally:
             server.terminate()
             server.wait(timeout=60)
+        if code == 0 and "profile" in args.measures:
+            rows = max(args.levels)
+            p = profile_decoder(path, args, rows, cpu=True)
+            print("  " + describe(f"in process (no HTTP), {rows} rows, CPU ms", p), flush=True)
+            if rows in args.profiles:
+                http = args.profiles[rows]["cpu_ms"] - p["cpu_ms"]
+                print(f"  serving {rows} clients over HTTP costs the server process {http:.1f} ms of CPU per step "
+                      f"more ({http / max(p['cpu_ms'], 1e-9) * 100:.0f}% of the in-process step's CPU)")  # fmt: skip
+        return code
 
 
 def _run(url: str, pid: int, args: argparse.Namespace) -> int:
@@ -378,7 +402,7 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> int:
         if "throughput" in args.measures:
             speed = {}
             for n in args.levels:
-                speed[n] = run_level(url, n, args.tokens, args)
+                speed[n] = run_level(url, n, args.tokens, args, pid)
                 print(
                     f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client)"
                 )

@@ -340,7 +340,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "active": engine.active, "waiting": engine.waiting}
+        return {"status": "ok", **engine.stats()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

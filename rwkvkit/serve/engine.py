@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..decoder import BatchDecoder, PrefixCache, Row
+from ..decoder import TIMINGS, BatchDecoder, PrefixCache, Row
 from ..generate import TextStream
 from ..runtime import trim_malloc
 
@@ -101,6 +101,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.chunk_len, self.prefill_slice = chunk_len, prefill_slice
         self.cache = PrefixCache(cache_entries, cache_bytes)
+        self.timings = dict.fromkeys(TIMINGS, 0.0)  # the decoder's (decoder.TIMINGS), kept across decoders
         self.decoder = self._decoder(self.cache)
         self._waiting: deque[list[Job]] = deque()
         self._waiting_rows = 0
@@ -112,7 +113,15 @@ class Engine:
         self.max_rows_seen = 0
 
     def _decoder(self, cache: PrefixCache | None) -> BatchDecoder:
-        return BatchDecoder(self.model, chunk_len=self.chunk_len, cache=cache, interleave=self.prefill_slice)
+        dec = BatchDecoder(self.model, chunk_len=self.chunk_len, cache=cache, interleave=self.prefill_slice)
+        dec.timings = self.timings
+        return dec
+
+    def stats(self) -> dict:
+        """What ``/health`` reports: rows, the decoder's cumulative timings, the prefix cache's use."""
+        c = self.cache
+        return {"active": self.active, "waiting": self.waiting, "timings": dict(self.timings),
+                "cache": {"entries": len(c), "bytes": c.nbytes, "hits": c.hits, "tokens_saved": c.tokens_saved}}  # fmt: skip
 
     @property
     def active(self) -> int:
