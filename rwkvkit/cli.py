@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rwkvkit.run_cli:generate_main", "continue a prompt with a model"),
     "chat": ("rwkvkit.run_cli:chat_main", "chat with a model in the terminal"),
     "serve": ("rwkvkit.serve:main", "OpenAI-compatible HTTP server"),
+    "info": (
+        "rwkvkit.info:main",
+        "what a checkpoint is and which kernels it runs here (and why not faster ones)",
+    ),
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
     "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),

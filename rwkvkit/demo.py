@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"# demo model: Finch (RWKV-{cfg.version}) L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, "
+        f"# demo model: {cfg.spec.name} L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, "
         f"{n_params / 1e6:.1f}M parameters, loaded in {time.time() - t:.1f}s"
     )
     print(

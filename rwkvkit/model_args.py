@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .dtypes import DTYPES, dtype_from_name
+
 WORLD_VOCAB_SIZE = 65536  # the World vocabulary (ids 0..65529) as released models pad it
 
 
@@ -101,10 +102,9 @@ def load_model(
     from .checkpoint import load
     from .hub import resolve_model
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = dtype_from_name(dtype)
     path = resolve_model(ref)
-    return load(path, device=device, dtype=DTYPES[dtype], quantize=quantize), Path(path)
+    return load(path, device=device, dtype=torch_dtype, quantize=quantize), Path(path)
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Path]:

@@ -5,7 +5,8 @@ the next ones, so every prompt pays a few thousand page faults for its activatio
 about 2,300 minor faults and 5% of a 512-token prefill of a 0.1B model). Raising the mmap and trim
 thresholds keeps freed blocks for reuse (the process keeps up to a few hundred MB of freed memory
 instead of returning it). ``rwkvkit.load`` calls it once for CPU models; it affects the whole process,
-only on glibc, and ``RWKVKIT_MALLOC_TUNE=0`` in the environment turns it off. The trainer calls it
+only on glibc; ``RWKVKIT_MALLOC_TUNE=0`` in the environment (read in ``rwkvkit.kernels``, where every
+override is read) makes its callers skip it. The trainer calls it
 with thresholds sized to its logits (a V=65536 batch's fp32 logits and their gradient are hundreds
 of MB: above 64 MB they would be mapped and page-faulted in afresh every step; measured here, Finch
 L2 C256 V65536 ctx 256 batch 4: 433k minor faults and 5.3 s per step untuned, 21k and 4.1 s sized).
@@ -15,7 +16,6 @@ L2 C256 V65536 ctx 256 batch 4: 433k minor faults and 5.3 s per step untuned, 21
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -32,7 +32,7 @@ def tune_malloc(
     raises them, a call with smaller ones leaves the larger ones in force.
     """
     global _applied
-    if os.environ.get("RWKVKIT_MALLOC_TUNE", "1") == "0" or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return False
     if platform.libc_ver()[0] != "glibc":
         return False

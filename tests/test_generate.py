@@ -66,7 +66,7 @@ def ref_pipeline():
     return Recording(None, "rwkv_vocab_v20230424")  # the model is set per test
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_greedy_matches_reference_pipeline(tmp_path: Path, tok, ref_pipeline, version: int) -> None:
     """temperature 0 with the reference's default penalties: 64 tokens, token for token."""
     from rwkv.utils import PIPELINE_ARGS

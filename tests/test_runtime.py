@@ -12,9 +12,22 @@ from rwkvkit import runtime
 
 
 def test_opt_out_by_environment(monkeypatch):
+    """RWKVKIT_MALLOC_TUNE=0 is read where every override is (rwkvkit.kernels) and makes the callers
+    skip the tuning: load's default and the trainer's."""
+    import subprocess
+    import sys
+
+    code = "from rwkvkit import kernels; print(kernels.MALLOC_TUNE)"
+    env = {**__import__("os").environ, "RWKVKIT_MALLOC_TUNE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from rwkvkit import kernels
+    from rwkvkit.train import trainer
+
+    monkeypatch.setattr(kernels, "MALLOC_TUNE", False)
     monkeypatch.setattr(runtime, "_applied", None)
-    monkeypatch.setenv("RWKVKIT_MALLOC_TUNE", "0")
-    assert runtime.tune_malloc() is False
+    assert trainer._tune_malloc_for(1 << 30) is False
+    assert runtime._applied is None
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")

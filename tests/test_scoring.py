@@ -33,7 +33,7 @@ def _ref_logprobs(ref, tokens: list[int]) -> torch.Tensor:
     return torch.log_softmax(reference_logits(ref, tokens)[0], -1)
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_token_logprobs_match_reference(tmp_path, version):
     model, ref = _model_and_ref(tmp_path, version)
     tokens = _ids(70, seed=version)
@@ -58,7 +58,7 @@ def test_token_logprobs_match_reference(tmp_path, version):
     assert (torch.tensor(rest.logprobs) - want_lp[22:]).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_loglikelihood_matches_reference(tmp_path, version):
     model, ref = _model_and_ref(tmp_path, version)
     shared, other = _ids(40, seed=10), _ids(25, seed=11)

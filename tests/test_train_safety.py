@@ -14,15 +14,15 @@ from rwkvkit.train.cli import main
 from rwkvkit.train.config import field_help
 from rwkvkit.train.trainer import Trainer
 
-from .test_train_helpers import tiny_config
+from .test_train_helpers import model_overrides, tiny_config
 
 FAST = dict(n_layer=1, n_embd=32, head_size=32, mix_lora=4, decay_lora=8, ctx_len=16, max_steps=3)
 
 
 def _cli_args(cfg, *extra: str) -> list[str]:
-    keys = ("data", "out_dir", "n_layer", "n_embd", "head_size", "vocab_size", "mix_lora", "decay_lora",
-            "ctx_len", "max_steps", "warmup_steps", "threads", "device", "save_every", "eval_every")  # fmt: skip
-    return [f"{k}={getattr(cfg, k)}" for k in keys] + ["progress=false", *extra]
+    keys = ("data", "out_dir", "ctx_len", "max_steps", "warmup_steps", "threads", "device", "save_every",
+            "eval_every")  # fmt: skip
+    return [f"{k}={getattr(cfg, k)}" for k in keys] + model_overrides(cfg) + ["progress=false", *extra]
 
 
 class _Exploit:
@@ -73,8 +73,30 @@ def test_resume_without_state_and_resume_messages(tmp_path: Path, capsys: pytest
     assert "resuming from step 2 of 3" in err and "lr_init 0.0006 -> 0.002" in err
     assert not list(out.glob("*.tmp"))
     # a changed architecture cannot resume
-    assert main(_cli_args(cfg, "--resume", "n_layer=2")) == 2
-    assert "n_layer 1 -> 2" in capsys.readouterr().err
+    assert main(_cli_args(cfg, "--resume", "model.n_layer=2")) == 2
+    assert "model.n_layer 1 -> 2" in capsys.readouterr().err
+    assert main(_cli_args(cfg, "--resume", "model.version=7", "model.mix_lora=0")) == 2  # not a v7 size
+    assert "model.mix_lora is not a size of Goose (RWKV-7)" in capsys.readouterr().err
+
+
+def test_a_run_saved_with_the_flat_config_layout_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """train_state.pt of a run from before the model section (flat version, n_layer, ..., Finch's LoRA
+    widths for every version): the same model resumes, a changed one is refused by name."""
+    cfg = tiny_config(tmp_path, stop_at_step=2, **FAST)
+    Trainer(cfg).fit()
+    state = Path(cfg.out_dir) / "train_state.pt"
+    payload = torch.load(state, weights_only=True)
+    flat = {k: v for k, v in payload["config"].items() if k != "model"}
+    payload["config"] = flat | {k: v for k, v in payload["config"]["model"].items()}
+    assert payload["config"]["version"] == 6 and payload["config"]["mix_lora"] == 4
+    torch.save(payload, state)
+    capsys.readouterr()
+    assert main(_cli_args(cfg, "--resume", "model.n_embd=64")) == 2
+    assert "model.n_embd 32 -> 64" in capsys.readouterr().err
+    assert main(_cli_args(cfg, "--resume")) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
 
 
 def test_resume_exports_the_checkpoint_a_kill_skipped(tmp_path: Path) -> None:
@@ -116,10 +138,13 @@ def test_trained_model_is_usable_with_its_vocabulary(tmp_path: Path, capsys: pyt
     "extra,match",
     [
         (["data=/nonexistent/tokens.npy"], "token file '/nonexistent/tokens.npy' not found"),
-        (["vocab=/nonexistent/vocab.txt", "vocab_size=0"], "cannot read vocabulary file"),
+        (["vocab=/nonexistent/vocab.txt", "model.vocab_size=0"], "cannot read vocabulary file"),
         (["device=cuda"], "CUDA is not available"),
-        (["n_embd=48"], "not a multiple of head_size"),
-        (["vocab_size=8"], "token id .* outside the model's vocabulary of 8"),
+        (["model.n_embd=48"], "not a multiple of head_size"),
+        (["model.vocab_size=8"], "token id .* outside the model's vocabulary of 8"),
+        (["n_layer=2"], "model options go in the model section now: n_layer .*model.n_layer=2"),
+        (["model.n_layers=3"], "unknown model option model.n_layers"),
+        (["model.version=9"], "unsupported RWKV version 9"),
         (["ctx_len=100000"], "too little training data|fewer than ctx_len"),
         (["n_layers=3"], "unknown training option"),
         (["lr_init=[1"], "not valid YAML"),
@@ -139,7 +164,7 @@ def test_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_bad_yaml_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     y = tmp_path / "c.yaml"
-    y.write_text("n_layer: 2\nlr_init: [0.1\n")
+    y.write_text("model: {n_layer: 2}\nlr_init: [0.1\n")
     assert main(["--config", str(y)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not valid YAML" in err and str(y) in err and len(err.splitlines()) == 1

@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..dtypes import DTYPES
 from .serve_profile import cpu_seconds, describe, per_step, profile_decoder
 
 MEASURES = ("throughput", "chat", "gap", "rss", "profile")
@@ -311,7 +312,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         default="bf16",
-        choices=["fp32", "bf16", "fp16"],
+        choices=list(DTYPES),
         help="server weights (bf16: a batched step of 16 rows costs about one row's weight read on this CPU)",
     )
     p.add_argument("--quantize", default=None, choices=["int8"], help="server matrices as int8")

@@ -62,12 +62,13 @@ def profile_decoder(
 
     import rwkvkit
     from rwkvkit.decoder import TIMINGS, BatchDecoder, Row
+    from rwkvkit.dtypes import DTYPES
     from rwkvkit.generate import TextStream, penalty_weights
     from rwkvkit.sampling import Sampler, SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = rwkvkit.load(path, dtype=dtype, quantize=args.quantize)
     tok = rwkvkit.Tokenizer()
     weights = penalty_weights(tok, 65536)

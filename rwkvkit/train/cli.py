@@ -2,6 +2,7 @@
 
     rwkvkit train --config configs/tiny_cpu.yaml
     rwkvkit train --config configs/finch_0.1b_gpu.yaml --set lr_init=3e-4 --set micro_bsz=8
+    rwkvkit train --config configs/tiny_cpu.yaml model.version=7 model.n_layer=4   # the model section
     rwkvkit train --config configs/lora.yaml --mode lora --load model.pth data=tokens.npy
     torchrun --nproc_per_node 2 -m rwkvkit.train.cli --config cfg.yaml strategy=ddp
     rwkvkit train --config cfg.yaml --resume        # continue a killed run from out_dir/train_state.pt
@@ -9,7 +10,7 @@
 
 Overrides are ``key=value`` (after ``--set`` or bare, anywhere on the line), values parsed as YAML;
 every key is a field of ``rwkvkit.train.config.TrainConfig`` (``--help`` lists them with what each
-does). ``--print-config`` shows the resolved config and exits. A problem with the config, the data,
+does); the model's keys live in its section, ``model.<key>`` on the command line. ``--print-config`` shows the resolved config and exits. A problem with the config, the data,
 the vocabulary or the run folder is one line naming it (exit status 2), not a traceback.
 """
 
@@ -26,7 +27,10 @@ from .config import MODES, field_help, load_config
 def _keys_help() -> str:
     lines = ["config keys (key=value; default in brackets):"]
     for name, (default, comment) in field_help().items():
-        shown = json.dumps(default) if not isinstance(default, str) else repr(default)
+        if default is None:  # a version's own size
+            shown = "version's default"
+        else:
+            shown = json.dumps(default) if not isinstance(default, str) else repr(default)
         if len(shown) > 40:
             shown = shown[:37] + "..."
         text = f"{name} [{shown}]" + (f": {comment}" if comment else "")

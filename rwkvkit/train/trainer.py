@@ -1,4 +1,4 @@
-"""The training loop: pretraining and fine-tuning (full, LoRA, state) of RWKV-4 / Eagle / Finch.
+"""The training loop: pretraining and fine-tuning (full, LoRA, state) of every registered RWKV version.
 
 One optimiser step = ``accum_steps`` micro-batches of ``micro_bsz`` crops of ``ctx_len`` tokens per
 process. Each crop runs through the chunked parallel WKV; with ``chunk_len > 0`` a crop is cut into
@@ -43,37 +43,27 @@ from .optim import L2Wrap, lr_at, make_optimizer, set_lr
 
 
 def _vocab_size(cfg: TrainConfig) -> int:
+    given = cfg.model.vocab_size
     if cfg.vocab:
         from rwkvkit.tokenizer.vocab import load_vocab
 
         n = len(load_vocab(cfg.vocab))
-        if cfg.vocab_size and cfg.vocab_size < n:
-            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the vocab file's {n} ids")
-        return cfg.vocab_size or n
-    return cfg.vocab_size or 65536
+        if given and given < n:
+            raise ValueError(f"model.vocab_size {given} is smaller than the vocab file's {n} ids")
+        return given or n
+    return given or 65536
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """A fresh model with RWKV-LM's init, or ``cfg.load`` opened for training (fp32, ln0 kept)."""
     import rwkvkit
-    from rwkvkit.config import ModelConfig
     from rwkvkit.models import RWKV
 
     from .init import init_weights
 
     if cfg.load:
         return rwkvkit.load(cfg.load, dtype=torch.float32, fold_ln0=False)
-    mc = ModelConfig(
-        cfg.version,
-        cfg.n_layer,
-        cfg.n_embd,
-        _vocab_size(cfg),
-        head_size=cfg.n_embd if cfg.version == 4 else cfg.head_size,
-        ffn_dim=cfg.ffn_dim,
-        mix_lora=cfg.mix_lora,
-        decay_lora=cfg.decay_lora,
-    )
-    return init_weights(RWKV(mc), seed=cfg.seed)
+    return init_weights(RWKV(cfg.model.build(_vocab_size(cfg))), seed=cfg.seed)
 
 
 class Trainer:
@@ -332,11 +322,14 @@ class Trainer:
         saved = payload.get("config")
         if not isinstance(saved, dict):
             raise ValueError("the training state has no saved config: it was not written by this trainer")
-        now = self.cfg.to_dict()
+        saved, now = _flat_config(saved), _flat_config(self.cfg.to_dict())
+        model_keys = {k for k in (*saved, *now) if k.startswith("model.")}  # a size set in one only differs
         changed = {
-            k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in RUNTIME_KEYS
+            k: (saved.get(k), now.get(k))
+            for k in [*now, *sorted(model_keys - set(now))]
+            if (k in saved or k in model_keys) and saved.get(k) != now.get(k) and k not in RUNTIME_KEYS
         }
-        fixed = {k: v for k, v in changed.items() if k in STRUCTURE_KEYS}
+        fixed = {k: v for k, v in changed.items() if k in STRUCTURE_KEYS or k.startswith("model.")}
         if fixed:
             what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
             raise ValueError(
@@ -477,8 +470,11 @@ def _tune_malloc_for(logits_bytes: int) -> bool:
     """glibc thresholds sized to one micro-batch's fp32 logits, so that they, their gradient and the
     other activations are reused from the heap step after step instead of mapped and page-faulted in
     afresh (``rwkvkit.runtime``): a fifth of a V=65536 CPU step went to page faults."""
+    from rwkvkit.kernels import MALLOC_TUNE
     from rwkvkit.runtime import tune_malloc
 
+    if not MALLOC_TUNE:  # RWKVKIT_MALLOC_TUNE=0
+        return False
     mb = 1 << 20
     return tune_malloc(
         mmap_threshold=min(max(2 * logits_bytes, 64 * mb), 1024 * mb),
@@ -492,10 +488,27 @@ RUNTIME_KEYS = frozenset(
     {"threads", "progress", "max_minutes", "stop_at_step", "out_dir", "save_every", "eval_every",
      "eval_batches", "log_every", "keep_last", "device", "strategy", "grad_checkpoint"}
 )  # fmt: skip
-STRUCTURE_KEYS = frozenset(
-    {"version", "n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim", "mix_lora", "decay_lora",
-     "mode", "load", "lora_r", "lora_targets"}
-)  # fmt: skip
+STRUCTURE_KEYS = frozenset({"mode", "load", "lora_r", "lora_targets"})  # and every model.<key>
+_FLAT_MODEL_KEYS = ("version", "n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim")
+
+
+def _flat_config(cfg: dict) -> dict:
+    """A saved or current config with its model section as ``model.<key>`` entries. A run saved before
+    the section existed (flat ``version``, ``n_layer``, ... and Finch's two LoRA widths for every
+    version) reads as the section it meant, so a changed architecture is still refused."""
+    out = {k: v for k, v in cfg.items() if k != "model"}
+    model = dict(cfg.get("model") or {})
+    if "model" not in cfg and "version" in cfg:  # the flat layout
+        from rwkvkit.models import registry
+
+        model = {k: out.pop(k) for k in _FLAT_MODEL_KEYS if k in out}
+        own = registry.VERSIONS[model["version"]].sizes if model.get("version") in registry.VERSIONS else {}
+        for k in ("mix_lora", "decay_lora"):
+            if k in out:
+                value = out.pop(k)
+                if k in own:
+                    model[k] = value
+    return out | {f"model.{k}": v for k, v in model.items()}
 
 
 def _run_files(out: Path) -> list[Path]:
