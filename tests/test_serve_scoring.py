@@ -247,3 +247,26 @@ def test_chat_refusals(srv) -> None:
     )
     assert "at most 5" in err["message"]
     assert_error(httpx.post(url, json={"messages": msgs, "logprobs": 3}, timeout=30), 400)
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+    ],
+)
+def test_chat_features_not_served_are_refused_not_ignored(srv, extra, param) -> None:
+    """Function calling, JSON output and audio get a 400 that names them (the client would otherwise
+    read plain text as if its request had been honoured); their neutral values are accepted."""
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        srv["c"].chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **extra)
+    body = e.value.body  # the error object of the response, as the client reads it
+    assert body["param"] == param and ("not supported" in body["message"] or "only text" in body["message"])
+    ok = srv["c"].chat.completions.create(model="tiny", messages=msgs, max_tokens=2, tool_choice="none",
+                                          response_format={"type": "text"}, modalities=["text"])  # fmt: skip
+    assert ok.choices[0].finish_reason in ("length", "stop")

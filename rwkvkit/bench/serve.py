@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("server did not start within 600 s")
                     return 1
                 time.sleep(0.2)
-            code = _run(url, server.pid, args)
+            code, results = _run(url, server.pid, args)
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -385,14 +385,18 @@ def main(argv: list[str] | None = None) -> int:
             rows = max(args.levels)
             p = profile_decoder(path, args, rows, cpu=True)
             print("  " + describe(f"in process (no HTTP), {rows} rows, CPU ms", p), flush=True)
+            results["profile"] = {"server": args.profiles, "in_process": p}
             if rows in args.profiles:
                 http = args.profiles[rows]["cpu_ms"] - p["cpu_ms"]
                 print(f"  serving {rows} clients over HTTP costs the server process {http:.1f} ms of CPU per step "
                       f"more ({http / max(p['cpu_ms'], 1e-9) * 100:.0f}% of the in-process step's CPU)")  # fmt: skip
+        if code == 0 and args.json:
+            print(json.dumps(results))
         return code
 
 
-def _run(url: str, pid: int, args: argparse.Namespace) -> int:
+def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
+    """The measures against the running server: (exit code, results)."""
     threads = args.threads or "default"
     where = f", server from {args.server_root}" if args.server_root else ""
     print(f"Finch L{args.layers} D{args.embd} V65536 {args.dtype}{' int8' if args.quantize else ''}, "
@@ -441,10 +445,8 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> int:
             results["rss_mb"] = rss
     except (HTTPError, RuntimeError) as e:
         print(f"benchmark request failed: {e}")
-        return 1
-    if args.json:
-        print(json.dumps(results))
-    return 0
+        return 1, results
+    return 0, results
 
 
 if __name__ == "__main__":

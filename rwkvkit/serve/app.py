@@ -38,7 +38,15 @@ from ..sampling import SEED_RANGE, Sampler, SamplingParams
 from .engine import CACHE_BYTES, CACHE_ENTRIES, Engine, Job, QueueFull
 from .errors import APIError
 from .logprobs import ChoiceLogprobs, TokenStrings, merge
-from .protocol import MAX_STOP, MAX_STOP_CHARS, Responder, chat_segments, message_text, request_models
+from .protocol import (
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    Responder,
+    chat_refusal,
+    chat_segments,
+    message_text,
+    request_models,
+)
 from .security import LOOPBACK_HOSTS, Guard, check_api_key, check_key, read_body
 
 MAX_BODY_BYTES = 1 << 20
@@ -369,6 +377,9 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         req = await parse(request, ChatRequest)
+        refused = chat_refusal(req)
+        if refused:
+            raise APIError(400, refused[1], param=refused[0])
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         segments = chat_segments([(m.role, message_text(m.content)) for m in req.messages])

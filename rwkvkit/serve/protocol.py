@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
@@ -75,8 +75,35 @@ def request_models() -> tuple[type, type]:
         messages: list[Message] = Field(min_length=1)
         logprobs: bool = False
         top_logprobs: int | None = Field(default=None, ge=0)
+        # OpenAI fields this server does not implement, read only to refuse them (``chat_refusal``)
+        tools: Any = None
+        tool_choice: Any = None
+        functions: Any = None
+        function_call: Any = None
+        response_format: Any = None
+        modalities: Any = None
+        audio: Any = None
 
     return CompletionRequest, ChatRequest
+
+
+def chat_refusal(req: Any) -> tuple[str, str] | None:
+    """(param, message) for a chat request asking for what this server does not do (function calling,
+    a JSON response format, audio), else None: refused with a 400 rather than silently ignored."""
+    for param in ("tools", "functions"):
+        if getattr(req, param):
+            return param, f"{param} are not supported (this server does not call functions)"
+    for param in ("tool_choice", "function_call"):
+        if getattr(req, param) not in (None, "none"):
+            return param, f"{param} is not supported (this server does not call functions)"
+    fmt = req.response_format
+    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+    if fmt is not None and kind != "text":
+        return "response_format", (f"response_format {kind!r} is not supported (this server does not "
+                                   "constrain its output); leave it out or use {'type': 'text'}")  # fmt: skip
+    if req.modalities not in (None, ["text"]) or req.audio is not None:
+        return ("audio" if req.audio is not None else "modalities"), "only text output is supported"
+    return None
 
 
 _ROLE = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
