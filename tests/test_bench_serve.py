@@ -50,8 +50,10 @@ def test_bench_serve_runs_on_the_serve_extra_alone(tmp_path: Path) -> None:
     # turn 2: turn 1's prompt and its 4-token reply come from the state kept after the reply
     assert two["cached_tokens"] == one["prompt_tokens"] + 4 and two["prompt_tokens"] > two["cached_tokens"]
     assert edited["cached_tokens"] == one["prompt_tokens"]  # an edited reply: only turn 1's prompt
-    server, local = out["profile"]["server"]["2"], out["profile"]["in_process"]
-    for p in (server, local):
+    prof = out["profile"]
+    assert set(prof["server"]) == set(prof["in_process"]) == {"1", "2"}
+    for p in [*prof["server"].values(), *prof["in_process"].values()]:
         parts = sum(p[k] for k in ("model_s", "sample_s", "score_s", "emit_s", "prefill_s"))
         assert p["steps"] > 0 and 0 < parts <= p["step_ms"] * 1.001 and p["model_s"] > 0
-    assert local["rows_per_step"] == 2 and "in process (no HTTP), 2 rows" in r.stdout
+    assert [prof["in_process"][k]["rows_per_step"] for k in ("1", "2")] == [1, 2]
+    assert "in process (no HTTP), 2 rows" in r.stdout and "2 rows vs 1: a step costs" in r.stdout

@@ -20,7 +20,8 @@ measures (``--measure``, comma-separated):
   interleaved engine feeds ``--prefill-slice`` prompt tokens per decode step.
 - ``profile``: where a decode step's time goes (``serve_profile``): with ``throughput``, the
   server's own timings per step at each level (model, sampling, logprobs, the per-row loop with the
-  text hooks, prompt slices); and the largest level's rows decoded in this process without HTTP.
+  text hooks, prompt slices); and the fewest and the most clients' rows decoded in this process without
+  HTTP (CPU time), the most against the fewest: what a batched step costs per row on one core.
 - ``rss``: the server's resident memory (VmRSS) after each of ``--rounds`` rounds of
   ``--rss-clients`` streaming clients: it must level off, not grow round after round.
 
@@ -49,7 +50,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..dtypes import DTYPES
-from .serve_profile import cpu_seconds, describe, per_step, profile_decoder
+from .serve_profile import cpu_seconds, describe, per_step, profile_in_process
 
 MEASURES = ("throughput", "chat", "gap", "rss", "profile")
 
@@ -382,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=60)
         if code == 0 and "profile" in args.measures:
-            rows = max(args.levels)
-            p = profile_decoder(path, args, rows, cpu=True)
-            print("  " + describe(f"in process (no HTTP), {rows} rows, CPU ms", p), flush=True)
-            results["profile"] = {"server": args.profiles, "in_process": p}
-            if rows in args.profiles:
-                http = args.profiles[rows]["cpu_ms"] - p["cpu_ms"]
-                print(f"  serving {rows} clients over HTTP costs the server process {http:.1f} ms of CPU per step "
-                      f"more ({http / max(p['cpu_ms'], 1e-9) * 100:.0f}% of the in-process step's CPU)")  # fmt: skip
+            results["profile"] = {"server": args.profiles, "in_process": profile_in_process(path, args)}
         if code == 0 and args.json:
             print(json.dumps(results))
         return code

@@ -94,3 +94,26 @@ def profile_decoder(
             dec.step()
         wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     return per_step(before, {k: dec.timings[k] for k in TIMINGS}, wall, cpu_s)
+
+
+def profile_in_process(path: Path, args: argparse.Namespace) -> dict[int, dict]:
+    """``profile_decoder`` (CPU time) at the fewest and the most clients of ``args.levels``, printed
+    with what serving over HTTP adds (``args.profiles``: the server's, from ``run_level``) and with
+    the most rows' step against the fewest's: the batched step's cost per row on this core."""
+    out = {}
+    for rows in sorted({min(args.levels), max(args.levels)}):
+        p = out[rows] = profile_decoder(path, args, rows, cpu=True)
+        print("  " + describe(f"in process (no HTTP), {rows} rows, CPU ms", p), flush=True)
+        if rows in args.profiles:
+            http = args.profiles[rows]["cpu_ms"] - p["cpu_ms"]
+            print(f"  serving {rows} clients over HTTP: the server process used {args.profiles[rows]['cpu_ms']:.1f} ms "
+                  f"of CPU per step, {http:+.1f} ms ({http / max(p['cpu_ms'], 1e-9) * 100:+.0f}%) against the "
+                  "in-process step")  # fmt: skip
+    lo, hi = min(out), max(out)
+    if hi > lo:
+        a, b = out[lo], out[hi]
+        print(f"  in process, {hi} rows vs {lo}: a step costs {b['cpu_ms'] / a['cpu_ms']:.1f}x the CPU (model "
+              f"{b['model_s'] / a['model_s']:.1f}x, sampling {b['sample_s'] / max(a['sample_s'], 1e-9):.1f}x), so "
+              f"{hi} rows decode at most {hi / lo * a['cpu_ms'] / b['cpu_ms']:.1f}x the tokens/s of {lo} "
+              "on the same core")  # fmt: skip
+    return out
