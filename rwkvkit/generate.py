@@ -2,19 +2,9 @@
 
 Layers, from the bottom up (each usable alone):
 
-- ``prefill``: run a prompt through the model in chunks of ``chunk_len`` tokens with the parallel
-  form, keeping only the last position's logits (``last_only=True``).
-- ``PrefixCache``: an LRU map prompt-prefix -> (State, next-token logits). A prompt that extends a
-  cached one (the next turn of a chat, a shared system prompt) only prefills the new tokens.
-- ``BatchDecoder``: the token-level engine. Rows (``Row``) join after their own prefill, all active
-  rows are decoded together with one ``[B, 1]`` forward per step (one weight read serves every
-  row), and each row leaves when it hits a stop token, its token budget, its ``on_token`` hook says
-  stop, or it is cancelled. It knows nothing about text; the server drives it from a thread.
-  With ``interleave=N`` a new row's prompt is not prefilled by ``add`` but by the following
-  ``step`` calls, N prompt tokens per step in all while other rows are decoding (several short
-  prompts, or a slice of a long one; waiting prompts take turns), so a long prompt arriving never
-  stalls the running streams for longer than N tokens' prefill; with nothing decoding a step
-  prefills ``chunk_len`` tokens.
+- ``prefill``, ``PrefixCache``, ``Row``, ``BatchDecoder`` (``rwkvkit.decoder``, re-exported here):
+  chunked prefill, the LRU cache of states after token sequences, and the token-level engine that
+  decodes many rows with one ``[B, 1]`` forward per step (optionally scoring what it emits).
 - ``generate_tokens`` / ``generate_tokens_batch``: one or several prompts, token ids in and out.
 - ``TextStream`` + ``generate`` / ``generate_batch``: text in, streamed text out, through the
   tokenizer's incremental decoder (no half characters) with stop strings held back until decided.
@@ -26,328 +16,28 @@ so continuing from it (a chat's next turn, a saved conversation) is exact.
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from .decoder import (
+    DEFAULT_CHUNK_LEN,
+    BatchDecoder,
+    PrefixCache,
+    Row,
+    _check_tokens,
+    _vocab_size,
+    prefill,
+    prefill_cached,
+)
 from .sampling import Sampler, SamplingParams
 from .state import State
 
-DEFAULT_CHUNK_LEN = 256
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return int(model.config.vocab_size)
-
-
-def _check_tokens(tokens: Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:
-    out = [int(t) for t in tokens]
-    bad = [t for t in out if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{what} contains token ids outside [0, {vocab_size}): {bad[:5]}")
-    return out
-
-
-# ---- prefill and the prefix cache ----------------------------------------------------------------
-@torch.no_grad()
-def prefill(
-    model: torch.nn.Module,
-    tokens: Sequence[int],
-    state: State | None = None,
-    *,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-) -> tuple[torch.Tensor, State]:
-    """Feed ``tokens`` (one sequence) in chunks; return (next-token logits [V] fp32, state after them)."""
-    if len(tokens) == 0:
-        raise ValueError("prefill needs at least one token")
-    if chunk_len <= 0:
-        raise ValueError(f"chunk_len must be positive, got {chunk_len}")
-    dev = _device(model)
-    logits = None
-    for i in range(0, len(tokens), chunk_len):
-        x = torch.tensor([list(tokens[i : i + chunk_len])], dtype=torch.long, device=dev)
-        logits, state = model(x, state, last_only=True)
-    assert logits is not None and state is not None
-    return logits[0, -1].float(), state
-
-
-class PrefixCache:
-    """LRU cache of prompt-prefix -> (State, next-token logits), for prompts that start from zero state.
-
-    ``lookup`` returns the longest cached prefix of a prompt; entries are cloned on the way in and
-    out, so callers may modify what they get. ``hits`` and ``tokens_saved`` count its use.
-    """
-
-    def __init__(self, max_entries: int = 16) -> None:
-        if max_entries <= 0:
-            raise ValueError(f"max_entries must be positive, got {max_entries}")
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], tuple[State, torch.Tensor]] = OrderedDict()
-        self.hits = 0
-        self.tokens_saved = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, tokens: Sequence[int]) -> tuple[int, State | None, torch.Tensor | None]:
-        """(length of the longest cached prefix of ``tokens``, its state, its logits), or (0, None, None)."""
-        best: tuple[int, ...] | None = None
-        n = len(tokens)
-        for key in self._entries:
-            k = len(key)
-            if k <= n and (best is None or k > len(best)) and tuple(tokens[:k]) == key:
-                best = key
-        if best is None:
-            return 0, None, None
-        self._entries.move_to_end(best)
-        state, logits = self._entries[best]
-        self.hits += 1
-        self.tokens_saved += len(best)
-        return len(best), state.clone(), logits.clone()
-
-    def store(self, tokens: Sequence[int], state: State, logits: torch.Tensor) -> None:
-        key = tuple(int(t) for t in tokens)
-        if not key:
-            return
-        self._entries[key] = (state.clone(), logits.detach().clone())
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-def prefill_cached(
-    model: torch.nn.Module,
-    tokens: Sequence[int],
-    state: State | None = None,
-    *,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-    cache: PrefixCache | None = None,
-) -> tuple[torch.Tensor, State]:
-    """``prefill`` that reuses the longest cached prefix (only when starting from the model's initial state)."""
-    if cache is None or state is not None:
-        return prefill(model, tokens, state.clone() if state is not None else None, chunk_len=chunk_len)
-    n, cached_state, cached_logits = cache.lookup(tokens)
-    if n == len(tokens):
-        assert cached_state is not None and cached_logits is not None
-        return cached_logits, cached_state
-    logits, out_state = prefill(model, tokens[n:], cached_state, chunk_len=chunk_len)
-    cache.store(tokens, out_state, logits)
-    return logits, out_state
-
-
-# ---- the token-level engine ----------------------------------------------------------------------
-@dataclass(eq=False)
-class Row:
-    """One sequence being generated. ``tokens`` grows as the engine emits; ``finish_reason`` ends it.
-
-    ``on_token(token) -> bool`` is called with every emitted token; returning True stops the row
-    (finish reason "stop") after that token. Setting ``cancelled`` (from any thread) drops the row
-    at the next step. With ``keep_state`` the engine leaves the final state in ``state``.
-    """
-
-    prompt: list[int]
-    sampler: Sampler
-    max_tokens: int
-    stop_tokens: frozenset[int] = frozenset()
-    state: State | None = None  # the initial state (None = the model's); the final one with keep_state
-    on_token: Callable[[int], bool] | None = None
-    keep_state: bool = False
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    cancelled: bool = False
-    error: str | None = None  # why, when finish_reason is "error" (its prefill failed)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(eq=False)
-class _Prefill:
-    """A row whose prompt is being prefilled a slice at a time (``BatchDecoder(interleave=N)``)."""
-
-    row: Row
-    done: int = 0  # prompt tokens fed so far
-    state: State | None = None  # the state after them (None: not started, the row's own start state)
-    logits: torch.Tensor | None = None
-    started: bool = False
-
-
-class BatchDecoder:
-    """Decode many rows together: one ``[B, 1]`` forward per step over a stacked State."""
-
-    def __init__(self, model: torch.nn.Module, *, chunk_len: int = DEFAULT_CHUNK_LEN,
-                 cache: PrefixCache | None = None, interleave: int = 0) -> None:  # fmt: skip
-        if chunk_len <= 0 or interleave < 0:
-            raise ValueError(f"chunk_len must be positive and interleave >= 0, got {chunk_len}, {interleave}")
-        self.model = model
-        self.chunk_len = chunk_len
-        self.cache = cache
-        self.interleave = interleave
-        self.rows: list[Row] = []
-        self.prefilling: list[_Prefill] = []  # rows still being prefilled (interleave > 0), in turn order
-        self._state: State | None = None  # stacked state of self.rows
-        self._logits: torch.Tensor | None = None  # [B, V] next-token logits of self.rows
-        self._device = _device(model)
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.prefilling)
-
-    def add(self, row: Row) -> None:
-        """Check ``row`` and prefill its prompt (now, or over the next steps with ``interleave``); it joins
-        the decoding batch when its prompt is done."""
-        if row.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {row.max_tokens}")
-        _check_tokens(row.prompt, _vocab_size(self.model))
-        if row.state is not None:
-            row.state.check(self.model.config, batch_size=1)
-        if not row.prompt:
-            if row.state is None:
-                raise ValueError("an empty prompt needs a state to continue from")
-            raise ValueError("an empty prompt cannot be continued: feed at least one token")
-        if self.interleave:
-            self.prefilling.append(_Prefill(row))
-            return
-        logits, state = prefill_cached(
-            self.model, row.prompt, row.state, chunk_len=self.chunk_len, cache=self.cache
-        )
-        self._join(row, logits, state)
-
-    def _join(self, row: Row, logits: torch.Tensor, state: State) -> bool:
-        """Add a prefilled row to the decoding batch; False (finished) if it wants no tokens."""
-        if row.max_tokens == 0:
-            self._finish(row, "length", state)
-            return False
-        self.rows.append(row)
-        self._state = state if self._state is None else State.stack([self._state, state])
-        lg = logits.reshape(1, -1).to(self._device)
-        self._logits = lg if self._logits is None else torch.cat([self._logits, lg])
-        return True
-
-    @torch.no_grad()
-    def _prefill_slice(self, finished: list[Row]) -> None:
-        """Feed waiting prompts, in turn, ``interleave`` tokens in all (``chunk_len`` when no row is
-        decoding): several short prompts, or one slice of a long one. Completed prompts join the batch."""
-        for p in [p for p in self.prefilling if p.row.cancelled]:
-            self.prefilling.remove(p)
-            self._finish(p.row, "cancelled", None)
-            finished.append(p.row)
-        budget = self.interleave if self.rows else self.chunk_len
-        while budget > 0 and self.prefilling:
-            p = self.prefilling.pop(0)
-            row = p.row
-            try:
-                if not p.started:
-                    p.started = True
-                    p.state = row.state.clone() if row.state is not None else None
-                    if self.cache is not None and row.state is None:
-                        p.done, p.state, p.logits = self.cache.lookup(row.prompt)
-                end = min(p.done + budget, len(row.prompt))
-                if p.done < end:
-                    p.logits, p.state = prefill(
-                        self.model, row.prompt[p.done : end], p.state, chunk_len=self.chunk_len
-                    )
-                    budget -= end - p.done
-                    p.done = end
-                    if end == len(row.prompt) and self.cache is not None and row.state is None:
-                        self.cache.store(row.prompt, p.state, p.logits)
-            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
-                row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
-                finished.append(row)
-                continue
-            if p.done < len(row.prompt):
-                self.prefilling.append(p)  # its budget is spent; the next waiting prompt goes first
-                return
-            assert p.logits is not None and p.state is not None
-            if not self._join(row, p.logits, p.state):
-                finished.append(row)
-
-    def _finish(self, row: Row, reason: str, state: State | None) -> None:
-        row.finish_reason = reason
-        row.state = state if row.keep_state else None
-
-    @torch.no_grad()
-    def step(self) -> list[Row]:
-        """Prefill one slice of a waiting prompt (``interleave``), then emit one token for every
-        decoding row; return the rows that finished in this step."""
-        finished: list[Row] = []
-        if self.prefilling:
-            self._prefill_slice(finished)
-        if not self.rows:
-            return finished
-        assert self._state is not None and self._logits is not None
-        live = [i for i, r in enumerate(self.rows) if not r.cancelled]
-        for r in self.rows:
-            if r.cancelled:
-                self._finish(r, "cancelled", None)
-                finished.append(r)
-        if len(live) < len(self.rows):
-            self._keep(live)
-            if not self.rows:
-                return finished
-        assert self._state is not None and self._logits is not None
-        logits = self._logits.float().cpu()
-        feed: list[int] = []  # row indices whose new token goes through the model
-        feed_tokens: list[int] = []
-        keep: list[int] = []  # rows still generating after this step
-        for i, r in enumerate(self.rows):
-            tok = r.sampler(logits[i])
-            if tok in r.stop_tokens:
-                self._finish(r, "stop", self._state.select(i) if r.keep_state else None)
-                finished.append(r)
-                continue
-            r.tokens.append(tok)
-            stop = bool(r.on_token(tok)) if r.on_token is not None else False
-            if stop or len(r.tokens) >= r.max_tokens:
-                r.finish_reason = "stop" if stop else "length"
-                finished.append(r)
-                if not r.keep_state:
-                    r.state = None
-                    continue
-            feed.append(i)
-            feed_tokens.append(tok)
-            if not r.done:
-                keep.append(i)
-        if feed:
-            state = self._state if len(feed) == len(self.rows) else self._state.select(feed)
-            x = torch.tensor(feed_tokens, dtype=torch.long, device=self._device).reshape(-1, 1)
-            out, state = self.model(x, state)
-            new_logits = out[:, -1]
-            for j, i in enumerate(feed):
-                r = self.rows[i]
-                if r.done:
-                    r.state = state.select(j)
-            pos = [feed.index(i) for i in keep]
-            if len(pos) == len(feed):
-                self._state, self._logits = state, new_logits
-            elif pos:
-                self._state, self._logits = (
-                    state.select(pos),
-                    new_logits[torch.tensor(pos, device=self._device)],
-                )
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self._state, self._logits = None, None
-        return finished
-
-    def _keep(self, idx: list[int]) -> None:
-        self.rows = [self.rows[i] for i in idx]
-        if not idx:
-            self._state, self._logits = None, None
-            return
-        assert self._state is not None and self._logits is not None
-        self._state = self._state.select(idx)
-        self._logits = self._logits[torch.tensor(idx, device=self._logits.device)]
+__all__ = [
+    "DEFAULT_CHUNK_LEN", "BatchDecoder", "PrefixCache", "Row", "TextGeneration", "TextStream", "TokenStream",
+    "generate", "generate_batch", "generate_tokens", "generate_tokens_batch", "penalty_weights", "prefill",
+    "prefill_cached",
+]  # fmt: skip
 
 
 def penalty_weights(tokenizer: object, vocab_size: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import rwkvkit
 from rwkvkit import scoring
@@ -85,3 +86,18 @@ def test_command_names_bad_input(tmp_path: Path, capsys):
     assert cli_main(["eval", "perplexity", str(f), "--vocab", str(rwkvkit.tokenizer.DEFAULT_VOCAB)]) == 2
     assert "--vocab" in capsys.readouterr().err
     assert cli_main(["eval", "perplexity", str(f), "--model", str(tmp_path / "nope.pth")]) == 2
+
+
+def test_command_runs_the_int8_model(tmp_path: Path) -> None:
+    """``--dtype`` and ``--quantize int8`` reach the model ``eval`` scores with: its figures are the
+    int8 model's (and differ from fp32's)."""
+    f, out = tmp_path / "b.txt", tmp_path / "ppl.json"
+    f.write_text(TEXT[:400], encoding="utf-8")
+    args = ["eval", "perplexity", str(f), "--dtype", "bf16", "--quantize", "int8", "--output", str(out)]
+    assert cli_main(args) == 0
+    got = json.loads(out.read_text())["files"][0]["nats_per_token"]
+    q8, tok = rwkvkit.load(MODEL, dtype=torch.bfloat16, quantize="int8"), rwkvkit.Tokenizer(VOCAB)
+    assert got == pytest.approx(perplexity.score_file(q8, tok, str(f)).nats_per_token, abs=1e-5)
+    assert got != pytest.approx(
+        perplexity.score_file(rwkvkit.load(MODEL), tok, str(f)).nats_per_token, abs=1e-5
+    )

@@ -193,6 +193,26 @@ def test_generate_dtype_and_quantize(ckpt: Path, capsys: pytest.CaptureFixture, 
     )
 
 
+def test_chat_runs_the_int8_model(ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from rwkvkit.models.quant import Int8Linear
+
+    seen = []
+    init = ChatSession.__init__
+    monkeypatch.setattr(
+        ChatSession,
+        "__init__",
+        lambda self, model, *a, **k: (seen.append(model), init(self, model, *a, **k))[1],
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi, who are you?\n/quit\n"))
+    opts = ["--max-tokens", "8", *GREEDY_CLI, "--dtype", "bf16", "--quantize", "int8"]
+    assert chat_main(["--model", str(ckpt), *opts]) == 0
+    out = capsys.readouterr().out
+    assert any(isinstance(m, Int8Linear) for m in seen[0].modules())
+    q8 = rwkvkit.load(ckpt, dtype=torch.bfloat16, quantize="int8")
+    want = ChatSession(q8, rwkvkit.Tokenizer(), GREEDY, max_tokens=8).reply("Hi, who are you?", io.StringIO())
+    assert out.count("Assistant: ") == 1 and want and want in out  # the int8 model's reply
+
+
 def test_chat_survives_bad_state_files(
     ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -66,6 +66,11 @@ def _direct(server, prompt: str, n: int, stop: str | list[str] = ()) -> str:
 def test_health_and_models(server) -> None:
     r = httpx.get(server["url"] + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    before = r.json()["timings"]
+    _client(server).completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
+    after = httpx.get(server["url"] + "/health").json()
+    assert after["timings"]["rows"] - before["rows"] == 3 and after["timings"]["model_s"] > before["model_s"]
+    assert after["active"] == 0 and set(after["cache"]) == {"entries", "bytes", "hits", "tokens_saved"}
     assert [m.id for m in _client(server).models.list().data] == ["tiny"]
 
 
@@ -165,7 +170,7 @@ def _assert_error(r: httpx.Response, status: int) -> dict:
         {"prompt": "hi", "stream": "yes"},
         {"prompt": "hi", "max_tokens": -1},
         {"prompt": "hi", "top_p": 3},
-        {"prompt": "hi", "n": 2},
+        {"prompt": "hi", "n": 2000},
         {"prompt": "hi", "stop": [1, 2]},
         {"max_tokens": 5},
         {"prompt": [70000]},

@@ -238,7 +238,7 @@ def test_finished_requests_are_freed_without_the_cycle_collector(srv) -> None:
     _wait_idle(engine)
     refs: list = []
     start = engine._start
-    engine._start = lambda job: (refs.append(weakref.ref(job.row)), start(job))[1]
+    engine._start = lambda group: (refs.extend(weakref.ref(j.row) for j in group), start(group))[1]
     gc.disable()
     try:
         _post(srv, {"prompt": "one", "max_tokens": 3})

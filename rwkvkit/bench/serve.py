@@ -8,20 +8,32 @@ measures (``--measure``, comma-separated):
   the same number of tokens. Aggregate decode tokens/s is (all completion tokens) / (time from the
   first client's first token to the last client's last token), so prefill is left out. Batching
   turns N clients into one [N, 1] forward per step.
+- ``chat``: time to first token of a chat whose history is ``--chat-history`` tokens (turn 1, a
+  history the server has never seen), then of its turn 2 (turn 1's messages + the reply + a new
+  question): the server keeps the state after each reply, so turn 2 prefills only its new tokens.
+  A third request continues an edited reply: only turn 1's prompt is cached, as before replies
+  were kept. The random model's reply is steered with ``logit_bias`` to a word the tokenizer gives
+  back as it came (a trained model's replies do that by themselves).
 - ``gap``: the worst inter-token gap of a running stream while ``--long-prompts`` prompts of
   ``--long-tokens`` tokens arrive at once, against its median gap before they arrive. A server that
   prefills a prompt in one go inside its decode loop freezes every stream for the whole prefill; the
   interleaved engine feeds ``--prefill-slice`` prompt tokens per decode step.
+- ``profile``: where a decode step's time goes (``serve_profile``): with ``throughput``, the
+  server's own timings per step at each level (model, sampling, logprobs, the per-row loop with the
+  text hooks, prompt slices); and the fewest and the most clients' rows decoded in this process without
+  HTTP (CPU time), the most against the fewest: what a batched step costs per row on one core.
 - ``rss``: the server's resident memory (VmRSS) after each of ``--rounds`` rounds of
   ``--rss-clients`` streaming clients: it must level off, not grow round after round.
 
 ``--server-root DIR`` runs the server from another checkout of rwkvkit (its own C extensions built
 in place), so the same measurement can be taken before and after a change, in one run of this file.
+The clients use only the standard library (``http.client``): the ``serve`` extra is all it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -32,12 +44,70 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..dtypes import DTYPES
+from .serve_profile import cpu_seconds, describe, per_step, profile_in_process
 
-MEASURES = ("throughput", "gap", "rss")
+MEASURES = ("throughput", "chat", "gap", "rss", "profile")
+
+
+class HTTPError(Exception):
+    """A request that failed: no connection, a timeout, or a status other than 200."""
+
+
+def _conn(url: str, timeout: float) -> http.client.HTTPConnection:
+    u = urlsplit(url)
+    return http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=timeout)
+
+
+def get_json(url: str, timeout: float = 10) -> dict:
+    c = _conn(url, timeout)
+    try:
+        c.request("GET", urlsplit(url).path)
+        r = c.getresponse()
+        if r.status != 200:
+            raise HTTPError(f"GET {url}: {r.status}")
+        return json.loads(r.read())
+    except (OSError, http.client.HTTPException) as e:
+        raise HTTPError(f"GET {url}: {e}") from e
+    finally:
+        c.close()
+
+
+def post_json(url: str, body: dict, timeout: float = 3600) -> dict:
+    return json.loads("".join(_post(url, body, timeout, stream=False)))
+
+
+def stream_events(url: str, body: dict, timeout: float = 1800) -> Iterator[dict]:
+    """The ``data: {...}`` chunks of a streaming request, parsed, as they arrive (closing the
+    iterator early closes the connection, which cancels the request on the server)."""
+    for line in _post(url, body, timeout, stream=True):
+        if line.startswith("data: {"):
+            yield json.loads(line[6:])
+
+
+def _post(url: str, body: dict, timeout: float, stream: bool) -> Iterator[str]:
+    c = _conn(url, timeout)
+    try:
+        c.request(
+            "POST", urlsplit(url).path, body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
+        r = c.getresponse()
+        if r.status != 200:
+            raise HTTPError(f"POST {url}: {r.status} {r.read()[:300]!r}")
+        if not stream:
+            yield r.read().decode()
+            return
+        for raw in r:
+            yield raw.decode().rstrip("\r\n")
+    except (OSError, http.client.HTTPException) as e:
+        raise HTTPError(f"POST {url}: {e}") from e
+    finally:
+        c.close()
 
 
 def _free_port() -> int:
@@ -46,34 +116,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _client_run(url: str, prompt: str, n: int, barrier: threading.Barrier, temperature: float) -> tuple:
-    import httpx
-
-    body = {"prompt": prompt, "max_tokens": n, "stream": True, "temperature": temperature, "top_p": 0.85,
+def _client_run(url: str, prompt: str, n: int, barrier: threading.Barrier, args: argparse.Namespace) -> tuple:
+    body = {"prompt": prompt, "max_tokens": n, "stream": True, "temperature": args.temperature, "top_p": args.top_p,
             "stream_options": {"include_usage": True}}  # fmt: skip
     first = last = None
     tokens = 0
     barrier.wait()
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk.get("choices"):
-                first = first or now
-                last = now
+    for chunk in stream_events(url + "/v1/completions", body):
+        now = time.perf_counter()
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        elif chunk.get("choices"):
+            first = first or now
+            last = now
     return first, last, tokens
 
 
-def run_level(url: str, clients: int, n_tokens: int, temperature: float) -> float:
+def run_level(url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0) -> float:
+    """Aggregate decode tokens/s of ``clients`` streaming clients; with ``--measure profile`` also
+    prints the server's time per decode step, part by part, during the run."""
     barrier = threading.Barrier(clients)
     prompts = [f"Client {i} says: hello, " + "and " * (i % 7) for i in range(clients)]
+    before = get_json(url + "/health").get("timings")  # None from a server without timings
+    t0, c0 = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     with ThreadPoolExecutor(clients) as ex:
-        results = list(ex.map(lambda p: _client_run(url, p, n_tokens, barrier, temperature), prompts))
+        results = list(ex.map(lambda p: _client_run(url, p, n_tokens, barrier, args), prompts))
+    wall, cpu_s = time.perf_counter() - t0, (cpu_seconds(pid) - c0 if pid else None)
+    if before and "profile" in args.measures and "throughput" in args.measures and n_tokens == args.tokens:
+        p = per_step(before, get_json(url + "/health")["timings"], wall, cpu_s)
+        print("  " + describe(f"server, {clients} clients", p), flush=True)
+        args.profiles[clients] = p
     start = min(r[0] for r in results if r[0] is not None)
     end = max(r[1] for r in results if r[1] is not None)
     total = sum(r[2] for r in results)
@@ -81,11 +153,9 @@ def run_level(url: str, clients: int, n_tokens: int, temperature: float) -> floa
 
 
 def _wait_idle(url: str, timeout: float = 600) -> None:
-    import httpx
-
     deadline = time.time() + timeout
     while time.time() < deadline:
-        h = httpx.get(url + "/health", timeout=10).json()
+        h = get_json(url + "/health")
         if not h.get("active") and not h.get("waiting"):
             return
         time.sleep(0.1)
@@ -101,8 +171,6 @@ def rss_mb(pid: int) -> float:
 
 def measure_gap(url: str, args: argparse.Namespace) -> dict:
     """Worst inter-token gap of one running stream while long prompts arrive (seconds)."""
-    import httpx
-
     times: list[float] = []
     stop = threading.Event()
     failed: list[str] = []
@@ -115,14 +183,14 @@ def measure_gap(url: str, args: argparse.Namespace) -> dict:
             "stream": True,
         }
         try:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and '"choices": [{' in line:
-                        times.append(time.perf_counter())
-                    if stop.is_set():
-                        return  # closing the stream cancels the row
-        except httpx.HTTPError as e:
+            events = stream_events(url + "/v1/completions", body)
+            for chunk in events:
+                if chunk.get("choices"):
+                    times.append(time.perf_counter())
+                if stop.is_set():
+                    events.close()  # closing the stream cancels the row
+                    return
+        except HTTPError as e:
             failed.append(str(e))
 
     th = threading.Thread(target=stream, daemon=True)
@@ -136,19 +204,15 @@ def measure_gap(url: str, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 65530) for _ in range(args.long_tokens)] for _ in range(args.long_prompts)]
 
-    def long_request(ids: list[int]) -> int:
-        return httpx.post(
-            url + "/v1/completions", json={"prompt": ids, "max_tokens": 1}, timeout=3600
-        ).status_code
+    def long_request(ids: list[int]) -> dict:
+        return post_json(url + "/v1/completions", {"prompt": ids, "max_tokens": 1})
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as ex:
-        codes = list(ex.map(long_request, prompts))
+        list(ex.map(long_request, prompts))  # raises HTTPError if one is refused
     t1 = time.perf_counter()
     stop.set()
     th.join(timeout=60)
-    if any(c != 200 for c in codes):
-        raise RuntimeError(f"long prompts were refused: {codes}")
     last_before = max((t for t in times if t < t0), default=t0)
     window = [last_before] + [t for t in times if t0 <= t <= t1]
     after = [t for t in times if t > t1]
@@ -161,10 +225,66 @@ def measure_gap(url: str, args: argparse.Namespace) -> dict:
             "tokens_during": len(window) - 1}  # fmt: skip
 
 
+def _chat_turn(url: str, messages: list[dict], args: argparse.Namespace, bias: dict) -> dict:
+    """One streaming chat request: time to its first text, its reply and its usage."""
+    body = {"messages": messages, "max_tokens": args.chat_reply, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "logit_bias": bias}  # fmt: skip
+    t0 = time.perf_counter()
+    first, text, usage = None, "", {}
+    for chunk in stream_events(url + "/v1/chat/completions", body):
+        usage = chunk.get("usage") or usage
+        for ch in chunk.get("choices", []):
+            piece = ch["delta"].get("content")
+            if piece:
+                first = first or time.perf_counter()
+                text += piece
+    if first is None:
+        raise RuntimeError("the chat reply was empty")
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {
+        "ttft_s": first - t0,
+        "reply": text,
+        "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": cached,
+    }
+
+
+def measure_chat(url: str, args: argparse.Namespace) -> dict:
+    """Time to first token of turn 1 of a chat with a long history, of turn 2, and of turn 2 after an
+    edited reply (only turn 1's prompt cached)."""
+    from ..serve.protocol import chat_prompt
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    rng = random.Random(time.time_ns())  # a history this server has not seen
+    words = "the river light stone house music winter reads quiet garden over under bright old new".split()
+    msgs = [{"role": "system", "content": f"Session {rng.randrange(10**9)}. You are a helpful assistant."}]
+
+    def size(m: list[dict]) -> int:
+        return len(tok.encode(chat_prompt([(x["role"], x["content"]) for x in m])))
+
+    while size(msgs) < args.chat_history:
+        role = "user" if msgs[-1]["role"] != "user" else "assistant"
+        msgs.append(
+            {"role": role, "content": " ".join(rng.choice(words) for _ in range(40)).capitalize() + "."}
+        )
+    if msgs[-1]["role"] == "user":
+        msgs.append({"role": "assistant", "content": "I see."})
+    msgs.append({"role": "user", "content": "What did I say first?"})
+    bias = {str(tok.encode(" Hello")[0]): 100}  # a reply that tokenizes back to the same tokens
+    one = _chat_turn(url, msgs, args, bias)
+    nxt = {"role": "user", "content": "And then?"}
+    two = _chat_turn(url, [*msgs, {"role": "assistant", "content": one["reply"]}, nxt], args, bias)
+    edited = _chat_turn(
+        url, [*msgs, {"role": "assistant", "content": "Edited:" + one["reply"]}, nxt], args, bias
+    )
+    return {"turn1": one, "turn2": two, "turn2_edited": edited}
+
+
 def measure_rss(url: str, pid: int, args: argparse.Namespace) -> list[float]:
     out = []
     for i in range(args.rounds):
-        run_level(url, args.rss_clients, args.rss_tokens, args.temperature)
+        run_level(url, args.rss_clients, args.rss_tokens, args)
         _wait_idle(url)
         time.sleep(0.5)
         out.append(rss_mb(pid))
@@ -186,7 +306,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--embd", type=int, default=768)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--chat-history", type=int, default=2000, help="chat: tokens of history before turn 1")
+    p.add_argument("--chat-reply", type=int, default=32, help="chat: tokens of each reply")
+    p.add_argument("--temperature", type=float, default=1.0, help="throughput, rss: temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.85, help="throughput, rss: top_p (RWKV's default 0.85)")
     p.add_argument(
         "--dtype",
         default="bf16",
@@ -200,6 +323,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-root", default=None, help="run the server from this rwkvkit checkout")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = p.parse_args(argv)
+    args.profiles = {}
     args.levels = [int(x) for x in args.clients.split(",") if x.strip()]
     args.measures = [m.strip() for m in args.measure.split(",") if m.strip()]
     if not args.levels or min(args.levels) <= 0:
@@ -210,10 +334,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rwkvkit bench serve``: the server's speed, stream gaps under long prompts, and memory."""
+    """``rwkvkit bench serve``: the server's speed, chat turns, stream gaps under long prompts, and memory."""
     args = _args(argv)
-    import httpx
-
     from ..testing import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         batch = max(
             max(args.levels), args.rss_clients if "rss" in args.measures else 1, args.long_prompts + 1
         )
-        limit = max(args.tokens, args.rss_tokens, args.gap_stream_tokens if "gap" in args.measures else 8)
+        limit = max(args.tokens, args.rss_tokens, args.chat_reply,
+                    args.gap_stream_tokens if "gap" in args.measures else 8)  # fmt: skip
         # The server runs in its own process (its own GIL), as it would in use; clients run here.
         cmd = [sys.executable, "-m", "rwkvkit.cli", "serve", "--model", str(path), "--port", str(port),
                "--max-batch", str(batch), "--max-queue", str(batch), "--max-tokens-limit", str(limit),
-               "--max-prompt-tokens", str(max(args.long_tokens, 8192)), "--threads", str(args.threads),
+               "--max-prompt-tokens", str(max(args.long_tokens, 2 * args.chat_history, 8192)), "--threads", str(args.threads),
                "--dtype", args.dtype]  # fmt: skip
         if args.quantize:
             cmd += ["--quantize", args.quantize]
@@ -247,34 +370,38 @@ def main(argv: list[str] | None = None) -> int:
                     print("server failed to start:", err)
                     return 1
                 try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
+                    get_json(url + "/health", timeout=1)
+                    break
+                except HTTPError:
                     pass
                 if time.time() > deadline:
                     print("server did not start within 600 s")
                     return 1
                 time.sleep(0.2)
-            return _run(url, server.pid, args)
+            code, results = _run(url, server.pid, args)
         finally:
             server.terminate()
             server.wait(timeout=60)
+        if code == 0 and "profile" in args.measures:
+            results["profile"] = {"server": args.profiles, "in_process": profile_in_process(path, args)}
+        if code == 0 and args.json:
+            print(json.dumps(results))
+        return code
 
 
-def _run(url: str, pid: int, args: argparse.Namespace) -> int:
-    import httpx
-
+def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
+    """The measures against the running server: (exit code, results)."""
     threads = args.threads or "default"
     where = f", server from {args.server_root}" if args.server_root else ""
     print(f"Finch L{args.layers} D{args.embd} V65536 {args.dtype}{' int8' if args.quantize else ''}, "
           f"server torch threads: {threads}{where}", flush=True)  # fmt: skip
     results: dict = {}
     try:
-        run_level(url, 1, 8, args.temperature)  # warm-up
+        run_level(url, 1, 8, args)  # warm-up
         if "throughput" in args.measures:
             speed = {}
             for n in args.levels:
-                speed[n] = run_level(url, n, args.tokens, args.temperature)
+                speed[n] = run_level(url, n, args.tokens, args, pid)
                 print(
                     f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client)"
                 )
@@ -282,6 +409,18 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> int:
                 top = max(speed)
                 print(f"{top} clients vs 1: {speed[top] / speed[1]:.1f}x")
             results["throughput"] = speed
+        if "chat" in args.measures:
+            c = measure_chat(url, args)
+            one = c["turn1"]
+            print(
+                f"chat: history {one['prompt_tokens']} tokens, replies of {args.chat_reply} tokens; time to first token:"
+            )
+            for key, what in (("turn1", "turn 1 (nothing cached)"), ("turn2", "turn 2 (the state after the reply)"),
+                              ("turn2_edited", "turn 2 after an edited reply (turn 1's prompt cached)")):  # fmt: skip
+                t = c[key]
+                print(f"  {what:54s} {t['ttft_s'] * 1e3:8.1f} ms  ({t['ttft_s'] / one['ttft_s']:5.3f}x turn 1; "
+                      f"prompt {t['prompt_tokens']} tokens, {t['cached_tokens']} cached)", flush=True)  # fmt: skip
+            results["chat"] = {k: {x: y for x, y in v.items() if x != "reply"} for k, v in c.items()}
         if "gap" in args.measures:
             g = measure_gap(url, args)
             print(f"gap: {args.long_prompts} x {args.long_tokens}-token prompts arrive while a stream runs: worst "
@@ -298,12 +437,10 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> int:
             print(f"rss: round 1 {rss[0]:.0f} MB, last {rss[-1]:.0f} MB; rounds {len(rss) // 2}..{len(rss)} "
                   f"span {max(tail) - min(tail):.0f} MB")  # fmt: skip
             results["rss_mb"] = rss
-    except (httpx.HTTPError, RuntimeError) as e:
+    except (HTTPError, RuntimeError) as e:
         print(f"benchmark request failed: {e}")
-        return 1
-    if args.json:
-        print(json.dumps(results))
-    return 0
+        return 1, results
+    return 0, results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..model_args import add_model_args, load_model_and_tokenizer
-from .app import BODY_TIMEOUT_S, _require_serve_deps, create_app
+from .app import BODY_TIMEOUT_S, MAX_LOGPROBS, _require_serve_deps, create_app
+from .engine import CACHE_BYTES, CACHE_ENTRIES
 from .security import LOOPBACK_HOSTS, allowed_hosts_for, check_api_key, guarded_protocol
 
 HEADER_TIMEOUT_S = 10.0
@@ -58,11 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds to send a request body"
     )
+    p.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
+                   help="most alternatives per token a request may ask (completions' logprobs, chat's top_logprobs)")  # fmt: skip
+    p.add_argument("--cache-entries", type=int, default=CACHE_ENTRIES,
+                   help="states kept after prompts and chat replies (a chat's next turn starts from one)")  # fmt: skip
+    p.add_argument(
+        "--cache-mb", type=int, default=CACHE_BYTES >> 20, help="memory those states may take, in MiB"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
-    for name in ("max_batch", "max_tokens_limit", "max_prompt_tokens", "max_queue", "prefill_slice"):
+    for name in ("max_batch", "max_tokens_limit", "max_prompt_tokens", "max_queue", "prefill_slice",
+                 "cache_entries", "cache_mb"):  # fmt: skip
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_logprobs < 0:
+        p.error("--max-logprobs must be >= 0")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
         p.error("--header-timeout and --body-timeout must be positive")
     try:
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_batch=args.max_batch, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                      prefill_slice=args.prefill_slice, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
-                     cors_origins=args.cors_origin, body_timeout=args.body_timeout)  # fmt: skip
+                     cors_origins=args.cors_origin, body_timeout=args.body_timeout, max_logprobs=args.max_logprobs,
+                     cache_entries=args.cache_entries, cache_bytes=args.cache_mb << 20)  # fmt: skip
     make_server(app, args.host, args.port, header_timeout=args.header_timeout).run()
     return 0

@@ -1,16 +1,22 @@
-"""The decode engine: one background thread owns the model and serves every request's row.
+"""The decode engine: one background thread owns the model and serves every request's rows.
 
-It admits waiting jobs up to ``max_batch`` rows and steps them with ``rwkvkit.generate.BatchDecoder``
-in interleaved mode: each step feeds at most ``prefill_slice`` tokens of a waiting prompt (waiting
-prompts take turns), then decodes every active row together with one ``[B, 1]`` forward. A long
-prompt therefore delays the running streams by one slice's prefill per token, not by its whole
-prefill. Rows leave when finished or when their client goes (``Row.cancelled``, set from the HTTP
-side). When the engine runs out of work it hands freed heap memory back to the system
-(``rwkvkit.runtime.trim_malloc``), so the resident size levels off under sustained load even with
-``tune_malloc``'s high thresholds.
+It admits waiting groups (one prompt's n choices: rows prefilled once, each decoding on its own) up to
+``max_batch`` rows and steps them with ``rwkvkit.decoder.BatchDecoder`` in interleaved mode: each step
+feeds at most ``prefill_slice`` tokens of waiting prompts (waiting prompts take turns), then decodes
+every active row together with one ``[B, 1]`` forward. A long prompt therefore delays the running
+streams by one slice's prefill per token, not by its whole prefill. Rows leave when finished or when
+their client goes (``Row.cancelled``, set from the HTTP side). When the engine runs out of work it
+hands freed heap memory back to the system (``rwkvkit.runtime.trim_malloc``), so the resident size
+levels off under sustained load even with ``tune_malloc``'s high thresholds.
 
-A ``Job`` is the bridge to asyncio: the engine thread pushes ``("text", piece)``, ``("done",
-finish_reason)`` or ``("error", message)`` into the job's queue with ``call_soon_threadsafe``.
+The prefix cache (``PrefixCache``, bounded to ``cache_entries`` entries and ``cache_bytes`` bytes of
+states) holds the state after every prompt prefilled and after every reply whose row asks for it
+(``Row.cache_end``: chat replies), so a chat's next turn prefills only its new tokens.
+
+A ``Job`` is one row's bridge to asyncio: the engine thread pushes ``(index, "text", (piece,
+n_tokens))``, ``(index, "done", (finish_reason, n_tokens))`` or ``(index, "error", message)`` into its
+request's queue with ``call_soon_threadsafe``; ``n_tokens`` is how many tokens the row had emitted
+when the text was released (the handler sends their log-probabilities with it).
 """
 
 from __future__ import annotations
@@ -22,21 +28,27 @@ from typing import Any
 
 import torch
 
-from ..generate import BatchDecoder, PrefixCache, Row, TextStream
+from ..decoder import TIMINGS, BatchDecoder, PrefixCache, Row
+from ..generate import TextStream
 from ..runtime import trim_malloc
+
+CACHE_ENTRIES = 32
+CACHE_BYTES = 256 << 20
 
 
 class Job:
-    """One request's row plus the channel its text goes back through (an asyncio queue)."""
+    """One row (one choice of a request) plus the channel its text goes back through: the request's
+    asyncio queue, shared by its choices, events tagged with the choice's ``index``."""
 
-    def __init__(self, row: Row, text: TextStream, loop: asyncio.AbstractEventLoop) -> None:
-        self.row, self.text, self.loop = row, text, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, row: Row, text: TextStream, loop: asyncio.AbstractEventLoop, index: int = 0,
+                 queue: asyncio.Queue | None = None) -> None:  # fmt: skip
+        self.row, self.text, self.loop, self.index = row, text, loop, index
+        self.queue: asyncio.Queue = queue if queue is not None else asyncio.Queue()
         row.on_token = self._on_token
 
     def push(self, kind: str, value: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, value))
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.row.cancelled = True
 
@@ -48,18 +60,19 @@ class Job:
     def _on_token(self, token: int) -> bool:
         piece = self.text.feed(token)
         if piece:
-            self.push("text", piece)
+            self.push("text", (piece, len(self.row.tokens)))
         return self.text.stopped
 
     def finish(self) -> None:
         if self.row.finish_reason == "error":
             self.fail(self.row.error or "generation failed")
             return
+        n = len(self.row.tokens)
         if self.row.finish_reason != "cancelled":
             tail = self.text.finish()
             if tail:
-                self.push("text", tail)
-        self.push("done", self.row.finish_reason)
+                self.push("text", (tail, n))
+        self.push("done", (self.row.finish_reason, n))
         self.release()
 
     def fail(self, message: str) -> None:
@@ -78,15 +91,20 @@ class QueueFull(Exception):
 
 
 class Engine:
-    """The background decode loop: admits waiting jobs up to ``max_batch`` and steps them together."""
+    """The background decode loop: admits waiting groups of jobs up to ``max_batch`` rows and steps them
+    together. ``max_queue`` bounds the rows waiting to be admitted."""
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 16, max_queue: int = 64, chunk_len: int = 256,
-                 cache_entries: int = 16, prefill_slice: int = 32) -> None:  # fmt: skip
+                 cache_entries: int = CACHE_ENTRIES, cache_bytes: int | None = CACHE_BYTES,
+                 prefill_slice: int = 32) -> None:  # fmt: skip
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.chunk_len, self.prefill_slice = chunk_len, prefill_slice
-        self.decoder = self._decoder(PrefixCache(cache_entries))
-        self._waiting: deque[Job] = deque()
+        self.cache = PrefixCache(cache_entries, cache_bytes)
+        self.timings = dict.fromkeys(TIMINGS, 0.0)  # the decoder's (decoder.TIMINGS), kept across decoders
+        self.decoder = self._decoder(self.cache)
+        self._waiting: deque[list[Job]] = deque()
+        self._waiting_rows = 0
         self._jobs: dict[Row, Job] = {}
         self._cv = threading.Condition()
         self._stop = False
@@ -95,7 +113,15 @@ class Engine:
         self.max_rows_seen = 0
 
     def _decoder(self, cache: PrefixCache | None) -> BatchDecoder:
-        return BatchDecoder(self.model, chunk_len=self.chunk_len, cache=cache, interleave=self.prefill_slice)
+        dec = BatchDecoder(self.model, chunk_len=self.chunk_len, cache=cache, interleave=self.prefill_slice)
+        dec.timings = self.timings
+        return dec
+
+    def stats(self) -> dict:
+        """What ``/health`` reports: rows, the decoder's cumulative timings, the prefix cache's use."""
+        c = self.cache
+        return {"active": self.active, "waiting": self.waiting, "timings": dict(self.timings),
+                "cache": {"entries": len(c), "bytes": c.nbytes, "hits": c.hits, "tokens_saved": c.tokens_saved}}  # fmt: skip
 
     @property
     def active(self) -> int:
@@ -103,7 +129,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return self._waiting_rows
 
     def start(self) -> None:
         self._thread.start()
@@ -114,22 +140,32 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout=10)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | list[Job] | list[list[Job]]) -> None:
+        """Queue one job, one group (a prompt's choices: prefilled once), or several groups, all or none
+        (``QueueFull`` when the waiting rows would pass ``max_queue``)."""
+        groups = [[job]] if isinstance(job, Job) else [job] if isinstance(job[0], Job) else job
+        rows = sum(len(g) for g in groups)  # type: ignore[arg-type]
+        if any(len(g) > self.max_batch for g in groups):  # type: ignore[arg-type]
+            raise ValueError(f"a group of more than max_batch={self.max_batch} rows can never be admitted")
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting_rows + rows > self.max_queue:
                 raise QueueFull
-            self._waiting.append(job)
+            self._waiting.extend(groups)  # type: ignore[arg-type]
+            self._waiting_rows += rows
             self._cv.notify()
 
-    def _admit(self) -> list[Job]:
+    def _admit(self) -> list[list[Job]]:
         with self._cv:
             if not self._waiting and not len(self.decoder) and not self._stop:
                 trim_malloc()  # idle: give the freed activations of the last burst back
                 while not self._waiting and not len(self.decoder) and not self._stop:
                     self._cv.wait()
-            new = []
-            while self._waiting and len(self.decoder) + len(new) < self.max_batch:
-                new.append(self._waiting.popleft())
+            new, rows = [], len(self.decoder)
+            while self._waiting and rows + len(self._waiting[0]) <= self.max_batch:
+                group = self._waiting.popleft()
+                new.append(group)
+                rows += len(group)
+                self._waiting_rows -= len(group)
             return new
 
     def _run(self) -> None:
@@ -139,12 +175,12 @@ class Engine:
                 if len(self.decoder):
                     self._step()
         with self._cv:
-            for job in list(self._waiting) + list(self._jobs.values()):
+            for job in [j for g in self._waiting for j in g] + list(self._jobs.values()):
                 job.fail("server shutting down")
 
     def _admit_and_start(self) -> None:
-        for job in self._admit():  # (a loop variable in _run would keep the last job alive while idle)
-            self._start(job)
+        for group in self._admit():  # (a loop variable in _run would keep the last job alive while idle)
+            self._start(group)
 
     def _step(self) -> None:
         """One decoder step; the finished rows' jobs are told (in a method of its own, so that no
@@ -160,20 +196,25 @@ class Engine:
             if job is not None:
                 job.finish()
 
-    def _start(self, job: Job) -> None:
-        if job.row.cancelled:
-            job.row.finish_reason = "cancelled"
-            job.finish()
+    def _start(self, group: list[Job]) -> None:
+        live = [j for j in group if not j.row.cancelled]
+        for job in group:
+            if job.row.cancelled:
+                job.row.finish_reason = "cancelled"
+                job.finish()
+        if not live:
             return
-        try:
-            self.decoder.add(job.row)  # checks the row; its prompt is fed by the next steps
+        try:  # checks the rows; their prompt is fed by the next steps
+            self.decoder.add(live[0].row, [j.row for j in live[1:]])
         except Exception as e:  # noqa: BLE001 - a request the model rejects fails alone
-            job.fail(f"{type(e).__name__}: {e}")
+            for job in live:
+                job.fail(f"{type(e).__name__}: {e}")
             return
-        if job.row.done:
-            job.finish()
-        else:
-            self._jobs[job.row] = job
+        for job in live:
+            if job.row.done:
+                job.finish()
+            else:
+                self._jobs[job.row] = job
 
     def _fail_all(self, e: Exception) -> list[Row]:
         for row, job in self._jobs.items():
