@@ -46,6 +46,7 @@ setup(
                 "rwkvkit/ops/_decode_matvec.c",
                 "rwkvkit/ops/_decode_bf16.c",
                 "rwkvkit/ops/_decode_step.c",
+                "rwkvkit/ops/_decode_probe.c",
             ],
             depends=["rwkvkit/ops/_decode.h", "rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],

@@ -132,3 +132,22 @@ def test_describe_reports_the_batched_activations(paths):
     assert "kernels.batch_bf16=False" in line
     fp32 = rwkvkit.load(paths[6], dtype=torch.float32).describe()
     assert "several rows: bf16" not in fp32
+
+
+def test_machine_probe_reads_every_word_once_and_measures_peaks():
+    """rwkvkit bench forward's floors: the read probe sums each 64-bit word once, whatever the threads
+    and a length that is no multiple of 64 bytes; the peak probes run or say the CPU lacks them (-1)."""
+    ext = native._ext()
+    words = torch.arange(1, 5003, dtype=torch.int64)
+    for threads in (1, 2, 3):
+        got = ext.probe(kind=3, iters=0, buf=words.data_ptr(), bytes=words.numel() * 8, threads=threads)
+        assert got == float(words.sum())
+    tail = torch.arange(1, 20, dtype=torch.uint8)  # 19 bytes: two words, then three bytes alone
+    want = sum(int.from_bytes(bytes(tail[i : i + 8].tolist()), "little") for i in (0, 8)) + 17 + 18 + 19
+    assert ext.probe(kind=3, iters=0, buf=tail.data_ptr(), bytes=19, threads=1) == float(want)
+    for kind in (0, 1, 2):
+        r = ext.probe(kind=kind, iters=100, bytes=0, threads=2)
+        assert r == -1.0 or r > 0
+    assert ext.probe(kind=1, iters=10, bytes=0, threads=1) > 0 or not native.bf16dp()
+    with pytest.raises(ValueError, match="kind 0-2"):
+        ext.probe(kind=3, iters=0, bytes=64, threads=1)

@@ -1,6 +1,6 @@
 /* rwkvkit/ops/_decode.h: what the parts of the native one-token step and its matrix kernels share
  * (_decode_matvec.c: the matrix-vector and LoRA kernels; _decode_bf16.c: the several-row kernels with
- * bf16 activations; _decode_step.c: the step itself;
+ * bf16 activations; _decode_step.c: the step itself; _decode_probe.c: the machine's limits;
  * _decode_cpu.c: the Python module): the plan's structs, which engine.py writes as a flat int64 array,
  * the matrix kinds, the team of threads' jobs and barrier, and the functions across the files. */
 #ifndef RWKVKIT_DECODE_H
@@ -126,6 +126,9 @@ void to_bf16(const float *x, uint16_t *out, int64_t n);
 void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);
 /* _decode_step.c */
 void step_team(const step_args *a, int tid, int nt);
+/* _decode_probe.c (benchmarks: the machine's limits) */
+double probe_peak(int kind, int64_t iters);
+double probe_read(const void *buf, int64_t bytes);
 int64_t scratch_floats(const plan_t *P, int64_t B);
 
 #endif

@@ -156,6 +156,42 @@ static PyObject *py_dequantize_q8(PyObject *self, PyObject *args, PyObject *kw) 
     Py_RETURN_NONE;
 }
 
+/* probe(*, kind, iters, buf, bytes, threads): each of `threads` threads runs probe_peak(kind, iters)
+   (kind 0-2) or, kind 3, reads its share of `bytes` at `buf` (probe_read); returns the sum of their
+   results. The caller times it (rwkvkit/bench/limits.py); -1: the CPU lacks the instruction. */
+static PyObject *py_probe(PyObject *self, PyObject *args, PyObject *kw) {
+    int kind;
+    int64_t iters, bytes;
+    const void *buf;
+    long nt;
+    const named_arg spec[] = {
+        {"kind", ARG_INT, &kind}, {"iters", ARG_I64, &iters}, {"buf", ARG_OPT_PTR, &buf},
+        {"bytes", ARG_I64, &bytes}, {"threads", ARG_LONG, &nt},
+    };
+    if (!parse_named("probe", args, kw, spec, NARGS(spec))) return NULL;
+    if (kind < 0 || kind > 3 || (kind == 3 && (!buf || bytes < 0))) {
+        PyErr_SetString(PyExc_ValueError, "probe: kind 0-2 (peaks) or 3 (read: buf and bytes >= 0)");
+        return NULL;
+    }
+    const int n_threads = threads_at_least_1(nt);
+    double total = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(n_threads) reduction(+ : total)
+    {
+        if (kind < 3) {
+            const double r = probe_peak(kind, iters);
+            total += r < 0 ? -1e300 : r;
+        } else {
+            int64_t lo, hi; /* 64-byte pieces; the last thread also takes the bytes after the last piece */
+            split(bytes / 64, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+            const int64_t end = hi == bytes / 64 ? bytes : 64 * hi;
+            total += probe_read((const char *)buf + 64 * lo, end - 64 * lo);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(total < -1e299 ? -1.0 : total);
+}
+
 static PyObject *py_layout(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", (long long)PLAN_HEADER_INTS, (long long)LAYER_INTS);
 }
@@ -191,6 +227,7 @@ static PyMethodDef methods[] = {
      "one token"},
     {"matmul", KW(py_matmul), "matmul(*, kind, w, s, n, k, x, m, y, act_bf16, threads): y = x @ W^T"},
     {"dequantize_q8", KW(py_dequantize_q8), "dequantize_q8(*, q, s, n, k, out, threads): bf16 q * scale"},
+    {"probe", KW(py_probe), "probe(*, kind, iters, buf, bytes, threads): the machine's limits (benchmarks)"},
     {"layout", py_layout, METH_NOARGS, "(header ints, ints per layer) of the plan"},
     {"configure", KW(py_configure), "configure(*, portable): AVX-512 on (portable=0, where available) or off"},
     {NULL, NULL, 0, NULL},
