@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rwkvkit
+from rwkvkit import kernels
 from rwkvkit.models.quant import Int8Linear
 from rwkvkit.ops import decode as native
 from rwkvkit.testing import random_checkpoint
@@ -151,3 +152,24 @@ def test_machine_probe_reads_every_word_once_and_measures_peaks():
     assert ext.probe(kind=1, iters=10, bytes=0, threads=1) > 0 or not native.bf16dp()
     with pytest.raises(ValueError, match="kind 0-2"):
         ext.probe(kind=3, iters=0, bytes=64, threads=1)
+
+
+@pytest.mark.skipif(not native.bf16dp(), reason="the CPU has no AVX512_BF16: the FMA path is the default")
+def test_the_fma_fallback_of_cpus_without_avx512_bf16(paths):
+    """AVX-512F without AVX512_BF16: the same products as fp32 FMAs (summation order differs only)."""
+    x, w = torch.randn(6, 320), (torch.randn(202, 320) / 10).to(torch.bfloat16)
+    model = _load(paths[6], "int8")
+    tokens = _tokens(5, 3, seed=6)
+    dp_y, (dp_logits, _) = native.dense_matmul(x, w, act_bf16=True), _steps(model, tokens)
+    try:
+        native.configure(kernels.PORTABLE, bf16dp=False)
+        assert native._decode_cpu.bf16dp == 0 and native._decode_cpu.avx512 == (not kernels.PORTABLE)
+        fma_y, (fma_logits, _) = native.dense_matmul(x, w, act_bf16=True), _steps(model, tokens)
+        small, _ = _steps(model, tokens[[4, 1]])
+    finally:
+        native.configure(kernels.PORTABLE)
+    assert native.bf16dp()
+    assert (fma_y - dp_y).abs().max().item() <= 1e-5 * dp_y.abs().max().item()
+    # another order of sums can move an activation across a bf16 rounding boundary: small, not zero
+    assert (fma_logits - dp_logits).abs().max().item() <= 1e-3 * dp_logits.std().item()
+    assert torch.equal(fma_logits[[4, 1]], small)  # still independent of the other rows

@@ -196,11 +196,12 @@ static PyObject *py_layout(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", (long long)PLAN_HEADER_INTS, (long long)LAYER_INTS);
 }
 
-/* configure(*, portable): the matrix kernels' AVX-512 paths on (where the CPU has them and portable is 0)
-   or off; sets the module's avx512 and returns it. The Python module calls it at import. */
+/* configure(*, portable, bf16dp): the matrix kernels' AVX-512 paths on (where the CPU has them and portable
+   is 0) or off, and VDPBF16PS for bf16 activations (where the CPU has it and bf16dp is 1: bf16dp=0 tests
+   the AVX-512F fallback of CPUs without AVX512_BF16); sets the module's avx512 and bf16dp, returns avx512. The Python module calls it at import. */
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
-    int portable = 0;
-    const named_arg spec[] = {{"portable", ARG_INT, &portable}};
+    int portable = 0, bf16dp = 1;
+    const named_arg spec[] = {{"portable", ARG_INT, &portable}, {"bf16dp", ARG_INT, &bf16dp}};
     if (!parse_named("configure", args, kw, spec, NARGS(spec))) return NULL;
     use_avx512 = use_bf16dp = 0;
 #if HAVE_X86
@@ -208,7 +209,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     use_avx512 = !portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
-    use_bf16dp = use_avx512 && __builtin_cpu_supports("avx512bf16");
+    use_bf16dp = use_avx512 && bf16dp && __builtin_cpu_supports("avx512bf16");
 #endif
     for (int i = 0; i < 2; i++) {
         PyObject *flag = PyLong_FromLong(i ? use_bf16dp : use_avx512);
@@ -229,7 +230,8 @@ static PyMethodDef methods[] = {
     {"dequantize_q8", KW(py_dequantize_q8), "dequantize_q8(*, q, s, n, k, out, threads): bf16 q * scale"},
     {"probe", KW(py_probe), "probe(*, kind, iters, buf, bytes, threads): the machine's limits (benchmarks)"},
     {"layout", py_layout, METH_NOARGS, "(header ints, ints per layer) of the plan"},
-    {"configure", KW(py_configure), "configure(*, portable): AVX-512 on (portable=0, where available) or off"},
+    {"configure", KW(py_configure), "configure(*, portable, bf16dp): AVX-512 on (portable=0, where available) or off; VDPBF16PS on "
+     "(bf16dp=1, where available) or the bf16 products as fp32 FMAs"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,11 +24,12 @@ def available() -> bool:
     return _decode_cpu is not None
 
 
-def configure(portable: bool) -> None:
+def configure(portable: bool, *, bf16dp: bool = True) -> None:
     """Portable code only (no AVX-512) or the CPU's best; see ``rwkvkit.kernels.set_portable``.
-    ``_decode_cpu.avx512`` says which the kernels use."""
+    ``_decode_cpu.avx512`` says which the kernels use. ``bf16dp=False`` (tests): the bf16-activation
+    kernels use fp32 FMAs even where the CPU has VDPBF16PS, as on AVX-512 CPUs without AVX512_BF16."""
     if _decode_cpu is not None:
-        _decode_cpu.configure(portable=int(portable))
+        _decode_cpu.configure(portable=int(portable), bf16dp=int(bf16dp))
 
 
 configure(kernels.PORTABLE)
