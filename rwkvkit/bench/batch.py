@@ -1,12 +1,15 @@
 """Batched decode steps against the machine's limits (a section of ``rwkvkit bench forward``).
 
 The native step of B rows reads every weight once for all rows and does 2 x B FLOPs per weight, so
-its time has two floors: the weights' bytes over the rate one core streams memory, and the products'
+its time has two floors: the weights' bytes (plus the rows' state, read and written anew) over the
+rate one core streams memory, and the products'
 FLOPs over the peak of the instruction they are built on (VDPBF16PS for bf16 activations, fp32 FMA
 for float32 ones). Both are measured here with ``_decode_cpu.probe`` (16 independent accumulators
 in registers; a sum over a buffer larger than the caches), not taken from a data sheet. For each model
 (bf16, int8) and B, the step's ms, rows x tokens/s, the ratio to one row, and the fraction of each
 floor it reaches are printed, with ``Kernels.batch_bf16`` on (bf16 activations) and off (float32).
+``time_decoder`` adds what the server's engine does around the step (``rwkvkit.generate.BatchDecoder``:
+per-row sampling, bookkeeping), without HTTP: rows x tokens/s of the decode loop itself.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def matrix_weights(model: torch.nn.Module) -> tuple[int, int]:
     return n, nbytes
 
 
+def state_bytes(model: torch.nn.Module, B: int) -> int:
+    """Bytes of the recurrent state of B rows (float32): at 16 rows of the 0.1B shape 38 MB, which the
+    step reads and writes as a new state, next to 292 MB of bf16 (150 MB of int8) weights."""
+    return sum(t.numel() * t.element_size() for t in model.init_state(B).tensors.values())
+
+
 @dataclass
 class StepRow:
     model: str
@@ -111,6 +120,7 @@ def report(models: dict[str, torch.nn.Module], rows: list[StepRow], limits: dict
     one = {r.model: r.seconds for r in rows if r.B == 1}
     for r in rows:
         weights, nbytes = matrix_weights(models[r.model])
+        nbytes += 2 * state_bytes(models[r.model], r.B)  # the state is read, and written anew
         peak = dot if (r.bf16_act and r.B > 1) else limits["fp32 FMA"]
         t_read, t_flop = nbytes / limits["read"], 2 * r.B * weights / peak
         acts = "bf16" if (r.bf16_act and r.B > 1) else "fp32"
@@ -120,7 +130,30 @@ def report(models: dict[str, torch.nn.Module], rows: list[StepRow], limits: dict
             f"{t_flop * 1e3:8.1f}ms {t_flop / r.seconds * 100:5.0f}%"
         )
     lines.append(
-        "  floors: weight bytes / read bandwidth, and 2 x B x weights / the peak of the products' instruction"
-        " (bf16 activations: VDPBF16PS, else fp32 FMA); the step's time is at least the larger"
+        "  floors: (weight bytes + the state read and written) / read bandwidth, and 2 x B x weights / the"
+        " peak of the products' instruction (bf16 activations: VDPBF16PS, else fp32 FMA); the step's time is"
+        " at least the larger"
     )
     return lines
+
+
+def time_decoder(model: torch.nn.Module, B: int, steps: int, temperature: float, repeat: int) -> float:
+    """Seconds per ``BatchDecoder.step`` with B rows decoding (prompts already fed), each row with its own
+    sampler (top-p 0.85 at ``temperature``, 0: greedy), as the server's engine steps them."""
+    from ..generate import BatchDecoder, Row
+    from ..sampling import Sampler, SamplingParams
+
+    V = model.config.vocab_size
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeat):
+            dec = BatchDecoder(model)
+            params = SamplingParams(temperature=temperature, top_p=0.85, seed=0)
+            for b in range(B):
+                dec.add(Row(prompt=[1 + b, 2, 3], sampler=Sampler(params, V), max_tokens=steps + 2))
+            dec.step()  # every row decoding, plans and buffers warm
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                dec.step()
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best

@@ -343,7 +343,19 @@ def _batched(path: str, args: argparse.Namespace) -> list[str]:
     }
     limits = batch.machine_limits(torch.get_num_threads(), args.repeat)
     rows = batch.time_steps(models, batches, args.repeat)
-    return batch.report(models, rows, limits)
+    lines = batch.report(models, rows, limits)
+    lines.append(
+        "decode loop (BatchDecoder.step: the step, per-row sampling, bookkeeping; no HTTP), rows x tok/s:"
+    )
+    for name, model in models.items():
+        for temperature, how in ((1.0, "top-p 0.85"), (0.0, "greedy")):
+            t = {B: batch.time_decoder(model, B, 8, temperature, args.repeat) for B in batches}
+            lines.append(
+                f"  {name:6} {how:10} "
+                + "  ".join(f"B={B}: {t[B] * 1e3:.1f} ms {B / t[B]:.0f} tok/s" for B in batches)
+                + f"  (B={batches[-1]} vs 1: {t[1] / t[batches[-1]] * batches[-1]:.2f}x)"
+            )
+    return lines
 
 
 if __name__ == "__main__":
