@@ -137,6 +137,21 @@ def report(models: dict[str, torch.nn.Module], rows: list[StepRow], limits: dict
     return lines
 
 
+def step_logits(model: torch.nn.Module, B: int, steps: int, bf16_act: bool) -> torch.Tensor:
+    """Logits [B, steps, V] of B rows of random tokens decoded one step at a time (native step) with
+    ``batch_bf16=bf16_act``; float32 activations give each row's one-row result (to 5e-5)."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (B, steps), generator=g)
+    model.set_kernels(batch_bf16=bf16_act)
+    out, st = [], None
+    with torch.no_grad():
+        for t in range(steps):
+            logits, st = model(tokens[:, t : t + 1], st)
+            out.append(logits[:, 0])
+    model.set_kernels(batch_bf16=True)
+    return torch.stack(out, 1)
+
+
 def time_decoder(model: torch.nn.Module, B: int, steps: int, temperature: float, repeat: int) -> float:
     """Seconds per ``BatchDecoder.step`` with B rows decoding (prompts already fed), each row with its own
     sampler (top-p 0.85 at ``temperature``, 0: greedy), as the server's engine steps them."""

@@ -344,6 +344,10 @@ def _batched(path: str, args: argparse.Namespace) -> list[str]:
     limits = batch.machine_limits(torch.get_num_threads(), args.repeat)
     rows = batch.time_steps(models, batches, args.repeat)
     lines = batch.report(models, rows, limits)
+    B = batches[-1]
+    for name, model in models.items():  # what the bf16 activations cost: the same rows, float32 activations
+        got, want = (batch.step_logits(model, B, 8, act) for act in (True, False))
+        lines.append(f"  {name} B={B}, 8 steps, bf16 vs float32 activations: {quality(want, got)}")
     lines.append(
         "decode loop (BatchDecoder.step: the step, per-row sampling, bookkeeping; no HTTP), rows x tok/s:"
     )

@@ -18,7 +18,8 @@ reference's fp32 strategy). A step of ``BATCH_BF16_ROWS`` rows or more, with ``K
 bf16, as a prompt's): B rows cost B x 2 FLOPs per weight, and bf16 products (VDPBF16PS) take half the
 instructions of fp32 FMAs and no widening of the weights. Each row's result is the same whatever the
 other rows of the batch are (the kernels compute every output the same way), but it differs from
-that row decoded alone by the bf16 rounding of the activations (``rwkvkit bench forward`` prints it).
+that row decoded alone by the bf16 rounding of the activations (``rwkvkit bench forward --only-batched``
+prints how much).
 """
 
 from __future__ import annotations
