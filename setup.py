@@ -41,7 +41,13 @@ setup(
         ),
         Extension(  # OpenMP: at run time this is PyTorch's own libgomp, already loaded
             "rwkvkit.ops._decode_cpu",
-            ["rwkvkit/ops/_decode_cpu.c", "rwkvkit/ops/_decode_matvec.c", "rwkvkit/ops/_decode_step.c"],
+            [
+                "rwkvkit/ops/_decode_cpu.c",
+                "rwkvkit/ops/_decode_matvec.c",
+                "rwkvkit/ops/_decode_bf16.c",
+                "rwkvkit/ops/_decode_step.c",
+                "rwkvkit/ops/_decode_probe.c",
+            ],
             depends=["rwkvkit/ops/_decode.h", "rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp", "-lm"],

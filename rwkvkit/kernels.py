@@ -18,6 +18,8 @@ RWKVKIT_AMX_MATMUL=0     ``Kernels.amx_matmul`` defaults to False (bf16 prompts'
                          F.linear / oneDNN instead of the AMX kernel)
 RWKVKIT_FUSED=0          ``Kernels.fused`` defaults to False (the element-wise chains between the
                          matrices run as PyTorch ops)
+RWKVKIT_BATCH_BF16=0     ``Kernels.batch_bf16`` defaults to False (a native step of several rows keeps
+                         float32 activations in its bf16 and int8 matrix products, as one row does)
 RWKVKIT_MALLOC_TUNE=0    ``load(..., tune_malloc=None)`` leaves glibc's malloc thresholds alone
 RWKVKIT_PORTABLE_KERNELS=1  no AMX tiles anywhere and the one-token step's plain-C matrix
                          kernels instead of its AVX-512 ones (tests of the fallbacks; process-wide,
@@ -47,6 +49,10 @@ class Kernels:
     native_step: bool = True  # T == 1 inference calls: every layer and the head in one C call
     amx_matmul: bool = True  # bf16 prompts' matrix products on AMX tiles (CPUs with AMX-BF16)
     fused: bool = True  # the element-wise chains between the matrices in fused C passes
+    # native steps of several rows (B >= engine.BATCH_BF16_ROWS): bf16 and int8 matrices multiply the rows
+    # rounded to bf16 (VDPBF16PS where the CPU has it; int8 dequantised to bf16 per tile), the products
+    # of a bf16 prompt; False: float32 activations as for one row. fp32 matrices always take fp32.
+    batch_bf16: bool = True
 
     @classmethod
     def default(cls) -> Kernels:
@@ -66,6 +72,7 @@ _DEFAULT = Kernels(
     native_step=_flag("RWKVKIT_NATIVE_STEP", True),
     amx_matmul=_flag("RWKVKIT_AMX_MATMUL", True),
     fused=_flag("RWKVKIT_FUSED", True),
+    batch_bf16=_flag("RWKVKIT_BATCH_BF16", True),
 )
 MALLOC_TUNE = _flag("RWKVKIT_MALLOC_TUNE", True)  # load()'s default for tune_malloc
 PORTABLE = _flag("RWKVKIT_PORTABLE_KERNELS", False)  # the C modules' setting at import (set_portable)

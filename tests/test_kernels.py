@@ -89,9 +89,11 @@ def test_portable_kernels_by_argument_and_named_c_arguments():
     x, w = torch.randn(2, 64), torch.randn(32, 64)
     with pytest.raises(TypeError, match="missing argument 'threads'"):
         decode._decode_cpu.matmul(
-            kind=0, w=w.data_ptr(), s=0, n=32, k=64, x=x.data_ptr(), m=2, y=x.data_ptr()
+            kind=0, w=w.data_ptr(), s=0, n=32, k=64, x=x.data_ptr(), m=2, y=x.data_ptr(), act_bf16=0
         )
     with pytest.raises(TypeError, match="unknown argument 'thread'"):
-        decode._decode_cpu.matmul(kind=0, w=0, s=0, n=32, k=64, x=0, m=2, y=0, threads=1, thread=1)
+        decode._decode_cpu.matmul(
+            kind=0, w=0, s=0, n=32, k=64, x=0, m=2, y=0, act_bf16=0, threads=1, thread=1
+        )
     with pytest.raises(TypeError, match="keyword arguments only"):
         decode._decode_cpu.matmul(0)

@@ -77,8 +77,9 @@ def test_bf16_matrices_give_the_reference_fp32_logits(paths, version):
 
 @pytest.mark.parametrize("version", [5, 6])
 def test_int8_step_equals_fp32_step_on_the_dequantised_weights(paths, version):
-    """The Q8_0 kernels compute exactly the products of the dequantised matrices (float32 activations)."""
-    q8 = rwkvkit.load(paths[version, "bf16"], quantize="int8")
+    """The Q8_0 kernels compute exactly the products of the dequantised matrices (float32 activations:
+    batch_bf16=False, as one row; the batched bf16 activations are tests/test_native_batch.py's)."""
+    q8 = rwkvkit.load(paths[version, "bf16"], quantize="int8").set_kernels(batch_bf16=False)
     deq = rwkvkit.load(paths[version, "bf16"])
     with torch.no_grad():
         for name, mod in q8.named_modules():

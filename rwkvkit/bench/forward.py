@@ -12,7 +12,9 @@ One run, one random Finch of the 0.1B shape (L12, D768, V65536, bf16 file like t
 - the quality cost of every reduced-precision path against fp32 (max and mean |logit error| and top-1
   agreement over the prompt, and over the same tokens decoded one per call), including a simulation
   of ggml's Q8_0 (rwkv.cpp) on the same model;
-- bf16 decode steps at several batch sizes, the native one-call step against the PyTorch modules.
+- bf16 and int8 native decode steps at several batch sizes, with the floors the machine sets
+  (``rwkvkit.bench.batch``: read bandwidth and instruction peaks measured by a probe); ``--only-batched``
+  prints that section alone.
 Machines here are shared and noisy: read the ratios, which come from one run.
 """
 
@@ -127,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=5, help="timed runs per figure, best kept (same for every row)"
     )
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
+    p.add_argument("--only-batched", action="store_true", help="only the batched decode-step section")
     p.add_argument(
         "--batches",
         type=lambda v: [int(x) for x in v.split(",") if x],
         default=[1, 4, 16],
-        help="batch sizes for the bf16 decode-step rows (comma-separated; empty to skip)",
+        help="batch sizes for the batched decode-step rows (comma-separated; empty to skip)",
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Finch L{args.layers} D{args.embd} V{args.vocab}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
+
+    if args.only_batched:
+        for line in _batched(path, args):
+            print(line)
+        return 0
 
     # ---- machine limits -------------------------------------------------------------------------
     flops = {k: matmul_flops(dt) for k, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16)]}
@@ -251,21 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"rwkvkit {name}", args.prompt / t_pre, pre_limit, 1 / t_dec, dec_limit, q))
         del model
 
-    # ---- batched decode steps: the native step against the PyTorch modules (bf16) ----------------
-    batch_rows = []
-    if args.batches:
-        model = rwkvkit.load(path, dtype=torch.bfloat16)
-        with torch.no_grad():
-            for B in args.batches:
-                tok = torch.tensor([prompt[:B]]).T  # [B, 1]
-                st = model.init_state(B)
-                times = []
-                for native_step in (True, False):
-                    model.set_kernels(native_step=native_step)
-                    times.append(_best(lambda tok=tok, st=st: model(tok, st), args.repeat))
-                model.set_kernels(native_step=True)
-                batch_rows.append((B, *times))
-        del model
+    batch_lines = _batched(path, args) if args.batches else []
 
     # ---- Q8_0 simulation (quality only) ---------------------------------------------------------
     # rwkv.cpp's Q8_0 path: Q8_0 weights times activations that ggml also quantises to Q8_0 (blocks
@@ -305,13 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'ggml Q8_0 (simulated)':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8_quality}  (as rwkv.cpp: q8_0 x q8_0)"
     )
     print(f"{'  Q8_0 weights only':24} {'':14} {'':>9} {'':>13} {'':>8}  {q8w_quality}  (fp32 activations)")
-    if batch_rows:
-        print("\nbf16 decode step by batch size: native step vs PyTorch modules (ms per step, tokens/s)")
-        for B, t_native, t_torch in batch_rows:
-            print(
-                f"  B={B:<3} {t_native * 1e3:7.1f} ms ({B / t_native:6.0f} tok/s)   "
-                f"{t_torch * 1e3:7.1f} ms ({B / t_torch:6.0f} tok/s)"
-            )
+    if batch_lines:
+        print()
+        for line in batch_lines:
+            print(line)
     print("\nquality of the decode path (64 tokens, one per call) vs fp32 logits:")
     for name, q in decode_quality.items():
         print(f"{'rwkvkit ' + name:24} {q}")
@@ -334,6 +325,41 @@ def main(argv: list[str] | None = None) -> int:
         f"after it: {paired['rwkvkit bf16']:.2f}x); target within 2x"
     )
     return 0
+
+
+def _batched(path: str, args: argparse.Namespace) -> list[str]:
+    """The batched decode-step section (``rwkvkit.bench.batch``): bf16 and int8 models, ``--batches``."""
+    import rwkvkit
+
+    from ..ops import decode as native
+    from . import batch
+
+    if not native.available():
+        return ["batched decode steps: the native step is not built"]
+    batches = sorted({1, *args.batches})
+    models = {
+        "bf16": rwkvkit.load(path, dtype=torch.bfloat16),
+        "int8": rwkvkit.load(path, quantize="int8", dtype=torch.bfloat16),
+    }
+    limits = batch.machine_limits(torch.get_num_threads(), args.repeat)
+    rows = batch.time_steps(models, batches, args.repeat)
+    lines = batch.report(models, rows, limits)
+    B = batches[-1]
+    for name, model in models.items():  # what the bf16 activations cost: the same rows, float32 activations
+        got, want = (batch.step_logits(model, B, 8, act) for act in (True, False))
+        lines.append(f"  {name} B={B}, 8 steps, bf16 vs float32 activations: {quality(want, got)}")
+    lines.append(
+        "decode loop (BatchDecoder.step: the step, per-row sampling, bookkeeping; no HTTP), rows x tok/s:"
+    )
+    for name, model in models.items():
+        for temperature, how in ((1.0, "top-p 0.85"), (0.0, "greedy")):
+            t = {B: batch.time_decoder(model, B, 8, temperature, args.repeat) for B in batches}
+            lines.append(
+                f"  {name:6} {how:10} "
+                + "  ".join(f"B={B}: {t[B] * 1e3:.1f} ms {B / t[B]:.0f} tok/s" for B in batches)
+                + f"  (B={batches[-1]} vs 1: {t[1] / t[batches[-1]] * batches[-1]:.2f}x)"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ another device) stays on the PyTorch path.
 
 Whether the step is wanted is the model's choice (``Kernels.native_step``, ``rwkvkit.kernels``); with
 it off the PyTorch modules run, which is how the tests compare the two.
+
+Numerics by batch size: one row always multiplies float32 activations (so a bf16 file decodes as the
+reference's fp32 strategy). A step of ``BATCH_BF16_ROWS`` rows or more, with ``Kernels.batch_bf16``
+(the default), rounds the inputs of its bf16 and int8 matrices to bf16 (int8 weights dequantised to
+bf16, as a prompt's): B rows cost B x 2 FLOPs per weight, and bf16 products (VDPBF16PS) take half the
+instructions of fp32 FMAs and no widening of the weights. Each row's result is the same whatever the
+other rows of the batch are (the kernels compute every output the same way), but it differs from
+that row decoded alone by the bf16 rounding of the activations (``rwkvkit bench forward --only-batched``
+prints how much).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from ..state import State
 from .quant import Int8Linear
 
 _HEADER_INTS, _LAYER_INTS = native._decode_cpu.layout() if native.available() else (0, 0)
+BATCH_BF16_ROWS = 2  # steps of at least this many rows take bf16 activations (Kernels.batch_bf16)
 
 
 class Unsupported(Exception):
@@ -149,12 +159,13 @@ class NativeStep:
         x = x.to(f32).contiguous()
         logits = torch.empty((B, cfg.vocab_size), dtype=f32)
         rec = self.recurrent
+        act_bf16 = B >= BATCH_BF16_ROWS and kernels.active().batch_bf16
         native._decode_cpu.step(
             plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
             att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
             ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
             wkv_in=ins[rec].data_ptr(), wkv_out=outs[rec].data_ptr(),
-            logits=logits.data_ptr(), threads=torch.get_num_threads(),
+            logits=logits.data_ptr(), act_bf16=int(act_bf16), threads=torch.get_num_threads(),
         )  # fmt: skip
         for k in ("att_shift", "ffn_shift"):
             outs[k] = outs[k].to(st[k].dtype)

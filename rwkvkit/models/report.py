@@ -121,7 +121,13 @@ def _step(model: nn.Module, cpu: bool) -> tuple[str, str]:
     except engine.Unsupported as e:
         return modules, f"native step: {e}"
     isa = "AVX-512" if decode._decode_cpu.avx512 else "plain C (no AVX-512)"
-    return f"native one-call C step (_decode_cpu, {isa}): every layer and the head", ""
+    kernel = f"native one-call C step (_decode_cpu, {isa}): every layer and the head"
+    if _quantisation(model) == "none" and _block_dtype(model) != torch.bfloat16:
+        return kernel, ""  # fp32 matrices: float32 activations for any number of rows
+    if not model.kernels.batch_bf16:
+        return kernel, "several rows keep float32 activations (kernels.batch_bf16=False)"
+    dp = "VDPBF16PS" if decode.bf16dp() else "fp32 FMAs on bf16 values (no AVX512_BF16)"
+    return f"{kernel}; several rows: bf16 activations ({dp})", ""
 
 
 def _head(model: nn.Module, cpu: bool) -> tuple[str, str]:

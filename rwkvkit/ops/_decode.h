@@ -1,5 +1,6 @@
 /* rwkvkit/ops/_decode.h: what the parts of the native one-token step and its matrix kernels share
- * (_decode_matvec.c: the matrix-vector and LoRA kernels; _decode_step.c: the step itself;
+ * (_decode_matvec.c: the matrix-vector and LoRA kernels; _decode_bf16.c: the several-row kernels with
+ * bf16 activations; _decode_step.c: the step itself; _decode_probe.c: the machine's limits;
  * _decode_cpu.c: the Python module): the plan's structs, which engine.py writes as a flat int64 array,
  * the matrix kinds, the team of threads' jobs and barrier, and the functions across the files. */
 #ifndef RWKVKIT_DECODE_H
@@ -50,6 +51,7 @@ typedef struct {
 #define LAYER_INTS ((int64_t)(sizeof(layer_t) / sizeof(int64_t)))
 
 extern int use_avx512; /* the matrix kernels' AVX-512 paths (configure: the CPU and portable=0) */
+extern int use_bf16dp; /* and VDPBF16PS for bf16 activations (AVX512_BF16, configure) */
 
 static inline float f16f(uint16_t h) { /* IEEE half -> float, subnormals included */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
@@ -87,11 +89,13 @@ static inline void split16(int64_t total, int tid, int nt, int64_t *lo, int64_t 
     *hi = b * 16 < total ? b * 16 : total;
 }
 
-/* Several matrices with their own inputs and outputs. */
+/* Several matrices with their own inputs and outputs; xb: the inputs rounded to bf16 for the bf16-activation
+   kernels (_decode_bf16.c, bf16 and int8 matrices), or NULL: float32 inputs. */
 typedef struct {
     const mat_t *m;
     const float *x;
     float *y;
+    const uint16_t *xb;
 } job_t;
 
 typedef struct {
@@ -105,6 +109,7 @@ typedef struct {
     const float *att_in, *ffn_in, *wkv_in;
     float *att_out, *ffn_out, *wkv_out, *logits;
     float *buf;
+    int act_bf16; /* the matrices of bf16 and int8 models take bf16 activations (B > 1 only: engine.py) */
     team_barrier_t *bar;
     atomic_long *claims; /* one zeroed counter per matrix phase */
 } step_args;
@@ -114,9 +119,16 @@ typedef struct {
 /* _decode_matvec.c */
 void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt);
 void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next);
-void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t B, float *y);
+void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
+               int64_t ldy);
+/* _decode_bf16.c */
+void to_bf16(const float *x, uint16_t *out, int64_t n);
+void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);
 /* _decode_step.c */
 void step_team(const step_args *a, int tid, int nt);
+/* _decode_probe.c (benchmarks: the machine's limits) */
+double probe_peak(int kind, int64_t iters);
+double probe_read(const void *buf, int64_t bytes);
 int64_t scratch_floats(const plan_t *P, int64_t B);
 
 #endif

@@ -31,7 +31,7 @@
 
 /* ---- Python entry points (keyword arguments only) ------------------------------------------------ */
 
-/* step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads) */
+/* step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, act_bf16, threads) */
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     step_args a;
     long nt;
@@ -41,7 +41,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
         {"att_in", ARG_PTR, &a.att_in}, {"att_out", ARG_PTR, &a.att_out},
         {"ffn_in", ARG_PTR, &a.ffn_in}, {"ffn_out", ARG_PTR, &a.ffn_out},
         {"wkv_in", ARG_PTR, &a.wkv_in}, {"wkv_out", ARG_PTR, &a.wkv_out},
-        {"logits", ARG_PTR, &a.logits}, {"threads", ARG_LONG, &nt},
+        {"logits", ARG_PTR, &a.logits}, {"act_bf16", ARG_INT, &a.act_bf16}, {"threads", ARG_LONG, &nt},
     };
     if (!parse_named("step", args, kw, spec, NARGS(spec))) return NULL;
     if (a.B < 1) {
@@ -89,32 +89,41 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
-/* matmul(*, kind, w, s, n, k, x, m, y, threads): y[m, n] = x[m, k] @ W^T (float32 x and y). */
+/* matmul(*, kind, w, s, n, k, x, m, y, act_bf16, threads): y[m, n] = x[m, k] @ W^T (float32 x and y);
+   act_bf16 = 1: x rounded to bf16 and the step's bf16-activation kernels (bf16 and int8 matrices). */
 static PyObject *py_matmul(PyObject *self, PyObject *args, PyObject *kw) {
     mat_t mat;
     int64_t m;
     long nt;
+    int act_bf16;
     const float *xp;
     float *yp;
     const named_arg spec[] = {
         {"kind", ARG_I64, &mat.kind}, {"w", ARG_I64, &mat.w}, {"s", ARG_I64, &mat.s}, {"n", ARG_I64, &mat.n},
         {"k", ARG_I64, &mat.k}, {"x", ARG_PTR, &xp}, {"m", ARG_I64, &m}, {"y", ARG_PTR, &yp},
-        {"threads", ARG_LONG, &nt},
+        {"act_bf16", ARG_INT, &act_bf16}, {"threads", ARG_LONG, &nt},
     };
     if (!parse_named("matmul", args, kw, spec, NARGS(spec))) return NULL;
     const int64_t n = mat.n, k = mat.k;
+    uint16_t *xb = NULL;
+    if (act_bf16) {
+        xb = malloc(sizeof(uint16_t) * (size_t)(m * k + 1));
+        if (!xb) return PyErr_NoMemory();
+    }
     const int n_threads = threads_at_least_1(nt);
     Py_BEGIN_ALLOW_THREADS
+    if (xb) to_bf16(xp, xb, m * k);
 #pragma omp parallel num_threads(n_threads)
     {
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
         for (int64_t b0 = 0; b0 < m; b0 += 16) { /* 16 rows of x at a time stay in L1/L2 */
             const int64_t bn = m - b0 < 16 ? m - b0 : 16;
-            const job_t job = {&mat, xp + b0 * k, yp + b0 * n};
+            const job_t job = {&mat, xp + b0 * k, yp + b0 * n, xb ? xb + b0 * k : NULL};
             mats_team(&job, 1, bn, tid, team);
         }
     }
     Py_END_ALLOW_THREADS
+    free(xb);
     Py_RETURN_NONE;
 }
 
@@ -147,27 +156,67 @@ static PyObject *py_dequantize_q8(PyObject *self, PyObject *args, PyObject *kw) 
     Py_RETURN_NONE;
 }
 
+/* probe(*, kind, iters, buf, bytes, threads): each of `threads` threads runs probe_peak(kind, iters)
+   (kind 0-2) or, kind 3, reads its share of `bytes` at `buf` (probe_read); returns the sum of their
+   results. The caller times it (rwkvkit/bench/limits.py); -1: the CPU lacks the instruction. */
+static PyObject *py_probe(PyObject *self, PyObject *args, PyObject *kw) {
+    int kind;
+    int64_t iters, bytes;
+    const void *buf;
+    long nt;
+    const named_arg spec[] = {
+        {"kind", ARG_INT, &kind}, {"iters", ARG_I64, &iters}, {"buf", ARG_OPT_PTR, &buf},
+        {"bytes", ARG_I64, &bytes}, {"threads", ARG_LONG, &nt},
+    };
+    if (!parse_named("probe", args, kw, spec, NARGS(spec))) return NULL;
+    if (kind < 0 || kind > 3 || (kind == 3 && (!buf || bytes < 0))) {
+        PyErr_SetString(PyExc_ValueError, "probe: kind 0-2 (peaks) or 3 (read: buf and bytes >= 0)");
+        return NULL;
+    }
+    const int n_threads = threads_at_least_1(nt);
+    double total = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(n_threads) reduction(+ : total)
+    {
+        if (kind < 3) {
+            const double r = probe_peak(kind, iters);
+            total += r < 0 ? -1e300 : r;
+        } else {
+            int64_t lo, hi; /* 64-byte pieces; the last thread also takes the bytes after the last piece */
+            split(bytes / 64, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+            const int64_t end = hi == bytes / 64 ? bytes : 64 * hi;
+            total += probe_read((const char *)buf + 64 * lo, end - 64 * lo);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(total < -1e299 ? -1.0 : total);
+}
+
 static PyObject *py_layout(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", (long long)PLAN_HEADER_INTS, (long long)LAYER_INTS);
 }
 
-/* configure(*, portable): the matrix kernels' AVX-512 paths on (where the CPU has them and portable is 0)
-   or off; sets the module's avx512 and returns it. The Python module calls it at import. */
+/* configure(*, portable, bf16dp): the matrix kernels' AVX-512 paths on (where the CPU has them and portable
+   is 0) or off, and VDPBF16PS for bf16 activations (where the CPU has it and bf16dp is 1: bf16dp=0 tests
+   the AVX-512F fallback of CPUs without AVX512_BF16); sets the module's avx512 and bf16dp, returns avx512. The Python module calls it at import. */
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
-    int portable = 0;
-    const named_arg spec[] = {{"portable", ARG_INT, &portable}};
+    int portable = 0, bf16dp = 1;
+    const named_arg spec[] = {{"portable", ARG_INT, &portable}, {"bf16dp", ARG_INT, &bf16dp}};
     if (!parse_named("configure", args, kw, spec, NARGS(spec))) return NULL;
-    use_avx512 = 0;
+    use_avx512 = use_bf16dp = 0;
 #if HAVE_X86
     __builtin_cpu_init();
     use_avx512 = !portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    use_bf16dp = use_avx512 && bf16dp && __builtin_cpu_supports("avx512bf16");
 #endif
-    PyObject *flag = PyLong_FromLong(use_avx512);
-    const int failed = !flag || PyObject_SetAttrString(self, "avx512", flag) < 0;
-    Py_XDECREF(flag);
-    if (failed) return NULL;
+    for (int i = 0; i < 2; i++) {
+        PyObject *flag = PyLong_FromLong(i ? use_bf16dp : use_avx512);
+        const int failed = !flag || PyObject_SetAttrString(self, i ? "bf16dp" : "avx512", flag) < 0;
+        Py_XDECREF(flag);
+        if (failed) return NULL;
+    }
     return PyBool_FromLong(use_avx512);
 }
 
@@ -175,11 +224,14 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
 
 static PyMethodDef methods[] = {
     {"step", KW(py_step),
-     "step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads): one token"},
-    {"matmul", KW(py_matmul), "matmul(*, kind, w, s, n, k, x, m, y, threads): y = x @ W^T"},
+     "step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, act_bf16, threads): "
+     "one token"},
+    {"matmul", KW(py_matmul), "matmul(*, kind, w, s, n, k, x, m, y, act_bf16, threads): y = x @ W^T"},
     {"dequantize_q8", KW(py_dequantize_q8), "dequantize_q8(*, q, s, n, k, out, threads): bf16 q * scale"},
+    {"probe", KW(py_probe), "probe(*, kind, iters, buf, bytes, threads): the machine's limits (benchmarks)"},
     {"layout", py_layout, METH_NOARGS, "(header ints, ints per layer) of the plan"},
-    {"configure", KW(py_configure), "configure(*, portable): AVX-512 on (portable=0, where available) or off"},
+    {"configure", KW(py_configure), "configure(*, portable, bf16dp): AVX-512 on (portable=0, where available) or off; VDPBF16PS on "
+     "(bf16dp=1, where available) or the bf16 products as fp32 FMAs"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -187,6 +239,7 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_decode_cpu", NULL, 
 
 PyMODINIT_FUNC PyInit__decode_cpu(void) {
     PyObject *mod = PyModule_Create(&moddef); /* plain C kernels until configure() */
-    if (mod && PyModule_AddIntConstant(mod, "avx512", 0) < 0) Py_CLEAR(mod);
+    if (mod && (PyModule_AddIntConstant(mod, "avx512", 0) < 0 || PyModule_AddIntConstant(mod, "bf16dp", 0) < 0))
+        Py_CLEAR(mod);
     return mod;
 }

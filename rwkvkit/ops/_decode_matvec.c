@@ -200,7 +200,15 @@ AVX512 static void rows_avx512(const mat_t *m, int64_t r0, int64_t r1, const flo
 }
 #endif
 
-static void mat_rows(const mat_t *m, int64_t r0, int64_t r1, const float *x, int64_t B, float *y, int64_t ldy) {
+static void mat_rows(const job_t *job, int64_t r0, int64_t r1, int64_t B) {
+    const mat_t *m = job->m;
+    const float *x = job->x;
+    float *y = job->y;
+    const int64_t ldy = m->n;
+    if (job->xb && m->kind != MK_F32) {
+        rows_bf16(m, r0, r1, job->xb, B, y, ldy);
+        return;
+    }
 #if HAVE_X86
     if (use_avx512 && m->k % 32 == 0) {
         rows_avx512(m, r0, r1, x, B, y, ldy);
@@ -217,51 +225,96 @@ void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt) {
     split(total, tid, nt, &lo, &hi);
     for (int j = 0; j < n_jobs; j++) {
         const int64_t n = jobs[j].m->n, a = lo > base ? lo - base : 0, e = hi - base < n ? hi - base : n;
-        if (a < e) mat_rows(jobs[j].m, a, e, jobs[j].x, B, jobs[j].y, n);
+        if (a < e) mat_rows(&jobs[j], a, e, B);
         base += n;
     }
 }
 
-/* ---- LoRA (input-major): y[b, n] = sum_i x[b, i] W[i, n] for n in [n0, n1) ----------------------- */
+/* ---- LoRA (input-major): y[b, n] = sum_i x[b, i] W[i, n] for n in [n0, n1) -----------------------
+ * Every output is summed over i in order, one FMA per term (x[b, i] * W[i, n] + y), whatever the tile it
+ * falls in: tiles of up to 4 input rows x 4 vectors of 16 outputs keep their sums in registers. */
 
 #if HAVE_X86
-AVX512 static void lora_cols_avx512(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t B, float *y) {
+#define LORA_INLINE static inline __attribute__((always_inline))
+
+LORA_INLINE AVX512 void lora_tile(const mat_t *m, int64_t n, const int NC, const float *x, int64_t ldx,
+                                  const int NB, float *y, int64_t ldy, const int BF) {
     const int64_t K = m->k, N = m->n;
-    for (int64_t b = 0; b < B; b++) {
-        float *yb = y + b * N;
-        for (int64_t n = n0; n < n1; n++) yb[n] = 0.f;
+    __m512 acc[4][4];
+    for (int b = 0; b < NB; b++)
+        for (int c = 0; c < NC; c++) acc[b][c] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < K; i++) {
+        __m512 wv[4];
+        for (int c = 0; c < NC; c++)
+            wv[c] = BF ? load_bf16x16((const uint16_t *)m->w + i * N + n + 16 * c)
+                       : _mm512_loadu_ps((const float *)m->w + i * N + n + 16 * c);
+        for (int b = 0; b < NB; b++) {
+            const __m512 xi = _mm512_set1_ps(x[b * ldx + i]);
+            for (int c = 0; c < NC; c++) acc[b][c] = _mm512_fmadd_ps(xi, wv[c], acc[b][c]);
+        }
+    }
+    for (int b = 0; b < NB; b++)
+        for (int c = 0; c < NC; c++) _mm512_storeu_ps(y + b * ldy + n + 16 * c, acc[b][c]);
+}
+
+typedef void (*lora_fn)(const mat_t *, int64_t, const float *, int64_t, float *, int64_t);
+#define LORA_FN(BF, NB, NC)                                                                                   \
+    AVX512 static void lora_##BF##_##NB##_##NC(const mat_t *m, int64_t n, const float *x, int64_t ldx, float *y, \
+                                                int64_t ldy) {                                                \
+        lora_tile(m, n, NC, x, ldx, NB, y, ldy, BF);                                                          \
+    }
+#define LORA_NB(BF, NB) LORA_FN(BF, NB, 1) LORA_FN(BF, NB, 2) LORA_FN(BF, NB, 3) LORA_FN(BF, NB, 4)
+#define LORA_BF(BF) LORA_NB(BF, 1) LORA_NB(BF, 2) LORA_NB(BF, 3) LORA_NB(BF, 4)
+LORA_BF(0)
+LORA_BF(1)
+#define LORA_ROW(BF, NB) {lora_##BF##_##NB##_1, lora_##BF##_##NB##_2, lora_##BF##_##NB##_3, lora_##BF##_##NB##_4}
+static const lora_fn lora_tiles[2][4][4] = {
+    {LORA_ROW(0, 1), LORA_ROW(0, 2), LORA_ROW(0, 3), LORA_ROW(0, 4)},
+    {LORA_ROW(1, 1), LORA_ROW(1, 2), LORA_ROW(1, 3), LORA_ROW(1, 4)},
+};
+
+AVX512 static void lora_cols_avx512(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx,
+                                    int64_t B, float *y, int64_t ldy) {
+    const int64_t K = m->k, N = m->n, vec_end = n0 + (n1 - n0) / 16 * 16;
+    const int bf = m->kind == MK_BF16;
+    for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        const int nb = B - b0 < 4 ? (int)(B - b0) : 4;
+        for (int64_t n = n0; n < vec_end;) {
+            const int nc = (vec_end - n) / 16 < 4 ? (int)((vec_end - n) / 16) : 4;
+            lora_tiles[bf][nb - 1][nc - 1](m, n, x + b0 * ldx, ldx, y + b0 * ldy, ldy);
+            n += 16 * nc;
+        }
+    }
+    for (int64_t b = 0; b < B; b++) { /* the last columns, fewer than 16 */
+        float *yb = y + b * ldy;
+        for (int64_t n = vec_end; n < n1; n++) yb[n] = 0.f;
         for (int64_t i = 0; i < K; i++) {
-            const __m512 xi = _mm512_set1_ps(x[b * K + i]);
-            int64_t n = n0;
-            if (m->kind == MK_BF16) {
+            if (bf) {
                 const uint16_t *w = (const uint16_t *)m->w + i * N;
-                for (; n + 16 <= n1; n += 16)
-                    _mm512_storeu_ps(yb + n, _mm512_fmadd_ps(xi, load_bf16x16(w + n), _mm512_loadu_ps(yb + n)));
-                for (; n < n1; n++) yb[n] += x[b * K + i] * bf16_to_f32(w[n]);
+                for (int64_t n = vec_end; n < n1; n++) yb[n] += x[b * ldx + i] * bf16_to_f32(w[n]);
             } else {
                 const float *w = (const float *)m->w + i * N;
-                for (; n + 16 <= n1; n += 16)
-                    _mm512_storeu_ps(yb + n, _mm512_fmadd_ps(xi, _mm512_loadu_ps(w + n), _mm512_loadu_ps(yb + n)));
-                for (; n < n1; n++) yb[n] += x[b * K + i] * w[n];
+                for (int64_t n = vec_end; n < n1; n++) yb[n] += x[b * ldx + i] * w[n];
             }
         }
     }
 }
 #endif
 
-void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t B, float *y) {
+void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
+               int64_t ldy) {
 #if HAVE_X86
     if (use_avx512) {
-        lora_cols_avx512(m, n0, n1, x, B, y);
+        lora_cols_avx512(m, n0, n1, x, ldx, B, y, ldy);
         return;
     }
 #endif
     const int64_t K = m->k, N = m->n;
     for (int64_t b = 0; b < B; b++) {
-        float *yb = y + b * N;
+        float *yb = y + b * ldy;
         for (int64_t n = n0; n < n1; n++) yb[n] = 0.f;
         for (int64_t i = 0; i < K; i++) {
-            const float xi = x[b * K + i];
+            const float xi = x[b * ldx + i];
             if (m->kind == MK_BF16) {
                 const uint16_t *w = (const uint16_t *)m->w + i * N;
                 for (int64_t n = n0; n < n1; n++) yb[n] += xi * bf16_to_f32(w[n]);
@@ -291,7 +344,7 @@ void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next) {
             const int64_t n = jobs[j].m->n, chunks = (n + ch - 1) / ch;
             if (c < chunks) {
                 const int64_t r0 = c * ch, r1 = r0 + ch < n ? r0 + ch : n;
-                mat_rows(jobs[j].m, r0, r1, jobs[j].x, B, jobs[j].y, n);
+                mat_rows(&jobs[j], r0, r1, B);
                 break;
             }
             c -= chunks;

@@ -65,15 +65,19 @@ static void wkv_head(int64_t N, const float *restrict r, const float *restrict k
 void step_team(const step_args *a, int tid, int nt) {
     const plan_t *P = a->P;
     const int64_t B = a->B, C = P->C, H = P->H, N = P->N, Fd = P->F, D = P->D, Dw = P->Dw;
-    const int finch = P->version == 6;
+    const int finch = P->version == 6, hb = a->act_bf16;
     float *x = a->x;
-    /* scratch: xn, d, xj[5], m (5D), t (Dw), decay, r, k, v, g, y, o, fk, fr, fv */
+    /* scratch: xn, d, xj[5], m (5D), t (Dw), decay, r, k, v, g, y, o, fk, fr, fv; then bf16: xj[1..4], y, fk, xn */
     float *xn = a->buf, *d = xn + B * C, *xj = d + B * C, *m5 = xj + 5 * B * C, *tw = m5 + B * 5 * D;
     float *dec = tw + B * Dw, *r = dec + B * C, *k = r + B * C, *v = k + B * C, *g = v + B * C;
     float *y = g + B * C, *o = y + B * C, *fk = o + B * C, *fr = fk + B * Fd, *fv = fr + B * C;
     float *xw = xj, *xk = xj + B * C, *xv = xj + 2 * B * C, *xr = xj + 3 * B * C, *xg = xj + 4 * B * C;
-    int64_t lo, hi;
+    uint16_t *xjb = (uint16_t *)(fv + B * C), *yb = xjb + 4 * B * C, *fkb = yb + B * C, *xnb = fkb + B * Fd;
+    uint16_t *xkb = xjb, *xvb = xjb + B * C, *xrb = xjb + 2 * B * C, *xgb = xjb + 3 * B * C;
+    int64_t lo, hi, b0, b1;
+    split(B, tid, nt, &b0, &b1); /* the rows of the per-row phases (one row: all on thread 0) */
 #define SYNC() team_barrier(a->bar, nt)
+#define BF(p) (hb ? (p) : NULL)
 
     for (int64_t l = 0; l < P->n_layer; l++) {
         const layer_t *L = &P->layers[l];
@@ -84,22 +88,20 @@ void step_team(const step_args *a, int tid, int nt) {
         atomic_long *claims = a->claims + CLAIMS_PER_LAYER * l;
 
         /* 1. LayerNorm, token shift (and Eagle's static mixes) */
-        if (tid == 0) {
-            for (int64_t b = 0; b < B; b++) {
-                float *xnb = xn + b * C, *db = d + b * C;
-                layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
-                memcpy(att_out + b * C, xnb, C * sizeof(float));
-                for (int64_t c = 0; c < C; c++) db[c] = att_in[b * C + c] - xnb[c];
-                if (finch) { /* the first LoRA's input, kept in xw until the LoRA has read it */
-                    const float *mx = F(L->maa_x);
-                    for (int64_t c = 0; c < C; c++) xw[b * C + c] = xnb[c] + db[c] * mx[c];
-                } else { /* x * mix + prev * (1 - mix), as the reference */
-                    for (int j = 1; j < 5; j++) {
-                        const float *mix = F(L->maa[j]);
-                        float *out = xj + j * B * C + b * C;
-                        for (int64_t c = 0; c < C; c++)
-                            out[c] = xnb[c] * mix[c] + att_in[b * C + c] * (1.f - mix[c]);
-                    }
+        for (int64_t b = b0; b < b1; b++) {
+            float *xnb = xn + b * C, *db = d + b * C;
+            layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
+            memcpy(att_out + b * C, xnb, C * sizeof(float));
+            for (int64_t c = 0; c < C; c++) db[c] = att_in[b * C + c] - xnb[c];
+            if (finch) { /* the first LoRA's input, kept in xw until the LoRA has read it */
+                const float *mx = F(L->maa_x);
+                for (int64_t c = 0; c < C; c++) xw[b * C + c] = xnb[c] + db[c] * mx[c];
+            } else { /* x * mix + prev * (1 - mix), as the reference */
+                for (int j = 1; j < 5; j++) {
+                    const float *mix = F(L->maa[j]);
+                    float *out = xj + j * B * C + b * C;
+                    for (int64_t c = 0; c < C; c++) out[c] = xnb[c] * mix[c] + att_in[b * C + c] * (1.f - mix[c]);
+                    if (hb) to_bf16(out, xjb + (j - 1) * B * C + b * C, C);
                 }
             }
         }
@@ -107,7 +109,7 @@ SYNC();
         if (finch) {
             /* 2. m = tanh(xxx @ maa_w1), the five branch LoRA codes [B, 5D] */
             split16(5 * D, tid, nt, &lo, &hi);
-            lora_cols(&L->w1, lo, hi, xw, B, m5);
+            lora_cols(&L->w1, lo, hi, xw, C, B, m5, 5 * D);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t n = lo; n < hi; n++) m5[b * 5 * D + n] = tanhf(m5[b * 5 * D + n]);
 SYNC();
@@ -119,33 +121,36 @@ SYNC();
                 w2j.n = C;
                 w2j.w += j * D * C * (L->w2.kind == MK_BF16 ? 2 : 4);
                 float *out = xj + j * B * C;
-                for (int64_t b = 0; b < B; b++) lora_cols(&w2j, lo, hi, m5 + b * 5 * D + j * D, 1, out + b * C);
+                lora_cols(&w2j, lo, hi, m5 + j * D, 5 * D, B, out, C);
                 const float *maa = F(L->maa[j]);
-                for (int64_t b = 0; b < B; b++)
+                for (int64_t b = 0; b < B; b++) {
                     for (int64_t c = lo; c < hi; c++)
                         out[b * C + c] = xn[b * C + c] + d[b * C + c] * (maa[c] + out[b * C + c]);
+                    if (hb && j > 0) to_bf16(out + b * C + lo, xjb + (j - 1) * B * C + b * C + lo, hi - lo);
+                }
             }
 SYNC();
             /* 4. the decay LoRA's code: tanh(x_w @ decay_w1) */
             split16(Dw, tid, nt, &lo, &hi);
-            lora_cols(&L->dw1, lo, hi, xw, B, tw);
+            lora_cols(&L->dw1, lo, hi, xw, C, B, tw, Dw);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t n = lo; n < hi; n++) tw[b * Dw + n] = tanhf(tw[b * Dw + n]);
 SYNC();
             /* 5a. decay factor exp(-exp(time_decay + code @ decay_w2)) (columns split) */
             split16(C, tid, nt, &lo, &hi);
-            lora_cols(&L->dw2, lo, hi, tw, B, dec);
+            lora_cols(&L->dw2, lo, hi, tw, Dw, B, dec, C);
             const float *td = F(L->decay);
             for (int64_t b = 0; b < B; b++)
                 for (int64_t c = lo; c < hi; c++) dec[b * C + c] = expf(-expf(td[c] + dec[b * C + c]));
-        } else if (tid == 0) { /* Eagle: one decay per channel */
+        } else { /* Eagle: one decay per channel */
             const float *td = F(L->decay);
-            for (int64_t b = 0; b < B; b++)
+            for (int64_t b = b0; b < b1; b++)
                 for (int64_t c = 0; c < C; c++) dec[b * C + c] = expf(-expf(td[c]));
         }
         /* 5b. r, k, v, g */
         {
-            const job_t jobs[4] = {{&L->r, xr, r}, {&L->k, xk, k}, {&L->v, xv, v}, {&L->g, xg, g}};
+            const job_t jobs[4] = {{&L->r, xr, r, BF(xrb)}, {&L->k, xk, k, BF(xkb)}, {&L->v, xv, v, BF(xvb)},
+                                   {&L->g, xg, g, BF(xgb)}};
             mats_claim(jobs, 4, B, claims + 0);
         }
 SYNC();
@@ -160,18 +165,19 @@ SYNC();
                 const float gj = g[off + j];
                 yh[j] *= gj * sigmoidf_(gj);
             }
+            if (hb) to_bf16(yh, yb + off, N);
         }
 SYNC();
         /* 7. output matrix */
         {
-            const job_t jobs[1] = {{&L->o, y, o}};
+            const job_t jobs[1] = {{&L->o, y, o, BF(yb)}};
             mats_claim(jobs, 1, B, claims + 1);
         }
 SYNC();
         /* 8. residual, LayerNorm, channel-mix token shift */
-        if (tid == 0) {
+        {
             const float *mk = F(L->fmix_k), *mr = F(L->fmix_r);
-            for (int64_t b = 0; b < B; b++) {
+            for (int64_t b = b0; b < b1; b++) {
                 float *xb = x + b * C, *xnb = xn + b * C;
                 for (int64_t c = 0; c < C; c++) xb[c] += o[b * C + c];
                 layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
@@ -187,12 +193,16 @@ SYNC();
                         xr[b * C + c] = xnb[c] * mr[c] + p * (1.f - mr[c]);
                     }
                 }
+                if (hb) {
+                    to_bf16(xk + b * C, xkb + b * C, C);
+                    to_bf16(xr + b * C, xrb + b * C, C);
+                }
             }
         }
 SYNC();
         /* 9. key (then relu^2) and receptance */
         {
-            const job_t jobs[2] = {{&L->fk, xk, fk}, {&L->fr, xr, fr}};
+            const job_t jobs[2] = {{&L->fk, xk, fk, BF(xkb)}, {&L->fr, xr, fr, BF(xrb)}};
             mats_claim(jobs, 2, B, claims + 2);
         }
 SYNC();
@@ -201,30 +211,34 @@ SYNC();
             const float z = fk[i] > 0.f ? fk[i] : 0.f;
             fk[i] = z * z;
         }
+        if (hb) to_bf16(fk + lo, fkb + lo, hi - lo);
 SYNC();
         /* 10. value */
         {
-            const job_t jobs[1] = {{&L->fv, fk, fv}};
+            const job_t jobs[1] = {{&L->fv, fk, fv, BF(fkb)}};
             mats_claim(jobs, 1, B, claims + 3);
         }
 SYNC();
         /* 11. residual */
-        if (tid == 0)
-            for (int64_t i = 0; i < B * C; i++) x[i] += sigmoidf_(fr[i]) * fv[i];
+        for (int64_t i = b0 * C; i < b1 * C; i++) x[i] += sigmoidf_(fr[i]) * fv[i];
 SYNC();
     }
     /* head */
-    if (tid == 0)
-        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+    for (int64_t b = b0; b < b1; b++) {
+        layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+        if (hb) to_bf16(xn + b * C, xnb + b * C, C);
+    }
 SYNC();
     {
-        const job_t jobs[1] = {{&P->head, xn, a->logits}};
+        const job_t jobs[1] = {{&P->head, xn, a->logits, BF(xnb)}};
         mats_claim(jobs, 1, B, a->claims + CLAIMS_PER_LAYER * P->n_layer);
     }
     SYNC(); /* everyone is done before OpenMP's own (long-spinning) end-of-region barrier */
+#undef BF
 #undef SYNC
 }
 
+/* The step's scratch in floats: the float32 buffers, then the bf16 copies of the matrices' inputs. */
 int64_t scratch_floats(const plan_t *P, int64_t B) {
-    return B * (16 * P->C + 5 * P->D + P->Dw + P->F);
+    return B * (16 * P->C + 5 * P->D + P->Dw + P->F) + (B * (6 * P->C + P->F) + 1) / 2;
 }

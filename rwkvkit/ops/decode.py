@@ -24,11 +24,12 @@ def available() -> bool:
     return _decode_cpu is not None
 
 
-def configure(portable: bool) -> None:
+def configure(portable: bool, *, bf16dp: bool = True) -> None:
     """Portable code only (no AVX-512) or the CPU's best; see ``rwkvkit.kernels.set_portable``.
-    ``_decode_cpu.avx512`` says which the kernels use."""
+    ``_decode_cpu.avx512`` says which the kernels use. ``bf16dp=False`` (tests): the bf16-activation
+    kernels use fp32 FMAs even where the CPU has VDPBF16PS, as on AVX-512 CPUs without AVX512_BF16."""
     if _decode_cpu is not None:
-        _decode_cpu.configure(portable=int(portable))
+        _decode_cpu.configure(portable=int(portable), bf16dp=int(bf16dp))
 
 
 configure(kernels.PORTABLE)
@@ -53,8 +54,18 @@ def matrix_kind(weight: torch.Tensor) -> int | None:
     return {torch.float32: MK_F32, torch.bfloat16: MK_BF16}.get(weight.dtype)
 
 
-def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ (q * scale)^T`` in float32: q int8 [N, K], scale fp16 [N, K / 32]; M small (decode)."""
+def bf16dp() -> bool:
+    """Whether the bf16-activation kernels use VDPBF16PS (AVX512_BF16) rather than fp32 FMAs."""
+    return bool(_decode_cpu is not None and _decode_cpu.bf16dp)
+
+
+def q8_matmul(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, act_bf16: bool = False
+) -> torch.Tensor:
+    """``x [M, K] @ (q * scale)^T`` in float32: q int8 [N, K], scale fp16 [N, K / 32]; M small (decode).
+
+    ``act_bf16``: the kernels of a batched step instead: x rounded to bf16 times the matrix dequantised
+    to bf16 (``q8_dequantize_bf16``), fp32 sums."""
     ext = _ext()
     x = x.to(torch.float32).contiguous()
     M, K = x.shape
@@ -69,13 +80,15 @@ def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
         x=x.data_ptr(),
         m=M,
         y=y.data_ptr(),
+        act_bf16=int(act_bf16),
         threads=torch.get_num_threads(),
     )
     return y
 
 
-def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32 or bf16 [N, K] (benchmarks, tests)."""
+def dense_matmul(x: torch.Tensor, w: torch.Tensor, *, act_bf16: bool = False) -> torch.Tensor:
+    """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32 or bf16 [N, K] (benchmarks, tests);
+    ``act_bf16`` (bf16 w): x rounded to bf16, as a batched step's products."""
     ext = _ext()
     kind = matrix_kind(w)
     if kind is None:
@@ -95,6 +108,7 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x=x.data_ptr(),
         m=M,
         y=y.data_ptr(),
+        act_bf16=int(act_bf16),
         threads=torch.get_num_threads(),
     )
     return y
