@@ -112,16 +112,13 @@ def _step(model: nn.Module, cpu: bool) -> tuple[str, str]:
     modules = "the PyTorch modules (one token)"
     if not cpu:
         return modules, f"native step: CPU-only (device {model.device})"
-    if not decode.available():
-        return modules, "native step: the _decode_cpu extension is not built"
     if not model.kernels.native_step:
         return modules, "native step: switched off (kernels.native_step=False)"
     try:
-        engine.NativeStep(model)
+        model.config.spec.native_step(model)
     except engine.Unsupported as e:
         return modules, f"native step: {e}"
-    isa = "AVX-512" if decode._decode_cpu.avx512 else "plain C (no AVX-512)"
-    return f"native one-call C step (_decode_cpu, {isa}): every layer and the head", ""
+    return model.config.spec.native_step_kernel(), ""
 
 
 def _head(model: nn.Module, cpu: bool) -> tuple[str, str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +308,18 @@ class RWKV7(Version):
         ranges |= {"k_a": (0.5, 1.5), "r_k": (-0.5, 0.5)}
         lo_hi = ranges.get(name)
         return None if lo_hi is None else uniform(shape, *lo_hi)
+
+    def native_step(self, model: nn.Module) -> Any:
+        """Goose's own one-call step (``rwkv7_step.py``, ``_decode_v7.c``): its layer does not fit
+        ``_decode_cpu.c``'s plan."""
+        from . import rwkv7_step
+
+        return rwkv7_step.NativeStep7(model)
+
+    def native_step_kernel(self) -> str:
+        from . import rwkv7_step
+
+        return rwkv7_step.kernel()
 
     def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
         if model.device.type == "cpu":
