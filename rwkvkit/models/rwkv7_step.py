@@ -21,7 +21,6 @@ from ..state import State
 from .engine import PlanBuilder, Unsupported
 
 
-
 def kernel() -> str:
     """What the step runs, for ``model.describe()``."""
     isa = "AVX-512" if decode_v7.avx512() and not kernels.PORTABLE else "plain C (no AVX-512)"
