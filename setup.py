@@ -47,6 +47,14 @@ setup(
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,
         ),
+        Extension(  # RWKV-7's time-mix between its matrices, for prompts
+            "rwkvkit.ops._wkv7_fused",
+            ["rwkvkit/ops/_wkv7_fused.c"],
+            depends=["rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_wkv7_step.h"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
+            optional=True,
+        ),
         Extension(  # RWKV-7's one-token step, with _decode_matvec.c's matrix kernels compiled in
             "rwkvkit.ops._decode_v7",
             ["rwkvkit/ops/_decode_v7.c", "rwkvkit/ops/_decode_matvec.c"],

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CheckpointError, ModelConfig
-from ..ops import fused, wkv7_native
+from ..ops import fused, wkv7_fused, wkv7_native
 from ..ops.wkv7 import wkv7
 from .common import Linear, compute_dtype, fusable, group_norm, ln_x_init, make_ln_x, token_shift
 from .spec import CHUNKED, StateSlot, TimeStateLayout, Uniform, Version, per_head_matrix, rwkv_lm_ramps
@@ -108,6 +108,8 @@ class TimeMix7(nn.Module):
                 mix = torch.stack([getattr(self, f"x_{m}") for m in MIXES]).float()  # [6, 1, 1, C]
                 mixed = torch.addcmul(x, d, mix).to(cdt)
         xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        if backend in ("auto", "native") and self._fused_applies(x, state, carry, cdt):
+            return self._forward_fused(x, state, mixed, carry, cdt)
         r = self.receptance(xr)
         k = self.key(xk).float()
         v = self.value(xv).float()
@@ -127,6 +129,41 @@ class TimeMix7(nn.Module):
         bonus = (r.float().view(B, T, H, N) * k.view(B, T, H, N) * self.r_k.float()).sum(-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         return self.output(y * g), x[:, -1], (s,)
+
+    def _fused_applies(
+        self, x: torch.Tensor, state: torch.Tensor, carry: dict | None, cdt: torch.dtype
+    ) -> bool:
+        """Whether the element-wise work between the matrices runs in ``_wkv7_fused.c``: CPU inference
+        with the fused kernels chosen and built, fp32 or bf16, a prompt (one token goes to the native
+        step, or to the code below)."""
+        return (
+            x.shape[1] > 1
+            and carry is not None
+            and wkv7_fused.available()
+            and fusable(self, x, cdt, compute_dtype(self.output), inputs=(state,))
+            and fused.plain(*self.parameters(), *self.buffers())
+        )
+
+    def _forward_fused(
+        self, x: torch.Tensor, state: torch.Tensor, mixed: torch.Tensor, carry: dict, cdt: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor]]:
+        """``forward`` from the mixes on, with every element-wise step in one C pass per (row, head)."""
+        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        mats = {"r": self.receptance(xr), "k": self.key(xk), "v": self.value(xv)}
+        mats["zw"] = torch.tanh(xw.to(self.w1.dtype) @ self.w1) @ self.w2
+        mats["za"] = (xa.to(self.a1.dtype) @ self.a1) @ self.a2
+        mats["zv"] = None if self.first else (xv.to(self.v1.dtype) @ self.v1) @ self.v2
+        mats["g"] = torch.sigmoid(xg.to(self.g1.dtype) @ self.g1) @ self.g2
+        params = {name: getattr(self, name) for name in ("w0", "a0", "v0", "k_k", "k_a", "r_k")}
+        params |= {"lnx_w": self.ln_x.weight, "lnx_b": self.ln_x.bias}
+        if not self.first and carry.get("v_first") is None:
+            raise ValueError("RWKV-7: a later layer ran before layer 0 set the value residual")
+        out, s, v_first = wkv7_fused.timemix(
+            mats, params, state, None if self.first else carry["v_first"], compute_dtype(self.output)
+        )
+        if self.first:
+            carry["v_first"] = v_first
+        return self.output(out), x[:, -1], (s,)
 
     def _value_residual(self, v: torch.Tensor, xv: torch.Tensor, carry: dict | None) -> torch.Tensor:
         """Layer 0: remember v as ``carry["v_first"]``; later layers: mix ``v_first`` in."""
