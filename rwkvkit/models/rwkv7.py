@@ -360,8 +360,14 @@ class RWKV7(Version):
 
     def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
         if model.device.type == "cpu":
+            if wkv7_fused.available() and model.kernels.fused:
+                return "prompts: one C pass per (row, head) with the time-mix around it (_wkv7_fused)", ""
+            why = "the _wkv7_fused extension is not built" if model.kernels.fused else "kernels.fused=False"
             if wkv7_native.available():
-                return "native C recurrence (_wkv7_cpu), GroupNorm, bonus and gate after it", ""
+                return (
+                    "native C recurrence (_wkv7_cpu), GroupNorm, bonus and gate after it",
+                    f"fused time-mix: {why}",
+                )
             return CHUNKED, "native WKV-7: the _wkv7_cpu extension is not built"
         from ..ops import fla_kernels as fla
 
