@@ -17,10 +17,12 @@ Block 0's ``v0/v1/v2`` exist in the official files but are never used: they are 
 saved, not trained), so DDP and the optimiser see no parameter without a gradient.
 
 CPU inference (``fusable``): the block computes ln1 and the six mixes in one C pass
-(``shift_mix_spec``), the channel-mix its mix, relu^2 and residual add in fused passes, and
-``backend="auto"`` takes the native WKV-7 kernel. The rest is the PyTorch code below, the definition
-of the math; a fused prefill or a native one-token step slots in as for Finch (``native_header`` /
-``native_layer``, ``shift_mix_spec``) without changing the layout.
+(``shift_mix_spec``), the channel-mix its mix, relu^2 and residual add in fused passes; a prompt
+runs the matrices and LoRAs, then everything between them and the output matrix in one C pass per
+(row, head) (``ops/wkv7_fused.py``: kk, the rate, the value residual, the decay, the WKV step,
+GroupNorm, bonus, gate); one token takes Goose's own native step (``rwkv7_step.py``,
+``native_step``), whose layer does not fit Finch's plan. The PyTorch code below is the definition
+of the math, and runs whenever those do not apply (training, other devices, fp16, switched off).
 
 ``RWKV7`` declares the rest (``spec.Version``): detection (``att.r_k``; DeepEmbed files refused), the
 LoRA widths read from the shapes, the keys, the state and ``time_state`` layout, RWKV-LM's
