@@ -142,3 +142,18 @@ def test_describe_names_the_step(paths):
     fp16 = rwkvkit.load(paths["fp32"], dtype=torch.float16)
     assert fp16.native_step() is None
     assert "layer rescaling" in next(x for x in fp16.describe().splitlines() if "one-token step" in x)
+
+
+def test_modules_run_without_the_extension(paths, monkeypatch):
+    """Without _decode_v7 (no compiler at install) one-token calls run the PyTorch modules, even with a
+    plan cached from before."""
+    model = rwkvkit.load(paths["fp32"])
+    tokens = _tokens(1, 4, seed=6)
+    with torch.no_grad():
+        _, st = model(tokens)
+        want, _ = model(tokens[:, :1], st)  # the native step, whose plan is now cached
+        assert model._native_step is not None
+        monkeypatch.setattr(decode_v7, "_decode_v7", None)
+        got, _ = model(tokens[:, :1], st)
+    assert (got - want).abs().max().item() <= 5e-5
+    assert "_decode_v7 extension is not built" in model.describe()

@@ -243,7 +243,11 @@ class RWKV(nn.Module):
         return logits, State(self.config.version, new)
 
     def _native_step_applies(self, x: torch.Tensor, state: State) -> bool:
-        if x.device.type != "cpu" or not kernels.active().native_step:
+        if (
+            x.device.type != "cpu"
+            or not kernels.active().native_step
+            or not self.config.spec.native_step_built()
+        ):
             return False
         if not torch.is_grad_enabled():
             return True

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CheckpointError, ModelConfig
-from ..ops import fused, wkv7_fused, wkv7_native
+from ..ops import decode_v7, fused, wkv7_fused, wkv7_native
 from ..ops.wkv7 import wkv7
 from .common import Linear, compute_dtype, fusable, group_norm, ln_x_init, make_ln_x, token_shift
 from .spec import CHUNKED, StateSlot, TimeStateLayout, Uniform, Version, per_head_matrix, rwkv_lm_ramps
@@ -354,6 +354,9 @@ class RWKV7(Version):
         from . import rwkv7_step
 
         return rwkv7_step.NativeStep7(model)
+
+    def native_step_built(self) -> bool:
+        return decode_v7.available()
 
     def native_step_kernel(self) -> str:
         from . import rwkv7_step

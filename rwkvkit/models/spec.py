@@ -162,6 +162,12 @@ class Version:
             raise engine.Unsupported("the _decode_cpu extension is not built")
         return engine.NativeStep(model)
 
+    def native_step_built(self) -> bool:
+        """Whether the extension behind ``native_step`` is there (asked at every one-token call)."""
+        from ..ops import decode
+
+        return decode.available()
+
     def native_step_kernel(self) -> str:
         """What ``native_step`` runs, for ``model.describe()``."""
         from ..ops import decode
