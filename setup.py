@@ -53,6 +53,22 @@ setup(
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,
         ),
+        Extension(  # RWKV-7's time-mix between its matrices, for prompts
+            "rwkvkit.ops._wkv7_fused",
+            ["rwkvkit/ops/_wkv7_fused.c"],
+            depends=["rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_wkv7_step.h"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
+            optional=True,
+        ),
+        Extension(  # RWKV-7's one-token step, with the matrix kernels of _decode_matvec.c / _decode_bf16.c compiled in
+            "rwkvkit.ops._decode_v7",
+            ["rwkvkit/ops/_decode_v7.c", "rwkvkit/ops/_decode_matvec.c", "rwkvkit/ops/_decode_bf16.c"],
+            depends=["rwkvkit/ops/_decode.h", "rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_wkv7_step.h"],
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
+            extra_link_args=["-fopenmp", "-lm"],
+            optional=True,
+        ),
         Extension(
             "rwkvkit.ops._fused_cpu",
             [

@@ -5,6 +5,8 @@ import, so each setting needs a fresh process: ``measure(...)`` starts ``python 
 rwkvkit.bench.reference`` with the setting in its environment and reads back prefill and decode
 tokens/s per strategy (and, for 'cpu fp32', the logits of the first 64 prompt tokens, for the quality
 column). As shipped the JIT is on (``RWKV_JIT_ON=1`` is its default); rwkvkit's own tests run it off.
+RWKV-7 files run with ``RWKV_V7_ON=1`` (the package's x070 class, whose CPU prefill is a per-token
+loop); that class scripts its functions with TorchScript in both settings.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ STRATEGIES = ("cpu fp32", "cpu bf16")
 
 
 def measure(
-    path: str, prompt: list[int], decode: int, repeat: int, jit: bool
+    path: str, prompt: list[int], decode: int, repeat: int, jit: bool, version: int = 6
 ) -> tuple[list[tuple[str, float, float]], torch.Tensor | None]:
     """([(strategy, prefill tok/s, decode tok/s)], fp32 logits [64, V] or None) for one JIT setting;
-    ([], None) when the package is not installed."""
+    ([], None) when the package is not installed. ``version`` 7 sets ``RWKV_V7_ON=1`` (the x070
+    class; it scripts its functions with TorchScript whatever ``RWKV_JIT_ON`` says)."""
     env = dict(os.environ, RWKV_JIT_ON="1" if jit else "0", RWKV_CUDA_ON="0")
+    env["RWKV_V7_ON"] = "1" if version == 7 else "0"
     with tempfile.TemporaryDirectory(prefix="rwkvkit-ref-") as tmp:
         spec = dict(path=path, prompt=prompt, decode=decode, repeat=repeat, threads=torch.get_num_threads())
         spec_path, logits_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "logits.pt")
@@ -57,7 +61,11 @@ def _child(spec_path: str) -> int:
     prompt, n_dec = spec["prompt"], spec["decode"]
     rows = []
     for strat in STRATEGIES:
-        ref = RefRWKV(model=spec["path"][: -len(".pth")], strategy=strat, verbose=False)
+        name = spec["path"][: -len(".pth")]
+        if os.environ.get("RWKV_V7_ON") == "1":  # RWKV is the x070 class, which takes no verbose
+            ref = RefRWKV(name, strat)
+        else:
+            ref = RefRWKV(model=name, strategy=strat, verbose=False)
         with torch.no_grad():
             t_pre = _best(lambda ref=ref: ref.forward(prompt, None), spec["repeat"])
             _, st = ref.forward(prompt, None)

@@ -12,6 +12,7 @@ a new one is returned, and passing it back continues the sequence exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,7 @@ class RWKV(nn.Module):
         self.gradient_checkpointing = False
         self.time_state: torch.Tensor | None = None  # [L, ...] state layout, from a state-tuned file
         self.kernels = Kernels.default()  # the fast CPU paths this model may take (set_kernels)
-        self._native_step: engine.NativeStep | None = None
+        self._native_step = None  # the version's native step (engine.NativeStep for Eagle and Finch)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: tensors move, the plan goes
         self._native_step = None
@@ -131,13 +132,14 @@ class RWKV(nn.Module):
 
         return describe(self)
 
-    def native_step(self) -> engine.NativeStep | None:
-        """The one-call C decode step for this model as it is now, or None if it cannot take it."""
+    def native_step(self) -> Any:
+        """The one-call C decode step for this model as it is now (the version's: ``Version.native_step``),
+        or None if it cannot take it."""
         ns = self._native_step
         if ns is not None and ns.valid():
             return ns
         try:
-            self._native_step = engine.NativeStep(self)
+            self._native_step = self.config.spec.native_step(self)
         except engine.Unsupported:
             self._native_step = None
         return self._native_step
@@ -241,7 +243,11 @@ class RWKV(nn.Module):
         return logits, State(self.config.version, new)
 
     def _native_step_applies(self, x: torch.Tensor, state: State) -> bool:
-        if x.device.type != "cpu" or not engine.enabled():
+        if (
+            x.device.type != "cpu"
+            or not kernels.active().native_step
+            or not self.config.spec.native_step_built()
+        ):
             return False
         if not torch.is_grad_enabled():
             return True

@@ -112,16 +112,15 @@ def _step(model: nn.Module, cpu: bool) -> tuple[str, str]:
     modules = "the PyTorch modules (one token)"
     if not cpu:
         return modules, f"native step: CPU-only (device {model.device})"
-    if not decode.available():
-        return modules, "native step: the _decode_cpu extension is not built"
     if not model.kernels.native_step:
         return modules, "native step: switched off (kernels.native_step=False)"
     try:
-        engine.NativeStep(model)
+        model.config.spec.native_step(model)
     except engine.Unsupported as e:
         return modules, f"native step: {e}"
-    isa = "AVX-512" if decode._decode_cpu.avx512 else "plain C (no AVX-512)"
-    kernel = f"native one-call C step (_decode_cpu, {isa}): every layer and the head"
+    kernel = model.config.spec.native_step_kernel()
+    if "_decode_cpu" not in kernel:  # a version's own step: one row's path, the batched rows' too
+        return kernel, ""
     if _quantisation(model) == "none" and _block_dtype(model) != torch.bfloat16:
         return kernel, ""  # fp32 matrices: float32 activations for any number of rows
     if not model.kernels.batch_bf16:

@@ -17,10 +17,12 @@ Block 0's ``v0/v1/v2`` exist in the official files but are never used: they are 
 saved, not trained), so DDP and the optimiser see no parameter without a gradient.
 
 CPU inference (``fusable``): the block computes ln1 and the six mixes in one C pass
-(``shift_mix_spec``), the channel-mix its mix, relu^2 and residual add in fused passes, and
-``backend="auto"`` takes the native WKV-7 kernel. The rest is the PyTorch code below, the definition
-of the math; a fused prefill or a native one-token step slots in as for Finch (``native_header`` /
-``native_layer``, ``shift_mix_spec``) without changing the layout.
+(``shift_mix_spec``), the channel-mix its mix, relu^2 and residual add in fused passes; a prompt
+runs the matrices and LoRAs, then everything between them and the output matrix in one C pass per
+(row, head) (``ops/wkv7_fused.py``: kk, the rate, the value residual, the decay, the WKV step,
+GroupNorm, bonus, gate); one token takes Goose's own native step (``rwkv7_step.py``,
+``native_step``), whose layer does not fit Finch's plan. The PyTorch code below is the definition
+of the math, and runs whenever those do not apply (training, other devices, fp16, switched off).
 
 ``RWKV7`` declares the rest (``spec.Version``): detection (``att.r_k``; DeepEmbed files refused), the
 LoRA widths read from the shapes, the keys, the state and ``time_state`` layout, RWKV-LM's
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import CheckpointError, ModelConfig
-from ..ops import fused, wkv7_native
+from ..ops import decode_v7, fused, wkv7_fused, wkv7_native
 from ..ops.wkv7 import wkv7
 from .common import Linear, compute_dtype, fusable, group_norm, ln_x_init, make_ln_x, token_shift
 from .spec import CHUNKED, StateSlot, TimeStateLayout, Uniform, Version, per_head_matrix, rwkv_lm_ramps
@@ -107,6 +110,8 @@ class TimeMix7(nn.Module):
                 mix = torch.stack([getattr(self, f"x_{m}") for m in MIXES]).float()  # [6, 1, 1, C]
                 mixed = torch.addcmul(x, d, mix).to(cdt)
         xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        if backend in ("auto", "native") and self._fused_applies(x, state, carry, cdt):
+            return self._forward_fused(x, state, mixed, carry, cdt)
         r = self.receptance(xr)
         k = self.key(xk).float()
         v = self.value(xv).float()
@@ -126,6 +131,41 @@ class TimeMix7(nn.Module):
         bonus = (r.float().view(B, T, H, N) * k.view(B, T, H, N) * self.r_k.float()).sum(-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         return self.output(y * g), x[:, -1], (s,)
+
+    def _fused_applies(
+        self, x: torch.Tensor, state: torch.Tensor, carry: dict | None, cdt: torch.dtype
+    ) -> bool:
+        """Whether the element-wise work between the matrices runs in ``_wkv7_fused.c``: CPU inference
+        with the fused kernels chosen and built, fp32 or bf16, a prompt (one token goes to the native
+        step, or to the code below)."""
+        return (
+            x.shape[1] > 1
+            and carry is not None
+            and wkv7_fused.available()
+            and fusable(self, x, cdt, compute_dtype(self.output), inputs=(state,))
+            and fused.plain(*self.parameters(), *self.buffers())
+        )
+
+    def _forward_fused(
+        self, x: torch.Tensor, state: torch.Tensor, mixed: torch.Tensor, carry: dict, cdt: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor]]:
+        """``forward`` from the mixes on, with every element-wise step in one C pass per (row, head)."""
+        xr, xw, xk, xv, xa, xg = mixed.unbind(0)
+        mats = {"r": self.receptance(xr), "k": self.key(xk), "v": self.value(xv)}
+        mats["zw"] = torch.tanh(xw.to(self.w1.dtype) @ self.w1) @ self.w2
+        mats["za"] = (xa.to(self.a1.dtype) @ self.a1) @ self.a2
+        mats["zv"] = None if self.first else (xv.to(self.v1.dtype) @ self.v1) @ self.v2
+        mats["g"] = torch.sigmoid(xg.to(self.g1.dtype) @ self.g1) @ self.g2
+        params = {name: getattr(self, name) for name in ("w0", "a0", "v0", "k_k", "k_a", "r_k")}
+        params |= {"lnx_w": self.ln_x.weight, "lnx_b": self.ln_x.bias}
+        if not self.first and carry.get("v_first") is None:
+            raise ValueError("RWKV-7: a later layer ran before layer 0 set the value residual")
+        out, s, v_first = wkv7_fused.timemix(
+            mats, params, state, None if self.first else carry["v_first"], compute_dtype(self.output)
+        )
+        if self.first:
+            carry["v_first"] = v_first
+        return self.output(out), x[:, -1], (s,)
 
     def _value_residual(self, v: torch.Tensor, xv: torch.Tensor, carry: dict | None) -> torch.Tensor:
         """Layer 0: remember v as ``carry["v_first"]``; later layers: mix ``v_first`` in."""
@@ -308,10 +348,31 @@ class RWKV7(Version):
         lo_hi = ranges.get(name)
         return None if lo_hi is None else uniform(shape, *lo_hi)
 
+    def native_step(self, model: nn.Module) -> Any:
+        """Goose's own one-call step (``rwkv7_step.py``, ``_decode_v7.c``): its layer does not fit
+        ``_decode_cpu.c``'s plan."""
+        from . import rwkv7_step
+
+        return rwkv7_step.NativeStep7(model)
+
+    def native_step_built(self) -> bool:
+        return decode_v7.available()
+
+    def native_step_kernel(self) -> str:
+        from . import rwkv7_step
+
+        return rwkv7_step.kernel()
+
     def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
         if model.device.type == "cpu":
+            if wkv7_fused.available() and model.kernels.fused:
+                return "prompts: one C pass per (row, head) with the time-mix around it (_wkv7_fused)", ""
+            why = "the _wkv7_fused extension is not built" if model.kernels.fused else "kernels.fused=False"
             if wkv7_native.available():
-                return "native C recurrence (_wkv7_cpu), GroupNorm, bonus and gate after it", ""
+                return (
+                    "native C recurrence (_wkv7_cpu), GroupNorm, bonus and gate after it",
+                    f"fused time-mix: {why}",
+                )
             return CHUNKED, "native WKV-7: the _wkv7_cpu extension is not built"
         from ..ops import fla_kernels as fla
 

@@ -151,6 +151,30 @@ class Version:
         """Append one layer's record (``layer_t``) to ``plan`` (an ``engine.PlanBuilder``)."""
         raise NotImplementedError(f"{self.name} has no native one-token step")
 
+    def native_step(self, model: nn.Module) -> Any:
+        """The one-call C decode step for ``model``: an object with ``step(x, state)`` and ``valid()``,
+        or ``engine.Unsupported`` saying why there is none. Default: ``_decode_cpu.c``'s step, whose
+        plan ``native_header`` / ``native_layer`` write; a version whose layer does not fit that plan
+        returns its own (and overrides ``native_step_kernel``)."""
+        from . import engine
+
+        if not engine.native.available():
+            raise engine.Unsupported("the _decode_cpu extension is not built")
+        return engine.NativeStep(model)
+
+    def native_step_built(self) -> bool:
+        """Whether the extension behind ``native_step`` is there (asked at every one-token call)."""
+        from ..ops import decode
+
+        return decode.available()
+
+    def native_step_kernel(self) -> str:
+        """What ``native_step`` runs, for ``model.describe()``."""
+        from ..ops import decode
+
+        isa = "AVX-512" if decode._decode_cpu.avx512 else "plain C (no AVX-512)"
+        return f"native one-call C step (_decode_cpu, {isa}): every layer and the head"
+
     def wkv_kernel(self, model: nn.Module) -> tuple[str, str]:
         """(which WKV implementation ``backend="auto"`` runs for ``model``'s inference, why not a
         faster one or ''), for ``model.describe()``."""
