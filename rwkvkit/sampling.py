@@ -358,31 +358,27 @@ def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
     """``draw(sampling_weights(row))`` for every row of finite float32 logits [b, V], as tensor ops on the
     whole group (the same operations, row by row, as the one-row functions: the same tokens)."""
     V = x.shape[1]
-    keep = None
+    drop = None  # the tokens top-p and top-k leave out
     if top_p < 1.0:
-        keep = _top_p_rows(torch.softmax(x, dim=1), top_p)
+        probs = torch.softmax(x, dim=1)  # finite rows: no NaN, so "< cutoff" is "not >= cutoff"
+        drop = probs < torch.from_numpy(top_p_cutoffs(probs.numpy(), top_p)).unsqueeze(1)
+        del probs
     if 0 < top_k < V:
-        k = torch.zeros(x.shape, dtype=torch.bool)
-        k.scatter_(1, torch.topk(x, top_k, dim=1).indices, True)
-        keep = k if keep is None else keep & k
+        k = torch.ones(x.shape, dtype=torch.bool)
+        k.scatter_(1, torch.topk(x, top_k, dim=1).indices, False)
+        drop = k if drop is None else drop.logical_or_(k)
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 here (0 is the greedy path), got {temperature!r}")
     w = x - x.amax(1, keepdim=True)
     if temperature != 1.0:
         w.mul_(min(1.0 / temperature, _INV_T_MAX))
     w.exp_()
-    if keep is not None:
-        w.masked_fill_(~keep, 0.0)
+    if drop is not None:
+        w.masked_fill_(drop, 0.0)
     cdf = torch.cumsum(w, 1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
     u = (u * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=V - 1).tolist()
-
-
-def _top_p_rows(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``top_p_mask`` of every row of probs [b, V]: the cutoffs per row (NumPy), the mask in one op."""
-    cut = top_p_cutoffs(probs.numpy(), top_p)
-    return probs >= torch.from_numpy(cut).unsqueeze(1)
 
 
 _STRIDE = 32  # top_p_cutoffs estimates each row's nucleus from every 32nd token
@@ -406,9 +402,8 @@ def top_p_cutoffs(probs: np.ndarray, top_p: float) -> np.ndarray:
     if V < 64 * _STRIDE:
         return np.array([top_p_cutoff(p, top_p) for p in p2], dtype=np.float32)
     sub = np.sort(p2[:, ::_STRIDE], axis=1)[:, ::-1]
-    est = np.cumsum(sub, axis=1, dtype=np.float64)
-    est *= (p2.sum(axis=1, dtype=np.float64) / np.maximum(est[:, -1], 1e-300))[:, None]
-    enough = est >= top_p + _SLACK
+    est = np.cumsum(sub, axis=1, dtype=np.float64)  # the sample's share of the row's mass: rows of
+    enough = est >= (top_p + _SLACK) * est[:, -1:]  # probabilities sum to 1 (others may fall back)
     first = enough.argmax(axis=1)
     t = np.where(enough.any(axis=1), sub[np.arange(b), first], 0.0).astype(np.float32)
     keep = p2 >= np.maximum(t, _lowest_at_least((1.0 - top_p) / V))[:, None]
