@@ -137,7 +137,8 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     The sort and the float32 cumulative sum are done in NumPy, as the reference does (and ~20x
     faster than ``torch.sort`` on a 65536-entry vocabulary on CPU).
     """
-    return probs >= top_p_cutoff(probs.detach().float().cpu().numpy(), top_p)
+    p = probs.detach().float().cpu()
+    return probs >= float(top_p_cutoffs(p.reshape(1, -1).numpy(), top_p)[0])
 
 
 def top_p_cutoff(p: np.ndarray, top_p: float) -> float:
@@ -357,28 +358,79 @@ def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
     """``draw(sampling_weights(row))`` for every row of finite float32 logits [b, V], as tensor ops on the
     whole group (the same operations, row by row, as the one-row functions: the same tokens)."""
     V = x.shape[1]
-    keep = None
+    drop = None  # the tokens top-p and top-k leave out
     if top_p < 1.0:
-        keep = _top_p_rows(torch.softmax(x, dim=1), top_p)
+        probs = torch.softmax(x, dim=1)  # finite rows: no NaN, so "< cutoff" is "not >= cutoff"
+        drop = probs < torch.from_numpy(top_p_cutoffs(probs.numpy(), top_p)).unsqueeze(1)
+        del probs
     if 0 < top_k < V:
-        k = torch.zeros(x.shape, dtype=torch.bool)
-        k.scatter_(1, torch.topk(x, top_k, dim=1).indices, True)
-        keep = k if keep is None else keep & k
+        k = torch.ones(x.shape, dtype=torch.bool)
+        k.scatter_(1, torch.topk(x, top_k, dim=1).indices, False)
+        drop = k if drop is None else drop.logical_or_(k)
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 here (0 is the greedy path), got {temperature!r}")
     w = x - x.amax(1, keepdim=True)
     if temperature != 1.0:
         w.mul_(min(1.0 / temperature, _INV_T_MAX))
     w.exp_()
-    if keep is not None:
-        w.masked_fill_(~keep, 0.0)
+    if drop is not None:
+        w.masked_fill_(drop, 0.0)
     cdf = torch.cumsum(w, 1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
     u = (u * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=V - 1).tolist()
 
 
-def _top_p_rows(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``top_p_mask`` of every row of probs [b, V]: the cutoffs per row (NumPy), the mask in one op."""
-    cut = np.array([top_p_cutoff(p, top_p) for p in probs.numpy()], dtype=np.float32)
-    return probs >= torch.from_numpy(cut).unsqueeze(1)
+_STRIDE = 32  # top_p_cutoffs estimates each row's nucleus from every 32nd token
+_SLACK = 0.04  # ... and aims at this much more mass than top_p, so the estimate rarely falls short
+
+
+def top_p_cutoffs(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """``top_p_cutoff`` of every row of probabilities [b, V] (float32 NumPy), sorting only a nucleus.
+
+    The cutoff depends only on the largest tokens, in descending order, up to the first float32 prefix
+    sum that reaches ``top_p``: any threshold ``t`` gives the same cutoff from the tokens ``>= t``
+    alone, as long as their prefix sums reach ``top_p`` (the same sorted prefix, the same sums).
+    ``t`` is estimated from every ``_STRIDE``-th token of each row (one small 2-D sort): the value
+    above which the sample holds ``top_p + _SLACK`` of the row's mass. A row whose tokens ``>= t``
+    fall short gets ``top_p_cutoff`` itself, so the result is always the reference's. On the random
+    0.1B model's 65536-token rows (~30k tokens above the reference's bound, a nucleus of ~10k at
+    ``top_p = 0.85``) this sorts about a third as many tokens.
+    """
+    p2 = np.ascontiguousarray(probs, dtype=np.float32).reshape(-1, probs.shape[-1])
+    b, V = p2.shape
+    if V < 64 * _STRIDE:
+        return np.array([top_p_cutoff(p, top_p) for p in p2], dtype=np.float32)
+    sub = np.sort(p2[:, ::_STRIDE], axis=1)[:, ::-1]
+    est = np.cumsum(sub, axis=1, dtype=np.float64)  # the sample's share of the row's mass: rows of
+    enough = est >= (top_p + _SLACK) * est[:, -1:]  # probabilities sum to 1 (others may fall back)
+    first = enough.argmax(axis=1)
+    t = np.where(enough.any(axis=1), sub[np.arange(b), first], 0.0).astype(np.float32)
+    keep = p2 >= np.maximum(t, _lowest_at_least((1.0 - top_p) / V))[:, None]
+    out = np.empty(b, dtype=np.float32)
+    for i, p in enumerate(p2):
+        out[i] = _cutoff_above(p, top_p, keep[i])
+    return out
+
+
+def _lowest_at_least(bound: float) -> np.float32:
+    """The smallest float32 ``x`` for which NumPy's ``float32 array >= bound`` holds (the reference's
+    candidate test, whatever precision NumPy compares a Python float in)."""
+    f = np.float32(bound)
+    for x in (np.nextafter(f, np.float32(0.0)), f):
+        if (np.array([x], dtype=np.float32) >= bound)[0]:
+            return x
+    return np.nextafter(f, np.float32(np.inf))
+
+
+def _cutoff_above(p: np.ndarray, top_p: float, keep: np.ndarray) -> float:
+    """``top_p_cutoff(p, top_p)`` from the tokens ``keep`` marks (those ``>=`` a threshold and ``>=`` the
+    reference's own bound: the largest of its sorted candidates); the reference itself when their
+    sums do not reach ``top_p``."""
+    cand = np.compress(keep, p)
+    if cand.size:
+        desc = np.sort(cand)[::-1]
+        reached = np.cumsum(desc) >= top_p
+        if reached.any():
+            return float(desc[int(np.argmax(reached))])
+    return top_p_cutoff(p, top_p)
