@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
     "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops"),
+    "experiment": ("rwkvkit.experiments.cli:main", "the paper's experiments: mqar | long-context | speed"),
 }
 
 BENCHES: dict[str, str] = {
