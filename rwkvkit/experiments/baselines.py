@@ -89,6 +89,11 @@ class _ScanLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, segment: int):  # type: ignore[override]
+        with torch.autocast(u.device.type, enabled=False):  # the recurrence stays in u's dtype
+            return _ScanLoop._forward(ctx, u, dt, A, B, C, segment)
+
+    @staticmethod
+    def _forward(ctx, u, dt, A, B, C, segment: int):
         h = u.new_zeros(u.shape[1], u.shape[2], A.shape[1])
         starts, ys = [], []
         for t in range(u.shape[0]):
@@ -104,6 +109,12 @@ class _ScanLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
+        u = ctx.saved_tensors[0]
+        with torch.autocast(u.device.type, enabled=False):
+            return _ScanLoop._backward(ctx, gy.to(u.dtype))
+
+    @staticmethod
+    def _backward(ctx, gy):
         u, dt, A, B, C, *starts = ctx.saved_tensors
         K, T = ctx.segment, u.shape[0]
         gu, gdt, gB, gC = (torch.empty_like(x) for x in (u, dt, B, C))

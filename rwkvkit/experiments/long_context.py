@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import LABELS
-from .report import PRESETS, Progress, markdown_table, pick_device, run_info, write_results
+from .report import PRESETS, Progress, finish_info, markdown_table, pick_device, run_info, write_results
 
 VERSIONS = {"rwkv4": 4, "eagle": 5, "finch": 6}
 
@@ -156,7 +156,7 @@ PRESETS_LC: dict[str, Preset] = {
         lr_final=1e-4, eval_len=96, n_windows=2, warmup_steps=1, bands=[1, 8, 32, 64, 96],
     ),
     "cpu": Preset(
-        n_layer=4, n_embd=128, vocab_size=4096, ctx_len=512, micro_bsz=8, max_steps=1500,
+        n_layer=4, n_embd=128, vocab_size=4096, ctx_len=512, micro_bsz=8, max_steps=600,
         lr_init=2e-3, lr_final=1e-4, eval_len=16384, n_windows=8,
     ),
     "gpu": Preset(
@@ -226,15 +226,16 @@ def run(
     progress.total = len(preset.models)
     results = {}
     for kind in preset.models:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         model, summary = train_one(kind, preset, data, len(vocab), work, device, seed, threads)
-        t_train = time.time() - t0
+        t_train, c_train = time.time() - t0, time.process_time() - c0
         curves = [position_losses(model, held[b][s : s + preset.eval_len + 1], device) for b, s in windows]
         curve = np.mean(curves, axis=0)
         bands = list(zip(preset.bands[:-1], preset.bands[1:]))
         results[kind] = {
             "params": sum(p.numel() for p in model.parameters()),
             "train_s": t_train,
+            "train_cpu_s": c_train,
             "eval_s": time.time() - t0 - t_train,
             "final_train_loss": _last_loss(work / kind),
             "steps": summary["step"],
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--work",
         default="",
-        help="folder for token files and checkpoints (default: <out>/long-context-<preset>-work)",
+        help="folder for token files and checkpoints (default: runs/experiments/long-context-<preset>-work)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -312,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="", help="comma-separated subset of " + ",".join(VERSIONS))
     p.add_argument("--max-steps", type=int, default=0, help="cap the training steps (smoke tests)")
     p.add_argument("--max-windows", type=int, default=0, help="cap the evaluation windows (smoke tests)")
+    p.add_argument(
+        "--max-eval-len", type=int, default=0, help="cap the evaluation window length (smoke tests)"
+    )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     argv = list(argv or [])
@@ -328,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         preset.max_steps = min(preset.max_steps, a.max_steps)
     if a.max_windows:
         preset.n_windows = min(preset.n_windows, a.max_windows)
-    work = Path(a.work or Path(a.out) / f"long-context-{a.preset}-work")
+    if a.max_eval_len and a.max_eval_len < preset.eval_len:
+        preset.eval_len = a.max_eval_len
+        preset.bands = [b for b in preset.bands if b < a.max_eval_len] + [a.max_eval_len]
+    work = Path(a.work or f"runs/experiments/long-context-{a.preset}-work")
     info = run_info("long-context", argv, a.seed, a.preset, device)
     progress = Progress("long-context", enabled=not a.quiet)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     out = run(preset, device, a.seed, work, a.threads, progress)
-    info["wall_s"] = time.time() - t0
+    finish_info(info, t0, c0)
     text = table(preset, out)
     print(text)
     payload = {"info": info, "preset": asdict(preset), "results": out}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import KINDS, LABELS, build, n_params
-from .report import PRESETS, Progress, markdown_table, pick_device, run_info, write_results
+from .report import PRESETS, Progress, finish_info, markdown_table, pick_device, run_info, write_results
 
 IGNORE = -100
 
@@ -198,7 +198,7 @@ def train_run(
     model = build(spec.kind, spec.n_layer, spec.d_model, task.vocab_size, seed=seed).to(device).train()
     groups = param_groups(model.named_parameters(), spec.weight_decay)
     opt = torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.99), eps=1e-8)
-    history, t0, step, val_acc = [], time.time(), 0, 0.0
+    history, t0, c0, step, val_acc = [], time.time(), time.process_time(), 0, 0.0
     for step in range(1, spec.max_steps + 1):
         lr = _schedule(step - 1, spec)
         for g in opt.param_groups:
@@ -232,6 +232,7 @@ def train_run(
         "val_acc": val_acc,
         "test_acc": test_acc,
         "wall_s": wall,
+        "cpu_s": time.process_time() - c0,
         "tokens_per_s": step * spec.batch * task.seq_len / max(wall, 1e-9),
         "params": n_params(model),
         "history": history,
@@ -242,9 +243,21 @@ def train_run(
 
 
 @dataclass
+class Cell:
+    """One point of the grid; ``models`` / ``lrs`` / ``max_steps`` override the preset's when set."""
+
+    T: int
+    N: int
+    d_model: int
+    models: list[str] | None = None
+    lrs: dict[str, list[float]] | None = None
+    max_steps: int | None = None
+
+
+@dataclass
 class Preset:
     vocab_size: int
-    cells: list[tuple[int, int, int]]  # (T, N, d_model)
+    cells: list[Cell]
     lrs: dict[str, list[float]]  # per model, tried in this order until one solves the task
     max_steps: int
     batch: int
@@ -255,7 +268,16 @@ class Preset:
     stop_acc: float = 0.99
     n_layer: int = 2
     autocast: bool = False  # bf16 autocast (the GPU preset)
-    max_steps_by_T: dict[int, int] = field(default_factory=dict)  # a longer budget for some lengths
+
+    def plan(self) -> list[tuple[Cell, str, list[float], int]]:
+        """(cell, model, learning rates, max steps) of every run group, in order."""
+        out = []
+        for c in self.cells:
+            for kind in c.models if c.models is not None else self.models:
+                if kind in self.models:
+                    lrs = (c.lrs or {}).get(kind, self.lrs[kind])
+                    out.append((c, kind, lrs, min(c.max_steps or self.max_steps, self.max_steps)))
+        return out
 
 
 _ZOOLOGY_LRS = [1e-4, 4.6e-4, 2.2e-3, 1e-2]  # np.logspace(-4, -2, 4), Zoology's sweep
@@ -263,13 +285,20 @@ PAPER_GRID = [(64, 4), (128, 8), (256, 16), (512, 64)]
 
 PRESETS_MQAR: dict[str, Preset] = {
     "toy": Preset(
-        vocab_size=32, cells=[(16, 2, 16)], lrs={k: [3e-3] for k in KINDS}, max_steps=4,
+        vocab_size=32, cells=[Cell(16, 2, 16)], lrs={k: [3e-3] for k in KINDS}, max_steps=4,
         batch=8, n_val=16, n_test=16, eval_every=2,
     ),
+    # Fits about an hour of this 2-core CPU (see docs/experiments.md): vocabulary 256 instead of 8192, the
+    # two d=64 cells that separate RWKV-4 from Eagle/Finch, 1500 / 1000 steps instead of ~100k, two
+    # learning rates (one at T=256), and at T=256 only the three RWKV versions.
     "cpu": Preset(
         vocab_size=256,
-        cells=[(64, 4, 64), (256, 16, 64)],
-        lrs={k: [3e-3, 1e-3] for k in KINDS},
+        cells=[
+            Cell(64, 4, 64),
+            Cell(256, 16, 64, models=["rwkv4", "eagle", "finch"], lrs={k: [3e-3] for k in KINDS}, max_steps=1000),
+        ],
+        lrs={"rwkv4": [3e-3, 1e-3], "eagle": [3e-3, 1e-3], "finch": [3e-3, 1e-3],
+             "attention": [1e-3, 3e-3], "mamba": [3e-3, 1e-3]},
         max_steps=1500,
         batch=64,
         n_val=256,
@@ -278,7 +307,7 @@ PRESETS_MQAR: dict[str, Preset] = {
     ),
     "gpu": Preset(
         vocab_size=8192,
-        cells=[(T, N, d) for (T, N) in PAPER_GRID for d in (64, 128, 256, 512)],
+        cells=[Cell(T, N, d) for (T, N) in PAPER_GRID for d in (64, 128, 256, 512)],
         lrs={k: list(reversed(_ZOOLOGY_LRS)) for k in KINDS},
         max_steps=100_000,  # Zoology: 64 epochs of 100k examples at batch 64
         batch=64,
@@ -304,39 +333,42 @@ PAPER = {
 def run(preset: Preset, device: torch.device, seed: int, progress: Progress) -> list[dict]:
     """Every (cell, model): the learning rates in order until one solves the task; one record each."""
     records = []
-    runs_total = len(preset.cells) * len(preset.models)
-    progress.total = runs_total
-    for T, N, d in preset.cells:
+    plan = preset.plan()
+    progress.total = len(plan)
+    sets: dict[tuple[int, int], tuple] = {}
+    for cell, kind, lrs, max_steps in plan:
+        T, N, d = cell.T, cell.N, cell.d_model
         task = MQARTask(preset.vocab_size, T, N)
-        val = held_out(task, preset.n_val, seed, 2)
-        test = held_out(task, preset.n_test, seed, 3)
-        for kind in preset.models:
-            tried = []
-            for lr in preset.lrs[kind]:
-                stream = Stream(task, seed, [val[0], test[0]])
-                spec = RunSpec(
-                    kind, d, lr, preset.max_steps_by_T.get(T, preset.max_steps), preset.batch,
-                    eval_every=preset.eval_every, stop_acc=preset.stop_acc, n_layer=preset.n_layer,
-                )  # fmt: skip
-                label = f"{kind} T={T} N={N} d={d} lr={lr:g}"
-                res = train_run(spec, task, stream, val, test, device, seed, progress, label, preset.autocast)
-                res["redrawn_train_examples"] = stream.redrawn
-                tried.append(res)
-                progress.say(
-                    f"{label}: done, val acc {res['val_acc']:.3f} test acc {res['test_acc']:.3f} in {res['wall_s']:.0f} s"
-                )
-                if res["val_acc"] >= preset.stop_acc:
-                    break
-            best = max(tried, key=lambda r: r["val_acc"])
-            records.append({
-                "model": kind, "T": T, "N": N, "d_model": d, "vocab_size": preset.vocab_size,
-                "best_lr": best["lr"], "val_acc": best["val_acc"], "test_acc": best["test_acc"],
-                "steps": best["steps"], "params": best["params"],
-                "paper_acc": PAPER.get((T, N), {}).get(kind, {}).get(d),
-                "runs": tried,
-            })  # fmt: skip
-            progress.advance(1)
-            progress.say(f"cell T={T} d={d} {kind}: test acc {best['test_acc']:.3f} (lr {best['lr']:g})")
+        if (T, N) not in sets:
+            sets[(T, N)] = (held_out(task, preset.n_val, seed, 2), held_out(task, preset.n_test, seed, 3))
+        val, test = sets[(T, N)]
+        tried = []
+        for lr in lrs:
+            stream = Stream(task, seed, [val[0], test[0]])
+            spec = RunSpec(
+                kind, d, lr, max_steps, preset.batch,
+                eval_every=min(preset.eval_every, max_steps), stop_acc=preset.stop_acc, n_layer=preset.n_layer,
+            )  # fmt: skip
+            label = f"{kind} T={T} N={N} d={d} lr={lr:g}"
+            autocast = preset.autocast and device.type == "cuda"  # bf16 autocast on GPUs only
+            res = train_run(spec, task, stream, val, test, device, seed, progress, label, autocast)
+            res["redrawn_train_examples"] = stream.redrawn
+            tried.append(res)
+            progress.say(
+                f"{label}: done, val acc {res['val_acc']:.3f} test acc {res['test_acc']:.3f} in {res['wall_s']:.0f} s"
+            )
+            if res["val_acc"] >= preset.stop_acc:
+                break
+        best = max(tried, key=lambda r: r["val_acc"])
+        records.append({
+            "model": kind, "T": T, "N": N, "d_model": d, "vocab_size": preset.vocab_size,
+            "best_lr": best["lr"], "val_acc": best["val_acc"], "test_acc": best["test_acc"],
+            "steps": best["steps"], "params": best["params"],
+            "paper_acc": PAPER.get((T, N), {}).get(kind, {}).get(d),
+            "runs": tried,
+        })  # fmt: skip
+        progress.advance(1)
+        progress.say(f"cell T={T} d={d} {kind}: test acc {best['test_acc']:.3f} (lr {best['lr']:g})")
     return records
 
 
@@ -402,16 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         preset.models = a.models.split(",")
     if a.max_steps:
         preset.max_steps = min(preset.max_steps, a.max_steps)
-        preset.max_steps_by_T = {T: min(s, a.max_steps) for T, s in preset.max_steps_by_T.items()}
-        preset.eval_every = min(preset.eval_every, preset.max_steps)
     if a.max_cells:
         preset.cells = preset.cells[: a.max_cells]
     info = run_info("mqar", argv, a.seed, a.preset, device)
     progress = Progress("mqar", enabled=not a.quiet)
-    progress.say(f"preset {a.preset}: {len(preset.cells)} cells x {len(preset.models)} models on {device}")
-    t0 = time.time()
+    progress.say(f"preset {a.preset}: {len(preset.plan())} (cell, model) pairs on {device}")
+    t0, c0 = time.time(), time.process_time()
     records = run(preset, device, a.seed, progress)
-    info["wall_s"] = time.time() - t0
+    finish_info(info, t0, c0)
     payload = {"info": info, "preset": asdict(preset), "results": records}
     text = table(records)
     print(text)

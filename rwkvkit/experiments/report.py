@@ -78,6 +78,15 @@ def run_info(experiment: str, argv: Sequence[str], seed: int, preset: str, devic
     }
 
 
+def finish_info(info: dict, t0: float, c0: float) -> dict:
+    """Add the run's wall and CPU seconds (``t0``/``c0``: ``time.time()``/``time.process_time()`` at its
+    start) and the load average at its end: on a shared machine the wall time alone misleads."""
+    info["wall_s"] = time.time() - t0
+    info["cpu_s"] = time.process_time() - c0
+    info["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return info
+
+
 class Progress:
     """Progress lines on stderr: ``[mqar 00:12:03] finch d=64 T=64: step 200/2000 loss 1.23 (ETA 00:40:00)``."""
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .baselines import Transformer, TransformerConfig, mamba_ssm_available, selective_scan
 from .memory import peak_bytes
-from .report import PRESETS, Progress, markdown_table, pick_device, run_info, write_results
+from .report import PRESETS, Progress, finish_info, markdown_table, pick_device, run_info, write_results
 
 OPS = ("finch-chunked", "finch-native", "attention", "mamba")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -421,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         total=len(preset.ops) * 2 * len(preset.lengths) + 2 * len(preset.decode_contexts),
         enabled=not a.quiet,
     )
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     ops = run_ops(preset, device, progress)
     decode = [] if a.no_decode else decode_view(preset, device, progress)
-    info["wall_s"] = time.time() - t0
+    finish_info(info, t0, c0)
     text = tables(ops, decode)
     print(text)
     payload = {"info": info, "preset": asdict(preset), "operators": ops, "decode": decode}
