@@ -85,19 +85,20 @@ PRESETS_SPEED: dict[str, Preset] = {
 
 def make_inputs(op: str, T: int, p: Preset, device: torch.device, grad: bool, seed: int = 0) -> dict:
     """Random inputs of one operator call (``requires_grad`` on the differentiable ones when ``grad``)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host copies
     B, d, hs, dt = p.batch, p.d_model, p.head_size, DTYPES[p.dtype]
     H = d // hs
 
     def rnd(*shape, dtype=dt, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_(grad)
+        x = torch.randn(*shape, generator=g, device=device)
+        return x.mul_(scale).to(dtype).requires_grad_(grad)
 
     if op.startswith("finch"):
         # log decay -exp(x), x in [-6, -1] (RWKV-LM's init range): fp32, as the model passes it
-        w = -torch.exp(torch.rand(B, T, H, hs, generator=g) * 5 - 6)
+        w = torch.rand(B, T, H, hs, generator=g, device=device).mul_(5).sub_(6).exp_().neg_()
         return {
             "r": rnd(B, T, H, hs), "k": rnd(B, T, H, hs), "v": rnd(B, T, H, hs),
-            "w": w.to(device).requires_grad_(grad), "u": rnd(H, hs, dtype=torch.float32, scale=0.5),
+            "w": w.requires_grad_(grad), "u": rnd(H, hs, dtype=torch.float32, scale=0.5),
         }  # fmt: skip
     if op == "attention":
         return {"q": rnd(B, H, T, hs), "k": rnd(B, H, T, hs), "v": rnd(B, H, T, hs)}
@@ -225,9 +226,12 @@ def decode_models(p: Preset, device: torch.device) -> tuple[torch.nn.Module, Tra
 
     torch.manual_seed(0)
     dt = DTYPES[p.dtype]
-    finch = RWKV(ModelConfig(6, p.decode_layers, p.d_model, p.decode_vocab, head_size=p.head_size))
-    tf = Transformer(TransformerConfig(p.decode_layers, p.d_model, p.decode_vocab, head_size=p.head_size))
-    return finch.to(device, dt).eval(), tf.to(device, dt).eval()
+    with torch.device(device):  # built where they run (a 7B-shape model would not fit twice on the host)
+        finch = RWKV(ModelConfig(6, p.decode_layers, p.d_model, p.decode_vocab, head_size=p.head_size)).to(dt)
+        tf = Transformer(
+            TransformerConfig(p.decode_layers, p.d_model, p.decode_vocab, head_size=p.head_size)
+        ).to(dt)
+    return finch.eval(), tf.eval()
 
 
 def _step_ms(step, device: torch.device, n: int) -> float:
