@@ -47,6 +47,9 @@ def test_eval_windows_are_disjoint_and_taken_from_every_book():
     held = {"a": np.arange(1000), "b": np.arange(450)}
     w = lc.eval_windows(held, 200, 5)
     assert w == [("a", 0), ("b", 0), ("a", 200), ("b", 200), ("a", 400)]
+    w = lc.eval_windows(held, 200, 100, stride=100)  # overlapping; every window fits its book
+    assert len(w) == 8 + 3 and ("b", 200) in w and ("b", 300) not in w and ("a", 700) in w
+    assert all(s + 201 <= len(held[b]) for b, s in w)
     with pytest.raises(ValueError, match="no held-out book"):
         lc.eval_windows(held, 5000, 2)
 

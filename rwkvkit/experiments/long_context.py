@@ -10,9 +10,10 @@ against the token position, far beyond the training context. Here, offline:
   (``rwkvkit.train.vocab.subset_vocab``), the same greedy tokenizer for every book.
 - Training: the three versions at one size, the same data order and steps, through rwkvkit's own
   ``Trainer`` (RWKV-LM's recipe) at ``ctx_len``.
-- Evaluation: up to ``n_windows`` non-overlapping windows of ``eval_len`` tokens from the held-out
-  books, each read from its first token with a fresh state (in chunks, the state carried, which is
-  exact); the per-position loss is averaged over the windows, then over log-spaced position bins.
+- Evaluation: up to ``n_windows`` windows of ``eval_len`` tokens from the held-out books, starting
+  every ``eval_stride`` tokens (overlapping), each read from its first token with a fresh state (in
+  chunks, the state carried, which is exact); the per-position loss is averaged over the windows,
+  then over log-spaced position bins.
 
 Outputs: ``long-context-<preset>.{json,md,png}`` (the plot has a log x axis and marks the training
 context); checkpoints and token files go to ``--work`` (not meant to be committed).
@@ -85,10 +86,15 @@ def encode_books(
     return vocab, np.asarray(ids, dtype=np.uint16), held
 
 
-def eval_windows(held: dict[str, np.ndarray], eval_len: int, n_windows: int) -> list[tuple[str, int]]:
-    """Up to ``n_windows`` (book, start) windows of ``eval_len + 1`` tokens, non-overlapping, taken in
-    turn from each held-out book from its start (so every book contributes when it is long enough)."""
-    per_book = {n: list(range(0, len(t) - eval_len - 1 + 1, eval_len)) for n, t in held.items()}
+def eval_windows(
+    held: dict[str, np.ndarray], eval_len: int, n_windows: int, stride: int = 0
+) -> list[tuple[str, int]]:
+    """Up to ``n_windows`` (book, start) windows of ``eval_len + 1`` tokens, starting every ``stride``
+    tokens of each held-out book (default: ``eval_len``, no overlap), taken from the books in turn so
+    that every long enough book contributes. Overlapping windows put different text at each position:
+    the early positions are then averaged over many passages instead of a few."""
+    step = stride or eval_len
+    per_book = {n: list(range(0, len(t) - eval_len, step)) for n, t in held.items()}
     if not any(per_book.values()):
         longest = max((len(t) for t in held.values()), default=0)
         raise ValueError(f"no held-out book has {eval_len + 1} tokens (longest: {longest})")
@@ -142,6 +148,7 @@ class Preset:
     lr_final: float
     eval_len: int
     n_windows: int
+    eval_stride: int  # windows start every eval_stride tokens of a held-out book (overlapping)
     held_out: list[str] = field(default_factory=lambda: ["austen/persuasion", "web/new-testament"])
     models: list[str] = field(default_factory=lambda: list(VERSIONS))
     warmup_steps: int = 50
@@ -153,15 +160,16 @@ class Preset:
 PRESETS_LC: dict[str, Preset] = {
     "toy": Preset(
         n_layer=1, n_embd=32, vocab_size=300, ctx_len=32, micro_bsz=2, max_steps=3, lr_init=1e-3,
-        lr_final=1e-4, eval_len=96, n_windows=2, warmup_steps=1, bands=[1, 8, 32, 64, 96],
+        lr_final=1e-4, eval_len=96, n_windows=4, eval_stride=48, warmup_steps=1,
+        bands=[1, 8, 32, 64, 96],
     ),
     "cpu": Preset(
         n_layer=4, n_embd=128, vocab_size=4096, ctx_len=512, micro_bsz=8, max_steps=600,
-        lr_init=2e-3, lr_final=1e-4, eval_len=16384, n_windows=8,
+        lr_init=2e-3, lr_final=1e-4, eval_len=16384, n_windows=64, eval_stride=2048,
     ),
     "gpu": Preset(
         n_layer=12, n_embd=768, vocab_size=16384, ctx_len=2048, micro_bsz=8, max_steps=2000,
-        lr_init=6e-4, lr_final=6e-5, eval_len=65536, n_windows=8, warmup_steps=100,
+        lr_init=6e-4, lr_final=6e-5, eval_len=65536, n_windows=32, eval_stride=8192, warmup_steps=100,
         bands=[1, 128, 512, 2048, 8192, 32768, 65536],
     ),
 }  # fmt: skip
@@ -218,7 +226,7 @@ def run(
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train_tokens.npy"
     np.save(data, stream)
-    windows = eval_windows(held, preset.eval_len, preset.n_windows)
+    windows = eval_windows(held, preset.eval_len, preset.n_windows, preset.eval_stride)
     progress.say(
         f"{len(stream):,} training tokens; {len(windows)} windows of {preset.eval_len} held-out tokens"
     )
@@ -290,7 +298,9 @@ def plot(preset: Preset, out: dict, path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("token position")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"Held-out books: {len(out['windows'])} windows of {preset.eval_len} tokens")
+    ax.set_title(
+        f"Held-out books: {len(out['windows'])} windows of {preset.eval_len} tokens, one every {preset.eval_stride}"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
