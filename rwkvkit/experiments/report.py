@@ -116,15 +116,19 @@ class Progress:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats with 3 significant decimals, None as an em dash."""
+    """A Markdown table: floats with 0-3 decimals by size, ints with thousands separators, None as "—"."""
 
     def cell(v: Any) -> str:
         if v is None:
             return "—"
         if isinstance(v, float):
-            return (
-                f"{v:.3g}" if abs(v) >= 1000 or (v and abs(v) < 0.01) else f"{v:.3f}".rstrip("0").rstrip(".")
-            )
+            if abs(v) >= 100:
+                return f"{v:,.0f}"
+            if abs(v) >= 10:
+                return f"{v:.1f}"
+            return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2g}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
