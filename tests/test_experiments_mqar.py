@@ -137,11 +137,11 @@ def test_fresh_examples_every_step():
 
 
 def test_attention_learns_a_tiny_mqar():
-    # real learning, not just running: within 200 steps attention recalls far above chance (1/16 values)
+    # real learning, not just running: within 120 steps attention recalls far above chance (1/16 values)
     torch.manual_seed(0)
     task = MQARTask(32, 16, 2)
     val, test = held_out(task, 128, 0, 2), held_out(task, 128, 0, 3)
-    spec = mqar.RunSpec("attention", 32, 3e-3, 200, 32, eval_every=50, stop_acc=0.95)
+    spec = mqar.RunSpec("attention", 32, 3e-3, 120, 32, eval_every=40, stop_acc=0.95)
     progress = mqar.Progress("test", enabled=False)
     res = mqar.train_run(
         spec, task, Stream(task, 0, [val[0], test[0]]), val, test, torch.device("cpu"), 0, progress, "t"
