@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean bench
+.PHONY: demo test format clean
 
-$(STAMP): pyproject.toml requirements.lock setup.py rwkvkit/tokenizer/_trie.c rwkvkit/tokenizer/_decode.c rwkvkit/ops/_wkv_cpu.c rwkvkit/ops/_decode_cpu.c rwkvkit/ops/_cpu_math.h rwkvkit/ops/_amx.h rwkvkit/ops/_fused_cpu.c rwkvkit/ops/_matmul_cpu.c
+NATIVE := $(wildcard rwkvkit/tokenizer/_*.c rwkvkit/tokenizer/_*.h rwkvkit/ops/_*.c rwkvkit/ops/_*.h)
+
+$(STAMP): pyproject.toml requirements.lock setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.lock
@@ -17,13 +19,13 @@ demo: $(STAMP)
 	$(BIN)/rwkvkit demo
 
 test: $(STAMP)
-	$(BIN)/ruff format --check rwkvkit tests benchmarks
-	$(BIN)/ruff check rwkvkit tests benchmarks
+	$(BIN)/ruff format --check rwkvkit tests
+	$(BIN)/ruff check rwkvkit tests
 	$(BIN)/python -m pytest -q -x --durations=15
 
 format: $(STAMP)
-	$(BIN)/ruff format rwkvkit tests benchmarks
-	$(BIN)/ruff check --fix rwkvkit tests benchmarks
+	$(BIN)/ruff format rwkvkit tests
+	$(BIN)/ruff check --fix rwkvkit tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info rwkvkit/tokenizer/*.so

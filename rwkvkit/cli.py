@@ -15,9 +15,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rwkvkit.run_cli:generate_main", "continue a prompt with a model"),
     "chat": ("rwkvkit.run_cli:chat_main", "chat with a model in the terminal"),
     "serve": ("rwkvkit.serve:main", "OpenAI-compatible HTTP server"),
+    "info": (
+        "rwkvkit.info:main",
+        "what a checkpoint is and which kernels it runs here (and why not faster ones)",
+    ),
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
-    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops"),
+    "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),
+    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score"),
     "experiment": ("rwkvkit.experiments.cli:main", "the paper's experiments: mqar | long-context | speed"),
 }
 
@@ -27,6 +32,7 @@ BENCHES: dict[str, str] = {
     "serve": "rwkvkit.bench.serve:main",
     "train": "rwkvkit.bench.train:main",
     "ops": "rwkvkit.bench.ops:main",
+    "score": "rwkvkit.bench.score:main",
 }
 
 

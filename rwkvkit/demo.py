@@ -21,7 +21,7 @@ import torch
 
 ASSETS = Path(__file__).with_name("assets")
 MODEL = ASSETS / "demo-finch-L6-C256.pth"
-VOCAB = ASSETS / "demo-vocab.txt"
+VOCAB = MODEL.with_name(MODEL.stem + ".vocab.txt")  # beside the model: found by rwkvkit.model_args
 PROMPTS = (
     "def read_config(path):\n",
     "It is a truth universally acknowledged, that",
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"# demo model: Finch (RWKV-{cfg.version}) L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, "
+        f"# demo model: {cfg.spec.name} L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}, "
         f"{n_params / 1e6:.1f}M parameters, loaded in {time.time() - t:.1f}s"
     )
     print(

@@ -10,6 +10,11 @@ Layers, from the bottom up (each usable alone):
   rows are decoded together with one ``[B, 1]`` forward per step (one weight read serves every
   row), and each row leaves when it hits a stop token, its token budget, its ``on_token`` hook says
   stop, or it is cancelled. It knows nothing about text; the server drives it from a thread.
+  With ``interleave=N`` a new row's prompt is not prefilled by ``add`` but by the following
+  ``step`` calls, N prompt tokens per step in all while other rows are decoding (several short
+  prompts, or a slice of a long one; waiting prompts take turns), so a long prompt arriving never
+  stalls the running streams for longer than N tokens' prefill; with nothing decoding a step
+  prefills ``chunk_len`` tokens.
 - ``generate_tokens`` / ``generate_tokens_batch``: one or several prompts, token ids in and out.
 - ``TextStream`` + ``generate`` / ``generate_batch``: text in, streamed text out, through the
   tokenizer's incremental decoder (no half characters) with stop strings held back until decided.
@@ -158,33 +163,49 @@ class Row:
     on_token: Callable[[int], bool] | None = None
     keep_state: bool = False
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     cancelled: bool = False
+    error: str | None = None  # why, when finish_reason is "error" (its prefill failed)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A row whose prompt is being prefilled a slice at a time (``BatchDecoder(interleave=N)``)."""
+
+    row: Row
+    done: int = 0  # prompt tokens fed so far
+    state: State | None = None  # the state after them (None: not started, the row's own start state)
+    logits: torch.Tensor | None = None
+    started: bool = False
+
+
 class BatchDecoder:
     """Decode many rows together: one ``[B, 1]`` forward per step over a stacked State."""
 
-    def __init__(
-        self, model: torch.nn.Module, *, chunk_len: int = DEFAULT_CHUNK_LEN, cache: PrefixCache | None = None
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, chunk_len: int = DEFAULT_CHUNK_LEN,
+                 cache: PrefixCache | None = None, interleave: int = 0) -> None:  # fmt: skip
+        if chunk_len <= 0 or interleave < 0:
+            raise ValueError(f"chunk_len must be positive and interleave >= 0, got {chunk_len}, {interleave}")
         self.model = model
         self.chunk_len = chunk_len
         self.cache = cache
+        self.interleave = interleave
         self.rows: list[Row] = []
+        self.prefilling: list[_Prefill] = []  # rows still being prefilled (interleave > 0), in turn order
         self._state: State | None = None  # stacked state of self.rows
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of self.rows
         self._device = _device(model)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.prefilling)
 
     def add(self, row: Row) -> None:
-        """Prefill ``row``'s prompt and let it join the batch at the next ``step``."""
+        """Check ``row`` and prefill its prompt (now, or over the next steps with ``interleave``); it joins
+        the decoding batch when its prompt is done."""
         if row.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {row.max_tokens}")
         _check_tokens(row.prompt, _vocab_size(self.model))
@@ -194,16 +215,62 @@ class BatchDecoder:
             if row.state is None:
                 raise ValueError("an empty prompt needs a state to continue from")
             raise ValueError("an empty prompt cannot be continued: feed at least one token")
+        if self.interleave:
+            self.prefilling.append(_Prefill(row))
+            return
         logits, state = prefill_cached(
             self.model, row.prompt, row.state, chunk_len=self.chunk_len, cache=self.cache
         )
+        self._join(row, logits, state)
+
+    def _join(self, row: Row, logits: torch.Tensor, state: State) -> bool:
+        """Add a prefilled row to the decoding batch; False (finished) if it wants no tokens."""
         if row.max_tokens == 0:
             self._finish(row, "length", state)
-            return
+            return False
         self.rows.append(row)
         self._state = state if self._state is None else State.stack([self._state, state])
         lg = logits.reshape(1, -1).to(self._device)
         self._logits = lg if self._logits is None else torch.cat([self._logits, lg])
+        return True
+
+    @torch.no_grad()
+    def _prefill_slice(self, finished: list[Row]) -> None:
+        """Feed waiting prompts, in turn, ``interleave`` tokens in all (``chunk_len`` when no row is
+        decoding): several short prompts, or one slice of a long one. Completed prompts join the batch."""
+        for p in [p for p in self.prefilling if p.row.cancelled]:
+            self.prefilling.remove(p)
+            self._finish(p.row, "cancelled", None)
+            finished.append(p.row)
+        budget = self.interleave if self.rows else self.chunk_len
+        while budget > 0 and self.prefilling:
+            p = self.prefilling.pop(0)
+            row = p.row
+            try:
+                if not p.started:
+                    p.started = True
+                    p.state = row.state.clone() if row.state is not None else None
+                    if self.cache is not None and row.state is None:
+                        p.done, p.state, p.logits = self.cache.lookup(row.prompt)
+                end = min(p.done + budget, len(row.prompt))
+                if p.done < end:
+                    p.logits, p.state = prefill(
+                        self.model, row.prompt[p.done : end], p.state, chunk_len=self.chunk_len
+                    )
+                    budget -= end - p.done
+                    p.done = end
+                    if end == len(row.prompt) and self.cache is not None and row.state is None:
+                        self.cache.store(row.prompt, p.state, p.logits)
+            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
+                row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
+                finished.append(row)
+                continue
+            if p.done < len(row.prompt):
+                self.prefilling.append(p)  # its budget is spent; the next waiting prompt goes first
+                return
+            assert p.logits is not None and p.state is not None
+            if not self._join(row, p.logits, p.state):
+                finished.append(row)
 
     def _finish(self, row: Row, reason: str, state: State | None) -> None:
         row.finish_reason = reason
@@ -211,8 +278,11 @@ class BatchDecoder:
 
     @torch.no_grad()
     def step(self) -> list[Row]:
-        """Emit one token for every active row; return the rows that finished in this step."""
+        """Prefill one slice of a waiting prompt (``interleave``), then emit one token for every
+        decoding row; return the rows that finished in this step."""
         finished: list[Row] = []
+        if self.prefilling:
+            self._prefill_slice(finished)
         if not self.rows:
             return finished
         assert self._state is not None and self._logits is not None

@@ -1,13 +1,19 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, state or log.
+"""Files in and out: atomic writes, and PyTorch files read without running pickled code.
 
-The data goes to a temporary file in the destination's folder, which is then renamed over the
-destination (atomic on POSIX). A failure removes the temporary file and leaves what was already
+Writes: the data goes to a temporary file in the destination's folder, which is then renamed over
+the destination (atomic on POSIX). A failure removes the temporary file and leaves what was already
 saved untouched. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
+
+Reads: ``safe_torch_load`` is ``torch.load(weights_only=True)`` (tensors, numbers, strings, lists and
+dicts only: a pickle that would import or call anything is refused), with its errors turned into a
+``ValueError`` that says which problem it was: code in the file, or a file that is not (or no
+longer, truncated) a PyTorch file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,3 +47,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through ``atomic_write``."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _detail(e: BaseException) -> str:
+    """The informative line of torch's long weights_only message (or the first line of any other)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln:
+            return ln
+    useful = [
+        ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the"))
+    ]
+    return (useful or lines or [type(e).__name__])[0][:300]
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "file", **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``; ValueError names the problem and ``what``.
+
+    A file that holds pickled objects (classes, functions: what could run code) is refused with
+    "pickled objects"; random bytes, truncation or another format read as "not a PyTorch file".
+    ``FileNotFoundError`` passes through.
+    """
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        detail = _detail(e)
+        if "GLOBAL" in detail:
+            raise ValueError(
+                f"refusing to load {what} {str(path)!r}: it contains pickled objects other than tensors "
+                f"(loading them could run code; rwkvkit reads files with weights_only=True). {detail}"
+            ) from None
+        raise ValueError(f"cannot read {what} {str(path)!r}: it is not a PyTorch file ({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot read {what} {str(path)!r}: the file is truncated or is not a PyTorch file ({_detail(e)})"
+        ) from None

@@ -1,7 +1,9 @@
 """``rwkvkit generate`` and ``rwkvkit chat``: running a model from the terminal.
 
 Both stream text as it is produced and take the usual RWKV sampling options (the ChatRWKV
-defaults: temperature 1.0, top_p 0.85, presence and frequency penalties 0.2 decaying by 0.996).
+defaults: temperature 1.0, top_p 0.85, presence and frequency penalties 0.2 decaying by 0.996),
+and the model options of ``rwkvkit.model_args`` (``--vocab``, ``--dtype``, ``--quantize int8``; the
+vocabulary beside the model is found by itself).
 ``--state FILE`` starts from a saved conversation (``/save``) or a state-tuned file (one
 ``blocks.{i}.att.time_state`` per layer).
 
@@ -20,10 +22,11 @@ from typing import Any
 import torch
 
 from .generate import TextGeneration, generate
+from .io import safe_torch_load
+from .model_args import add_model_args, load_model_and_tokenizer
 from .sampling import SamplingParams
 from .state import State
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHAT_HELP = """commands:
   /reset        forget the conversation (back to the start state)
   /save FILE    save the conversation state to FILE
@@ -33,9 +36,7 @@ CHAT_HELP = """commands:
 
 
 def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, help="local .pth/.safetensors, hf://owner/repo/file.pth or owner/repo:file"
-    )
+    add_model_args(p)
     p.add_argument(
         "--state", default=None, help="start from a saved state or a state-tuned (time_state) file"
     )
@@ -47,8 +48,6 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.2)
     p.add_argument("--penalty-decay", type=float, default=0.996)
     p.add_argument("--seed", type=int, default=None, help="fix the sampling seed (reproducible output)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
     p.add_argument("--chunk-len", type=int, default=256, help="prompt tokens per prefill call")
 
 
@@ -68,12 +67,17 @@ def _sampling(args: argparse.Namespace, p: argparse.ArgumentParser) -> SamplingP
         raise  # unreachable: p.error exits
 
 
-def load_model(ref: str, device: str = "cpu", dtype: str = "fp32") -> torch.nn.Module:
-    """Resolve ``ref`` (local file or Hugging Face file) and load it for inference."""
-    from .checkpoint import load
-    from .hub import resolve_model
+def _open(args: argparse.Namespace, prog: str) -> tuple[torch.nn.Module, Any, State | None] | None:
+    """Model, tokenizer and start state from the options; None (after one line on stderr) on failure."""
+    from .hub import ModelNotFound
 
-    return load(resolve_model(ref), device=device, dtype=_DTYPES[dtype])
+    try:
+        model, tok, _ = load_model_and_tokenizer(args)
+        state = load_state_file(args.state, model) if args.state else None
+    except (ModelNotFound, ValueError, OSError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    return model, tok, state
 
 
 def load_state_file(path: str, model: torch.nn.Module) -> State:
@@ -82,10 +86,12 @@ def load_state_file(path: str, model: torch.nn.Module) -> State:
         state = State.load(path, device=str(model.device))
     except ValueError as first:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - report the first, clearer error
+            sd = safe_torch_load(path, "state file", map_location="cpu")
+        except ValueError:  # report the first, clearer error
             raise first from None
         if not isinstance(sd, dict) or not any(str(k).endswith("att.time_state") for k in sd):
+            if isinstance(sd, dict) and sd.get("format") == "rwkvkit-state-1":
+                raise first from None  # an rwkvkit state file with a problem: say which
             raise ValueError(
                 f"{path!r} is neither an rwkvkit state file nor a state-tuned file (time_state keys)"
             ) from None
@@ -121,18 +127,13 @@ def generate_main(argv: list[str] | None = None) -> int:
     if not prompt:
         p.error("the prompt is empty")
     params = _sampling(args, p)
-    from .hub import ModelNotFound
-    from .tokenizer import Tokenizer
-
-    try:
-        model = load_model(args.model, args.device, args.dtype)
-        state = load_state_file(args.state, model) if args.state else None
-    except (ModelNotFound, ValueError) as e:
-        print(f"rwkvkit generate: {e}", file=sys.stderr)
+    opened = _open(args, "rwkvkit generate")
+    if opened is None:
         return 2
+    model, tok, state = opened
     gen = generate(
         model,
-        Tokenizer(),
+        tok,
         prompt,
         max_tokens=200 if args.max_tokens is None else args.max_tokens,
         sampling=params,
@@ -191,16 +192,11 @@ def chat_main(argv: list[str] | None = None) -> int:
     _common_args(p)
     args = p.parse_args(argv)
     params = _sampling(args, p)
-    from .hub import ModelNotFound
-    from .tokenizer import Tokenizer
-
-    try:
-        model = load_model(args.model, args.device, args.dtype)
-        start = load_state_file(args.state, model) if args.state else None
-    except (ModelNotFound, ValueError) as e:
-        print(f"rwkvkit chat: {e}", file=sys.stderr)
+    opened = _open(args, "rwkvkit chat")
+    if opened is None:
         return 2
-    chat = ChatSession(model, Tokenizer(), params, max_tokens=args.max_tokens or 500, start=start,
+    model, tok, start = opened
+    chat = ChatSession(model, tok, params, max_tokens=args.max_tokens or 500, start=start,
                        chunk_len=args.chunk_len)  # fmt: skip
     out = sys.stdout
     out.write("rwkvkit chat: type a message, /help for commands.\n")

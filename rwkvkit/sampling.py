@@ -7,8 +7,17 @@ The semantics follow ``rwkv.utils.PIPELINE`` (the reference ChatRWKV pipeline), 
    a per-token weight sum that decays by ``alpha_decay`` each generated token (``penalize``/``Penalty``);
 3. softmax; top-p keeps every token whose probability is at least the probability at which the
    sorted cumulative sum first reaches ``top_p``; top-k keeps the ``top_k`` most probable;
-4. temperature raises the kept probabilities to ``1 / temperature`` (same as dividing logits);
+4. temperature divides the kept tokens' log-probabilities (the reference raises the kept
+   probabilities to ``1 / temperature``: the same distribution);
 5. one token is drawn with a seeded ``torch.Generator``.
+
+Steps 3-4 work in log space: top-p and top-k are boolean masks (on log-probabilities in the
+``*_filter`` functions, which set ``-inf``), and temperature scales ``logits - max(logits)`` (equal to
+``logp - max(logp)``) by ``1 / T`` before the one exponentiation. The most probable kept token always
+has weight ``exp(0) = 1``, so no temperature in ``(0, 100]`` underflows every weight to zero (the
+reference's ``probs ** (1/T)`` does below T ~ 0.05, then divides 0 by 0), and the distribution tends
+to the greedy choice as ``T -> 0``. NaN logits count as ``-inf`` and ``+inf`` logits share all the
+mass, so no input yields a NaN probability.
 
 ``temperature == 0`` means greedy: the argmax of the penalised logits (the reference does the same
 through ``top_p = 0``). One deliberate deviation: ``top_p >= 1`` keeps every token (the reference's
@@ -25,6 +34,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+SEED_RANGE = 1 << 64  # torch generators take seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,12 @@ class SamplingParams:
             v = getattr(self, name)
             if not (-100.0 <= v <= 100.0):
                 raise ValueError(f"{name} must be in [-100, 100], got {v!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or int(self.seed) != self.seed
+            or not -SEED_RANGE < self.seed < SEED_RANGE
+        ):
+            raise ValueError(f"seed must be an integer in (-2**64, 2**64), got {self.seed!r}")
         object.__setattr__(self, "token_ban", tuple(int(t) for t in self.token_ban))
 
     @property
@@ -66,7 +83,7 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0)
 
 
-# ---- pure functions on one row of logits / probabilities ------------------------------------------
+# ---- pure functions on one row of logits / log-probabilities ---------------------------------------
 def ban_tokens(logits: torch.Tensor, token_ban: Iterable[int]) -> torch.Tensor:
     """Return ``logits`` with the banned tokens set to ``-inf``."""
     ban = list(token_ban)
@@ -86,14 +103,35 @@ def penalize(
     return logits - presence * seen.to(logits.dtype) - frequency * counts.to(logits.dtype)
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every probability below the cutoff where the descending cumulative sum first reaches top_p.
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with NaN as ``-inf``; if any logit is ``+inf``, those tokens share all the mass.
+
+    Raises ValueError when no token is left (every logit ``-inf`` or NaN: all banned, say).
+    """
+    x = logits.detach().float()
+    if bool(torch.isfinite(x.max())):  # max is NaN if any entry is: one cheap reduction in the usual case
+        return x
+    x = torch.where(torch.isnan(x), torch.full_like(x, -float("inf")), x)
+    pos = torch.isposinf(x)
+    if bool(pos.any()):
+        x = torch.where(pos, torch.zeros_like(x), torch.full_like(x, -float("inf")))
+    if not bool(torch.isfinite(x).any()):
+        raise ValueError("no token can be sampled: every logit is -inf or NaN (all tokens banned?)")
+    return x
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` of one row of logits [V] in float32 (non-finite logits as in ``finite_logits``)."""
+    return torch.log_softmax(finite_logits(logits), dim=-1)
+
+
+def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool [V]: the tokens whose probability is at least the cutoff, the probability at which the
+    descending cumulative sum first reaches ``top_p`` (ties with the cutoff are kept, as in the reference).
 
     The sort and the float32 cumulative sum are done in NumPy, as the reference does (and ~20x
     faster than ``torch.sort`` on a 65536-entry vocabulary on CPU).
     """
-    if top_p >= 1.0:
-        return probs
     p = probs.detach().float().cpu().numpy()
     # Tokens below (1 - top_p) / V hold less than 1 - top_p in total, so the cutoff is never below
     # that: sorting only the tokens above it gives the same prefix sums, hence the same cutoff.
@@ -102,32 +140,70 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     cum = np.cumsum(desc)
     reached = cum >= top_p
     cutoff = float(desc[int(np.argmax(reached))] if reached.any() else desc[-1])
-    return torch.where(probs < cutoff, torch.zeros_like(probs), probs)
+    return probs >= cutoff
 
 
-def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the ``top_k`` most probable entries (0 or >= V keeps all)."""
-    if top_k <= 0 or top_k >= probs.numel():
-        return probs
-    keep = torch.topk(probs, top_k).indices
-    out = torch.zeros_like(probs)
-    out[keep] = probs[keep]
-    return out
+def top_k_mask(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Bool [V]: the ``top_k`` largest entries of ``scores`` (logits, log-probs or probabilities)."""
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep[torch.topk(scores, top_k).indices] = True
+    return keep
 
 
-def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Raise probabilities to ``1 / temperature`` and renormalise (``softmax(logits / T)`` on the kept set)."""
-    if temperature != 1.0:
-        probs = probs ** (1.0 / temperature)
-    return probs / probs.sum()
+def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logp`` with ``-inf`` outside the top-p nucleus (``top_p >= 1`` keeps all)."""
+    if top_p >= 1.0:
+        return logp
+    return logp.masked_fill(~top_p_mask(torch.exp(logp.float()), top_p), -float("inf"))
+
+
+def top_k_filter(logp: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``logp`` with ``-inf`` outside the ``top_k`` largest (0 or >= V keeps all)."""
+    if top_k <= 0 or top_k >= logp.numel():
+        return logp
+    return logp.masked_fill(~top_k_mask(logp, top_k), -float("inf"))
+
+
+_INV_T_MAX = float(torch.finfo(torch.float32).max)
+
+
+def apply_temperature(logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Normalised log-probabilities of ``softmax(logp / temperature)`` (``-inf`` entries stay out).
+
+    ``logp - max`` (<= 0) is scaled by ``1 / temperature`` (capped at float32's largest value), so the
+    best token stays at 0 for any temperature > 0 and the others go to ``-inf`` as
+    ``temperature -> 0`` (greedy) instead of every weight underflowing.
+    """
+    z = _scaled(logp.detach().float(), temperature)
+    return z - torch.logsumexp(z, dim=-1)
+
+
+def _scaled(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(x - max(x)) / temperature`` in a new tensor (1 / temperature capped at float32's largest value)."""
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0 here (0 is the greedy path), got {temperature!r}")
+    y = x - x.max()
+    return y if temperature == 1.0 else y.mul_(min(1.0 / temperature, _INV_T_MAX))
+
+
+def sampling_weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Unnormalised float32 weights [V] a token is drawn from (non-greedy): ``exp((x - max) / T)`` on
+    the tokens top-p and top-k keep, 0 elsewhere. The best token always has weight exactly 1."""
+    x = finite_logits(logits)
+    keep = None
+    if params.top_p < 1.0:
+        keep = top_p_mask(torch.softmax(x, dim=-1), params.top_p)
+    if 0 < params.top_k < x.numel():
+        k = top_k_mask(x, params.top_k)
+        keep = k if keep is None else keep & k
+    w = _scaled(x, params.temperature).exp_()
+    return w if keep is None else w.masked_fill_(~keep, 0.0)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a token is drawn from, after top-p, top-k and temperature (non-greedy)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    probs = top_p_filter(probs, params.top_p)
-    probs = top_k_filter(probs, params.top_k)
-    return apply_temperature(probs, params.temperature)
+    """The float32 distribution [V] a token is drawn from, after top-p, top-k and temperature (non-greedy)."""
+    w = sampling_weights(logits, params)
+    return w / w.sum()
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -136,7 +212,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(int(seed))
+        g.manual_seed(int(seed) % SEED_RANGE)  # negative seeds map into torch's range
     return g
 
 
@@ -146,8 +222,8 @@ def sample_logits(
     """Draw one token from already-penalised logits [V] (bans are applied here)."""
     logits = ban_tokens(logits, params.token_ban)
     if params.greedy:
-        return int(torch.argmax(logits))
-    return draw(probabilities(logits, params), generator)
+        return int(torch.argmax(finite_logits(logits)))
+    return draw(sampling_weights(logits, params), generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
@@ -182,6 +258,8 @@ class Sampler:
         for t in self.params.token_ban:
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token_ban contains {t}, outside the vocabulary [0, {self.vocab_size})")
+        if len(set(self.params.token_ban)) >= self.vocab_size:
+            raise ValueError(f"token_ban bans all {self.vocab_size} tokens: nothing could be sampled")
 
     def sample(self, logits: torch.Tensor) -> int:
         """Penalise, filter and draw one token from logits [V] (any device; sampling runs on CPU)."""

@@ -4,11 +4,13 @@ A ``State`` holds, for every layer and batch row, what the model needs to contin
 
 - ``att_shift`` [L, B, C]: the previous token's normalised input to the time-mix (token shift)
 - ``ffn_shift`` [L, B, C]: the previous token's normalised input to the channel-mix
-- v5/v6: ``wkv`` [L, B, H, N, N] fp32, the matrix-valued state per head, laid out [key, value]
-- v4: ``aa``, ``bb``, ``pp`` [L, B, C] fp32, numerator, denominator and running max exponent
+- the time-mix's recurrent tensors, fp32, as the version declares them (``Version.recurrent``):
+  Eagle/Finch ``wkv`` [L, B, H, N, N], the matrix-valued state per head laid out [key, value];
+  RWKV-4 ``aa``, ``bb``, ``pp`` [L, B, C], numerator, denominator and running max exponent
 
 Passing a state back to the model continues the sequence exactly. States can be cloned, moved,
-saved to and loaded from a file, and split or stacked by batch row (for batched generation and for
+saved to and loaded from a file (read without unpickling code and validated in full: version,
+tensor types, consistent shapes, finite values), and split or stacked by batch row (for batched generation and for
 caching the state of a shared prompt prefix). The WKV parts are always fp32; shifts follow the
 model's compute dtype.
 """
@@ -22,15 +24,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
-from .io import atomic_torch_save
+from .io import atomic_torch_save, safe_torch_load
 
-_KEYS = {4: ("att_shift", "aa", "bb", "pp", "ffn_shift"), 5: ("att_shift", "wkv", "ffn_shift")}
-_KEYS[6] = _KEYS[5]
 _FORMAT = "rwkvkit-state-1"
 
 
 def state_keys(version: int) -> tuple[str, ...]:
-    return _KEYS[version]
+    """The tensors of a state of ``version``, in file order (ValueError for an unknown version)."""
+    from .models import registry
+
+    return registry.get(version).state_names()
 
 
 @dataclass
@@ -47,30 +50,28 @@ class State:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> State:
-        """The state at the start of a sequence (``pp`` = -1e30 for v4, everything else zero)."""
+        """The state at the start of a sequence: the shifts zero, the recurrent tensors at the values the
+        version declares (RWKV-4's ``pp`` = -1e30, everything else zero)."""
         L, B, C = config.n_layer, batch_size, config.n_embd
-        f32 = dict(device=device, dtype=torch.float32)
         t = {
             "att_shift": torch.zeros(L, B, C, device=device, dtype=dtype),
             "ffn_shift": torch.zeros(L, B, C, device=device, dtype=dtype),
         }
-        if config.version == 4:
-            t["aa"] = torch.zeros(L, B, C, **f32)
-            t["bb"] = torch.zeros(L, B, C, **f32)
-            t["pp"] = torch.full((L, B, C), -1e30, **f32)
-        else:
-            H, N = config.n_head, config.head_size
-            t["wkv"] = torch.zeros(L, B, H, N, N, **f32)
+        for slot in config.spec.recurrent:
+            t[slot.name] = torch.full(
+                (L, B, *slot.shape(config)), slot.fill, device=device, dtype=torch.float32
+            )
         return cls(config.version, t)
 
     @classmethod
     def from_time_state(cls, sd: dict[str, torch.Tensor], config: ModelConfig) -> State:
-        """A state-tuned file's ``blocks.{i}.att.time_state`` keys ([H, N, N], stored [value, key], as
-        RWKV-LM writes them) as a batch-1 State: the WKV part set, the token-shift parts zero."""
-        if config.version == 4:
-            raise ValueError("state tuning (time_state) exists only for RWKV-5/6 models")
+        """A state-tuned file's ``blocks.{i}.att.time_state`` keys (as RWKV-LM writes them: Eagle/Finch
+        [H, N, N] stored [value, key]) as a batch-1 State: the recurrent tensor the version names set,
+        the token-shift parts zero."""
+        layout = _time_state_layout(config.version)
         st = cls.zeros(config, 1)
-        H, N = config.n_head, config.head_size
+        target = st.tensors[layout.slot]
+        shape = tuple(target.shape[2:])
         for i in range(config.n_layer):
             key = f"blocks.{i}.att.time_state"
             if key not in sd:
@@ -78,17 +79,21 @@ class State:
                     f"state file lacks {key!r} (needs one time_state per layer, {config.n_layer} layers)"
                 )
             t = sd[key]
-            if tuple(t.shape) != (H, N, N):
-                raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the model needs {(H, N, N)}")
-            st.tensors["wkv"][i, 0] = t.float().transpose(-1, -2)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{key!r} is not a floating-point tensor")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{key!r} has shape {tuple(t.shape)}, the model needs {shape}")
+            t = t.float()
+            target[i, 0] = t.transpose(-1, -2) if layout.transposed else t
+        st.validate("time_state")
         return st
 
     def to_time_state(self) -> dict[str, torch.Tensor]:
         """The inverse of ``from_time_state`` for batch row 0 (what state tuning exports)."""
-        if self.version == 4:
-            raise ValueError("time_state exists only for RWKV-5/6 states")
-        wkv = self.tensors["wkv"][:, 0]
-        return {f"blocks.{i}.att.time_state": wkv[i].transpose(-1, -2).contiguous() for i in range(len(wkv))}
+        layout = _time_state_layout(self.version)
+        rec = self.tensors[layout.slot][:, 0]
+        out = (t.transpose(-1, -2) if layout.transposed else t for t in rec)
+        return {f"blocks.{i}.att.time_state": t.contiguous() for i, t in enumerate(out)}
 
     # ---- basic properties ---------------------------------------------------------------------
     @property
@@ -109,8 +114,6 @@ class State:
     # ---- value semantics ----------------------------------------------------------------------
     def clone(self) -> State:
         return State(self.version, {k: v.clone() for k, v in self.tensors.items()})
-
-    copy = clone
 
     def detach(self) -> State:
         return State(self.version, {k: v.detach() for k, v in self.tensors.items()})
@@ -149,14 +152,6 @@ class State:
             version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors}
         )
 
-    cat = stack
-
-    def assign_rows(self, rows: Sequence[int] | torch.Tensor, other: State) -> None:
-        """In place: overwrite batch rows ``rows`` with the rows of ``other`` (same order)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for k, v in self.tensors.items():
-            v.index_copy_(1, idx, other.tensors[k].to(v.dtype))
-
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
@@ -166,18 +161,61 @@ class State:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> State:
-        try:
-            payload = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"cannot read state file {str(path)!r}: {e}") from e
+        """Read a file written by ``save``; ValueError (naming the problem) for anything else."""
+        where = f"state file {str(path)!r}"
+        payload = safe_torch_load(path, "state file", map_location="cpu")
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"{str(path)!r} is not an rwkvkit state file")
-        version = int(payload["version"])
+        version = payload.get("version")
+        from .models import registry
+
+        if type(version) is not int or version not in registry.VERSIONS:
+            raise ValueError(
+                f"{where} has no valid 'version' (got {version!r}; expected one of {sorted(registry.VERSIONS)})"
+            )
         keys = state_keys(version)
         missing = [k for k in keys if k not in payload]
         if missing:
-            raise ValueError(f"state file {str(path)!r} lacks {missing}")
-        return cls(version, {k: payload[k] for k in keys})
+            raise ValueError(f"{where} lacks {missing}")
+        extra = [k for k in payload if k not in keys and k not in ("format", "version")]
+        if extra:
+            raise ValueError(f"{where} has unexpected entries {[str(k) for k in extra][:5]}")
+        state = cls(version, {k: payload[k] for k in keys})
+        state.validate(where)
+        return state.to(device)
+
+    def validate(self, where: str = "state") -> None:
+        """Raise ValueError unless every part the version declares is a finite float tensor and the
+        shapes agree with each other (same layers and batch rows; both shifts [L, B, C]). Whether the
+        per-layer shapes fit a model is ``check``'s job."""
+        try:
+            keys = state_keys(self.version)
+        except ValueError:
+            raise ValueError(f"{where}: unknown RWKV version {self.version!r}") from None
+        for k in keys:
+            t = self.tensors.get(k)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{where}: {k!r} is {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise ValueError(f"{where}: {k!r} has dtype {t.dtype}, expected a floating-point tensor")
+            if t.dim() < 3 or 0 in t.shape:
+                raise ValueError(
+                    f"{where}: {k!r} has shape {tuple(t.shape)}, expected [layers, rows, ...] non-empty"
+                )
+        L, B, C = self.tensors["att_shift"].shape
+        for k in keys:
+            t = self.tensors[k]
+            if tuple(t.shape[:2]) != (L, B):
+                raise ValueError(
+                    f"{where}: {k!r} has {t.shape[0]} layers x {t.shape[1]} rows, 'att_shift' has {L} x {B}"
+                )
+        ffn = self.tensors["ffn_shift"]
+        if ffn.dim() != 3 or ffn.shape[2] != C:
+            raise ValueError(f"{where}: 'ffn_shift' has width {tuple(ffn.shape[2:])}, 'att_shift' has {C}")
+        for k in keys:
+            lo, hi = torch.aminmax(self.tensors[k].detach())
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                raise ValueError(f"{where}: {k!r} holds NaN or Inf values")
 
     def check(self, config: ModelConfig, batch_size: int | None = None) -> None:
         """Raise ValueError if this state does not fit ``config`` (and ``batch_size`` if given)."""
@@ -194,3 +232,12 @@ class State:
                 )
         if batch_size is not None and self.batch_size != batch_size:
             raise ValueError(f"state has batch size {self.batch_size}, input has {batch_size}")
+
+
+def _time_state_layout(version: int):
+    from .models import registry
+
+    spec = registry.get(version)
+    if spec.time_state is None:
+        raise ValueError(f"state tuning (time_state) does not exist for {spec.name}: it has no matrix state")
+    return spec.time_state

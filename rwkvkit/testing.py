@@ -2,8 +2,9 @@
 
 No model hub is reachable in CI, so every parity test builds its own checkpoint here: the same keys,
 shapes and dtypes as BlinkDL's released ``.pth`` files, with weights drawn so that the model's
-activations look like a real one's (unit-scale matrices, decays spread over the realistic range,
-Finch LoRAs large enough to make the decay and token shift genuinely data-dependent).
+activations look like a real one's (unit-scale matrices; the version's own parameters, such as decays
+spread over the realistic range and LoRAs large enough to make Finch genuinely data-dependent, drawn
+as the version declares: ``Version.random_param``).
 """
 
 from __future__ import annotations
@@ -23,67 +24,51 @@ def random_checkpoint(
     vocab_size: int = 256,
     *,
     head_size: int = 32,
-    mix_lora: int = 32,
-    decay_lora: int = 64,
     ffn_dim: int = 0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     time_state: bool = False,
     path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    **sizes: int,
 ) -> dict[str, torch.Tensor]:
-    """A random state dict in the official layout; written with ``torch.save`` to ``path`` if given."""
-    cfg = ModelConfig(
-        version,
-        n_layer,
-        n_embd,
-        vocab_size,
-        head_size=n_embd if version == 4 else head_size,
-        ffn_dim=ffn_dim,
-        mix_lora=mix_lora,
-        decay_lora=decay_lora,
-    )
-    g = torch.Generator().manual_seed(seed)
+    """A random state dict in the official layout; written with ``torch.save`` to ``path`` if given.
+    ``sizes``: the version's own sizes (Finch: ``mix_lora``, ``decay_lora``), else its defaults.
+    ``device``: where the tensors are drawn (another device's generator gives other values)."""
+    cfg = ModelConfig(version, n_layer, n_embd, vocab_size, head_size=head_size, ffn_dim=ffn_dim, **sizes)
+    spec = cfg.spec
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def U(shape: tuple[int, ...], lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(shape, generator=g) * (hi - lo) + lo
+        return torch.rand(shape, generator=g, device=device) * (hi - lo) + lo
 
     sd: dict[str, torch.Tensor] = {}
     for key, shape in checkpoint_keys(cfg).items():
         name = key.split(".")[-1] if not key.endswith((".weight", ".bias")) else key.split(".")[-2]
-        if key == "emb.weight":
-            t = torch.randn(shape, generator=g)
+        own = None if key.endswith((".weight", ".bias")) else spec.random_param(name, shape, U)
+        if own is not None:
+            t = own
+        elif key == "emb.weight":
+            t = torch.randn(shape, generator=g, device=device)
         elif key.endswith(".bias"):
             t = U(shape, -0.2, 0.2)
         elif key.endswith("weight") and (".ln" in key or key.startswith("ln_out")):
             t = U(shape, 0.5, 1.5)
-        elif name.startswith(("time_mix", "time_maa")) and name not in ("time_maa_w1", "time_maa_w2"):
-            t = U(shape, 0.0, 1.0)
-        elif name == "time_maa_w1":
-            t = U(shape, -0.5, 0.5) / shape[0] ** 0.5 * 4
-        elif name == "time_maa_w2":
-            t = U(shape, -0.5, 0.5) / shape[1] ** 0.5
-        elif name == "time_decay_w1":
-            t = U(shape, -0.5, 0.5) / shape[0] ** 0.5 * 4
-        elif name == "time_decay_w2":
-            t = U(shape, -1.0, 1.0) / shape[0] ** 0.5 * 2
-        elif name == "time_decay":
-            # log(-log w): -6 (slow decay) .. 1.5 (w = exp(-4.5)); Finch's LoRA adds data-dependent swings.
-            t = U(shape, -6.0, 1.5 if version != 4 else 1.0)
-        elif name in ("time_first", "time_faaaa"):
-            t = U(shape, -1.0, 1.0)
         elif key.endswith(".weight"):  # linear [out, in]
-            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            t = torch.randn(shape, generator=g, device=device) / shape[1] ** 0.5
             if key == "head.weight":
                 t = t * 2
-        else:  # pragma: no cover - every key is covered above
-            raise AssertionError(key)
+        else:
+            raise AssertionError(f"{spec.name} declares no random value for {key}")
         sd[key] = t.to(dtype)
     if time_state:
-        if version == 4:
-            raise ValueError("time_state exists only for RWKV-5/6 checkpoints")
-        H, N = cfg.n_head, cfg.head_size
+        if spec.time_state is None:
+            raise ValueError(f"time_state does not exist for {spec.name} checkpoints")
+        slot = next(s for s in spec.recurrent if s.name == spec.time_state.slot)
         for i in range(n_layer):
-            sd[f"blocks.{i}.att.time_state"] = (torch.randn((H, N, N), generator=g) * 0.3).to(dtype)
+            sd[f"blocks.{i}.att.time_state"] = (
+                torch.randn(slot.shape(cfg), generator=g, device=device) * 0.3
+            ).to(dtype)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(sd, path)

@@ -22,5 +22,5 @@ nice -n 10 $PY -m rwkvkit.train.cli --config configs/demo.yaml load=runs/demo/rw
 
 # 4. ship the final checkpoint (official .pth layout, bf16), its vocabulary, and the training log
 cp runs/demo2/rwkv-final.pth rwkvkit/assets/demo-finch-L6-C256.pth
-cp runs/demo_data/vocab.txt rwkvkit/assets/demo-vocab.txt
+cp runs/demo_data/vocab.txt rwkvkit/assets/demo-finch-L6-C256.vocab.txt
 $PY -m rwkvkit.train.metrics rwkvkit/assets/demo runs/demo runs/demo2

@@ -37,7 +37,7 @@ def test_config_read_from_keys_and_shapes(finch):
     assert model.config == cfg
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_save_load_roundtrip_pth_and_safetensors(tmp_path, version):
     sd = random_checkpoint(version, 2, 64, 300, head_size=32, path=tmp_path / "a.pth")
     model = rwkvkit.load(tmp_path / "a.pth", fold_ln0=False)
@@ -98,15 +98,12 @@ def test_unexpected_key(tmp_path, finch):
     [
         (lambda sd: sd.pop("blocks.0.att.gate.weight"), "5.0"),  # ln_x without gate
         (lambda sd: sd.__setitem__("blocks.0.att.time_decay", torch.zeros(2)), "5.1"),
-        (lambda sd: sd.__setitem__("blocks.0.att.k_k", torch.zeros(64)), "RWKV-7"),
         (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("blocks.0.att.")], "unknown RWKV layout"),
     ],
-    ids=["v5.0", "v5.1", "v7", "unknown"],
+    ids=["v5.0", "v5.1", "unknown"],
 )
 def test_unsupported_versions_are_named(tmp_path, edit, match):
     sd = random_checkpoint(5, 2, 64, 300, head_size=32)
-    if match == "RWKV-7":
-        sd = {k: v for k, v in sd.items() if "time_" not in k}
     edit(sd)
     torch.save(sd, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match=match):
@@ -176,3 +173,72 @@ def test_mmap_and_weights_stay_in_file_dtype(tmp_path):
     assert model.blocks[1].att.time_decay.dtype == torch.float32  # decays stay fp32
     # the bf16 matrices are used as loaded (no copy): identical values to the file
     assert torch.equal(model.blocks[1].att.key.weight, sd["blocks.1.att.key.weight"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, finch, bad):
+    _, sd = finch
+    sd["blocks.1.att.key.weight"][3, 4] = bad
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.att\.key\.weight.*NaN/Inf"):
+        rwkvkit.load(tmp_path / "nan.pth")
+
+
+def test_fp16_overflow_is_refused(tmp_path, finch):
+    _, sd = finch
+    sd["blocks.0.ffn.key.weight"][0, 0] = 1e6  # finite in fp32, Inf in fp16
+    torch.save(sd, tmp_path / "big.pth")
+    assert rwkvkit.load(tmp_path / "big.pth") is not None
+    with pytest.raises(CheckpointError, match="overflows to Inf in fp16"):
+        rwkvkit.load(tmp_path / "big.pth", dtype=torch.float16)
+
+
+def test_random_bytes_and_odd_keys_are_named_as_such(tmp_path, finch):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="not a PyTorch file") as e:
+        rwkvkit.load(junk)
+    assert "pickled objects" not in str(e.value)
+    _, sd = finch
+    sd[7] = torch.zeros(1)
+    torch.save(sd, tmp_path / "intkey.pth")
+    with pytest.raises(CheckpointError, match="non-string keys"):
+        rwkvkit.load(tmp_path / "intkey.pth")
+
+
+def _state_payload(model) -> dict:
+    _, st = model([1, 2, 3])
+    return {"format": "rwkvkit-state-1", "version": st.version, **{k: v for k, v in st.tensors.items()}}
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda p: p.pop("version"), "version"),
+        (lambda p: p.update(version="6"), "version"),
+        (lambda p: p.update(wkv=[1.0, 2.0]), "not a tensor"),
+        (lambda p: p.update(wkv=p["wkv"].long()), "floating-point"),
+        (lambda p: p.update(ffn_shift=torch.cat([p["ffn_shift"]] * 2, dim=1)), "rows"),
+        (lambda p: p.update(att_shift=p["att_shift"][:, :, :5]), "width"),
+        (lambda p: p["wkv"].view(-1).__setitem__(7, float("nan")), "NaN"),
+        (lambda p: p.update(extra=torch.zeros(1)), "unexpected"),
+        (lambda p: p.update({3: torch.zeros(1)}), "unexpected"),
+    ],
+)
+def test_state_files_are_validated_in_full(tmp_path, finch, edit, match):
+    payload = _state_payload(rwkvkit.load(finch[0]))
+    edit(payload)
+    torch.save(payload, tmp_path / "s.state")
+    with pytest.raises(ValueError, match=match):
+        State.load(tmp_path / "s.state")
+
+
+def test_state_file_of_random_bytes_or_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.state").write_bytes(os.urandom(2000))
+    with pytest.raises(ValueError, match="not a PyTorch file"):
+        State.load(tmp_path / "r.state")
+    torch.save({"format": "rwkvkit-state-1", "version": _Exploit()}, tmp_path / "e.state")
+    with pytest.raises(ValueError, match="pickled objects"):
+        State.load(tmp_path / "e.state")
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()

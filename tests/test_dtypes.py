@@ -10,10 +10,10 @@ from rwkvkit.models.quant import Int8Linear
 from rwkvkit.testing import random_checkpoint
 
 
-@pytest.fixture(scope="module")
-def finch_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "finch.pth"
-    random_checkpoint(6, 4, 128, 2000, head_size=32, dtype=torch.bfloat16, path=path)
+@pytest.fixture(scope="module", params=[6, 7], ids=["finch", "goose"])
+def bf16_path(tmp_path_factory, request):
+    path = tmp_path_factory.mktemp("ckpt") / f"rwkv{request.param}.pth"
+    random_checkpoint(request.param, 4, 128, 2000, head_size=32, dtype=torch.bfloat16, path=path)
     return path
 
 
@@ -33,10 +33,10 @@ def _run(model, tokens):
     ],
     ids=["bf16", "fp16", "int8"],
 )
-def test_reduced_precision_close_to_fp32(finch_path, kw, max_err, agree):
+def test_reduced_precision_close_to_fp32(bf16_path, kw, max_err, agree):
     tokens = torch.randint(0, 2000, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    ref, ref_step, _ = _run(rwkvkit.load(finch_path), tokens)
-    model = rwkvkit.load(finch_path, **kw)
+    ref, ref_step, _ = _run(rwkvkit.load(bf16_path), tokens)
+    model = rwkvkit.load(bf16_path, **kw)
     got, got_step, st = _run(model, tokens)
     assert torch.isfinite(got).all()
     assert st["wkv"].dtype == torch.float32
@@ -48,17 +48,19 @@ def test_reduced_precision_close_to_fp32(finch_path, kw, max_err, agree):
     assert err.mean().item() < 0.05 * ref.std().item()
 
 
-def test_int8_layers_replace_every_matrix(finch_path):
-    model = rwkvkit.load(finch_path, quantize="int8")
+def test_int8_layers_replace_every_matrix(bf16_path):
+    model = rwkvkit.load(bf16_path, quantize="int8")
     n_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
-    assert n_int8 == 4 * (5 + 3) + 1  # per layer: att r,k,v,g,o + ffn k,r,v; plus the head
+    per_layer = 5 + 3 if model.config.version == 6 else 4 + 2  # Goose: att r,k,v,o + ffn k,v
+    assert n_int8 == 4 * per_layer + 1  # per layer: att r,k,v,g,o + ffn k,r,v; plus the head
     w = model.blocks[0].att.key
     assert w.weight_int8.dtype == torch.int8
 
 
-def test_fp16_rescaling_keeps_deep_models_finite(tmp_path):
+@pytest.mark.parametrize("version", [5, 7])
+def test_fp16_rescaling_keeps_deep_models_finite(tmp_path, version):
     path = tmp_path / "deep.pth"
-    sd = random_checkpoint(5, 13, 64, 500, head_size=32)
+    sd = random_checkpoint(version, 13, 64, 500, head_size=32)
     for k in sd:  # blow up the channel-mix output so an unscaled fp16 residual would overflow
         if k.endswith("ffn.value.weight"):
             sd[k] = sd[k] * 40

@@ -66,7 +66,7 @@ def ref_pipeline():
     return Recording(None, "rwkv_vocab_v20230424")  # the model is set per test
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_greedy_matches_reference_pipeline(tmp_path: Path, tok, ref_pipeline, version: int) -> None:
     """temperature 0 with the reference's default penalties: 64 tokens, token for token."""
     from rwkv.utils import PIPELINE_ARGS
@@ -237,3 +237,75 @@ def test_bad_input_is_refused(model6) -> None:
         list(generate_tokens(model6, [], max_tokens=2))
     with pytest.raises(ValueError, match="batch size|shape"):
         list(generate_tokens(model6, [1], state=State.zeros(model6.config, 2)))
+
+
+def test_interleaved_prefill_bounds_the_work_per_step(model6) -> None:
+    """A long prompt arriving while a row decodes is fed at most ``interleave`` tokens per step, and
+    every row still produces exactly what it would alone."""
+    calls: list[tuple[int, int]] = []
+    forward = model6.forward
+
+    def spy(x, *a, **k):
+        calls.append(tuple(torch.as_tensor(x).reshape(-1, torch.as_tensor(x).shape[-1]).shape))
+        return forward(x, *a, **k)
+
+    cache = PrefixCache(4)
+    dec = BatchDecoder(model6, interleave=16, chunk_len=64, cache=cache)
+    running = generate_tokens(model6, [7, 8, 9], max_tokens=30, sampling=GREEDY).row
+    dec.add(running)
+    dec.step()  # nothing else decodes yet: the short prompt is prefilled at once, then decoded
+    long_prompt = list(range(2000, 2100))
+    late = generate_tokens(model6, long_prompt, max_tokens=5, sampling=GREEDY).row
+    gone = generate_tokens(model6, list(range(3000, 3050)), max_tokens=5, sampling=GREEDY).row
+    dec.add(late)
+    dec.add(gone)
+    model6.forward = spy
+    slices: list[int] = []
+    try:
+        steps = 0
+        while len(dec):
+            calls.clear()
+            dec.step()
+            steps += 1
+            if steps == 2:
+                gone.cancelled = True  # a client that leaves while its prompt is still being fed
+            if not running.done:
+                slices += [t for b, t in calls if b == 1 and t > 1]  # prompt slices while it decodes
+    finally:
+        model6.forward = forward
+    assert slices and max(slices) == 16  # never more than the interleave per step
+    assert gone.finish_reason == "cancelled" and gone.tokens == []
+    assert running.tokens == list(generate_tokens(model6, [7, 8, 9], max_tokens=30, sampling=GREEDY))
+    assert late.tokens == list(generate_tokens(model6, long_prompt, max_tokens=5, sampling=GREEDY))
+    assert len(cache) == 2  # both completed prompts were cached, in pieces or not
+    again = generate_tokens(model6, long_prompt, max_tokens=5, sampling=GREEDY).row
+    dec.add(again)
+    while len(dec):
+        dec.step()
+    assert again.tokens == late.tokens and cache.hits == 1
+
+
+def test_interleaved_prefill_error_fails_one_row(model6) -> None:
+    dec = BatchDecoder(model6, interleave=8)
+    good = generate_tokens(model6, [5, 6], max_tokens=4, sampling=GREEDY).row
+    bad = generate_tokens(model6, [5, 6, 7], max_tokens=4, sampling=GREEDY).row
+    bad.prompt = [5, 6, V + 10]  # slipped past add's check: the model refuses it while prefilling
+    dec.add(good)
+    dec.prefilling.append(type(dec.prefilling[0])(bad))
+    finished = []
+    while len(dec):
+        finished += dec.step()
+    assert bad in finished and bad.finish_reason == "error" and "outside" in (bad.error or "")
+    assert good.finish_reason == "length" and len(good.tokens) == 4
+
+
+def test_interleave_budget_covers_several_short_prompts(model6) -> None:
+    dec = BatchDecoder(model6, interleave=16)
+    first = generate_tokens(model6, [4, 5], max_tokens=20, sampling=GREEDY).row
+    dec.add(first)
+    dec.step()
+    short = [generate_tokens(model6, [10 + i, 11, 12], max_tokens=3, sampling=GREEDY).row for i in range(5)]
+    for r in short:
+        dec.add(r)
+    dec.step()  # 16 tokens of budget: five 3-token prompts fit, and they decode in the same step
+    assert len(dec.rows) == 6 and not dec.prefilling and all(len(r.tokens) == 1 for r in short)

@@ -281,19 +281,16 @@ MODEL_TOL = {torch.float32: 5e-6, bf16: 2.0**-7}
 
 def _run(model, tokens, enabled: bool):
     """Whole-sequence logits and state, and the logits of the last token decoded as a T == 1 step."""
-    fused.set_enabled(enabled)
-    try:
-        with torch.no_grad():
-            whole, state = model(tokens)
-            _, prefix = model(tokens[:, :-1])
-            step, _ = model(tokens[:, -1:], prefix)
-    finally:
-        fused.set_enabled(True)
+    model.set_kernels(fused=enabled)
+    with torch.no_grad():
+        whole, state = model(tokens)
+        _, prefix = model(tokens[:, :-1])
+        step, _ = model(tokens[:, -1:], prefix)
     return whole, state, step
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_fused_matches_unfused(version, dtype, tmp_path):
     path = tmp_path / "m.pth"
     random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)

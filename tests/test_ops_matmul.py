@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import rwkvkit
+from rwkvkit import kernels
 from rwkvkit.models import common
 from rwkvkit.ops import fused, matmul
 from rwkvkit.testing import random_checkpoint
@@ -118,12 +119,8 @@ def test_linear_layer_uses_the_kernel_only_where_it_applies(monkeypatch):
         common.Linear(64, 96)(torch.randn(64, 64))  # fp32 weights
     layer(torch.randn(1, 40, 64))  # parameters want gradients: F.linear
     assert calls == [torch.Size([1, 40, 64])]
-    matmul.set_enabled(False)
-    try:
-        with torch.no_grad():
-            layer(torch.randn(1, 40, 64))
-    finally:
-        matmul.set_enabled(True)
+    with torch.no_grad(), kernels.using(kernels.Kernels(amx_matmul=False)):
+        layer(torch.randn(1, 40, 64))
     assert len(calls) == 1
     with torch.no_grad():
         y = layer.forward_relu2(torch.randn(64, 64))
@@ -131,15 +128,12 @@ def test_linear_layer_uses_the_kernel_only_where_it_applies(monkeypatch):
 
 
 def _logits(model, tokens, enabled):
-    matmul.set_enabled(enabled)
-    try:
-        with torch.no_grad():
-            return model(tokens)[0]
-    finally:
-        matmul.set_enabled(True)
+    model.set_kernels(amx_matmul=enabled)
+    with torch.no_grad():
+        return model(tokens)[0]
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
 def test_model_logits_with_and_without_the_kernel(version, tmp_path, monkeypatch):
     path = tmp_path / "m.pth"
     random_checkpoint(version, 2, 128, 300, head_size=32, ffn_dim=256, seed=version, path=path)

@@ -136,3 +136,81 @@ def test_hub_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(ModelNotFound, match="unreachable.*local path"):
         resolve_model("hf://BlinkDL/rwkv-6-world/x.pth")
+
+
+DEMO = Path(rwkvkit.__file__).parent / "assets" / "demo-finch-L6-C256.pth"
+
+
+def test_demo_model_runs_with_the_vocabulary_beside_it(capsys: pytest.CaptureFixture) -> None:
+    """The shipped demo model (8192 tokens) used to end in a traceback: the World vocabulary was forced."""
+    args = ["--model", str(DEMO), "--prompt", "In the beginning", "--max-tokens", "12", *GREEDY_CLI]
+    assert generate_main(args) == 0
+    out = capsys.readouterr().out
+    tok = rwkvkit.Tokenizer(DEMO.with_name(DEMO.stem + ".vocab.txt"))
+    want = generate(rwkvkit.load(DEMO), tok, "In the beginning", max_tokens=12, sampling=GREEDY, stream=False)
+    assert out == want + "\n" and want.strip()
+
+
+def test_vocabulary_rule(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from rwkvkit.model_args import find_vocab, load_tokenizer
+    from rwkvkit.train.vocab import subset_vocab, write_vocab
+
+    small = tmp_path / "small"
+    small.mkdir()
+    model = small / "rwkv-final.pth"
+    random_checkpoint(6, n_layer=1, n_embd=64, vocab_size=300, head_size=32, seed=1, path=model)
+    args = ["--model", str(model), "--prompt", "abc", "--max-tokens", "4", *GREEDY_CLI]
+    assert generate_main(args) == 2  # no vocabulary: one clear line, no traceback
+    err = capsys.readouterr().err
+    assert "300 tokens" in err and "--vocab" in err and "Traceback" not in err
+    vocab = subset_vocab(["hello world " * 50], 300)
+    write_vocab(vocab, tmp_path / "mine.txt")
+    assert generate_main([*args, "--vocab", str(tmp_path / "mine.txt")]) == 0  # named
+    named = capsys.readouterr().out
+    write_vocab(vocab, small / "vocab.txt")  # what the trainer leaves in out_dir
+    assert find_vocab(model, 300) == small / "vocab.txt"
+    assert generate_main(args) == 0 and capsys.readouterr().out == named
+    write_vocab(vocab, small / "rwkv-final.vocab.txt")  # <stem>.vocab.txt wins over vocab.txt
+    assert find_vocab(model, 300) == small / "rwkv-final.vocab.txt"
+    assert find_vocab(model, 300, tmp_path / "mine.txt") == tmp_path / "mine.txt"
+    assert find_vocab(tmp_path / "elsewhere" / "m.pth", 65536) is None  # World, by size
+    with pytest.raises(ValueError, match="300 ids but the model only 200"):
+        load_tokenizer(model, 200)
+    with pytest.raises(ValueError, match="does not exist"):
+        find_vocab(model, 300, tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize("opts", [["--dtype", "bf16"], ["--quantize", "int8"], ["--dtype", "fp16"]])
+def test_generate_dtype_and_quantize(ckpt: Path, capsys: pytest.CaptureFixture, opts: list[str]) -> None:
+    assert (
+        generate_main(["--model", str(ckpt), "--prompt", "Hi", "--max-tokens", "5", *GREEDY_CLI, *opts]) == 0
+    )
+    out = capsys.readouterr().out
+    kw = {"dtype": torch.bfloat16} if "bf16" in opts else {"dtype": torch.float16} if "fp16" in opts else {}
+    model = rwkvkit.load(ckpt, quantize="int8" if "int8" in opts else None, **kw)
+    assert (
+        out == generate(model, rwkvkit.Tokenizer(), "Hi", max_tokens=5, sampling=GREEDY, stream=False) + "\n"
+    )
+
+
+def test_chat_survives_bad_state_files(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Every /load of a broken file reports it and the conversation goes on (a KeyError used to end it)."""
+    model = rwkvkit.load(ckpt)
+    _, st = model([1, 2, 3])
+    good = {"format": "rwkvkit-state-1", "version": 6, **st.tensors}
+    files = {
+        "noversion": {k: v for k, v in good.items() if k != "version"},
+        "batch": {**good, "wkv": torch.cat([st["wkv"]] * 2, dim=1)},
+        "nan": {**good, "att_shift": torch.full_like(st["att_shift"], float("nan"))},
+        "list": {**good, "ffn_shift": [0.0]},
+    }
+    for name, payload in files.items():
+        torch.save(payload, tmp_path / name)
+    (tmp_path / "junk").write_bytes(bytes(range(256)) * 4)
+    loads = "".join(f"/load {tmp_path / n}\n" for n in [*files, "junk"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hello!\n{loads}Still there?\n/quit\n"))
+    assert chat_main(["--model", str(ckpt), "--max-tokens", "4", *GREEDY_CLI]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cannot load") == 5 and out.count("Assistant: ") == 2

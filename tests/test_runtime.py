@@ -12,9 +12,22 @@ from rwkvkit import runtime
 
 
 def test_opt_out_by_environment(monkeypatch):
-    monkeypatch.setattr(runtime, "_done", False)
-    monkeypatch.setenv("RWKVKIT_MALLOC_TUNE", "0")
-    assert runtime.tune_malloc() is False
+    """RWKVKIT_MALLOC_TUNE=0 is read where every override is (rwkvkit.kernels) and makes the callers
+    skip the tuning: load's default and the trainer's."""
+    import subprocess
+    import sys
+
+    code = "from rwkvkit import kernels; print(kernels.MALLOC_TUNE)"
+    env = {**__import__("os").environ, "RWKVKIT_MALLOC_TUNE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from rwkvkit import kernels
+    from rwkvkit.train import trainer
+
+    monkeypatch.setattr(kernels, "MALLOC_TUNE", False)
+    monkeypatch.setattr(runtime, "_applied", None)
+    assert trainer._tune_malloc_for(1 << 30) is False
+    assert runtime._applied is None
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
@@ -32,3 +45,25 @@ def test_freed_activations_are_reused_without_page_faults():
 
     faults(), faults()  # the heap grows to hold the block once
     assert faults() < 200  # 5 x 2048 pages would fault if each block were mapped afresh
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_trainer_sizes_the_thresholds_to_its_logits():
+    """A V=65536 batch's logits are hundreds of MB: above load's 64 MB threshold they were mapped and
+    page-faulted in afresh every step; the trainer raises the thresholds to fit them."""
+    from rwkvkit.train.trainer import _tune_malloc_for
+
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            t = torch.empty(96 << 20, dtype=torch.uint8)  # 96 MB, like 1 x 384 x 65536 fp32 logits
+            t.fill_(1)
+            del t
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert _tune_malloc_for(96 << 20) is True
+    faults(), faults()
+    assert faults() < 2000  # 3 x 24576 pages if each block were mapped afresh
+    assert runtime.tune_malloc() is True  # a later default call does not lower them again
+    assert runtime._applied[0] >= 192 << 20
+    assert runtime.trim_malloc() is True

@@ -1,16 +1,22 @@
-"""Sampling filters alone, and against rwkv.utils.PIPELINE.sample_logits's distribution."""
+"""Sampling filters alone, against rwkv.utils.PIPELINE.sample_logits's distribution, and at extremes
+(temperatures down to subnormal floats, infinite and NaN logits, every filter and penalty at its bounds)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rwkvkit.sampling import (
     Sampler,
     SamplingParams,
     apply_temperature,
     ban_tokens,
+    log_probs,
     penalize,
     probabilities,
     sample_logits,
@@ -37,32 +43,136 @@ def test_params_validate() -> None:
     assert SamplingParams(temperature=0).greedy
 
 
+def _kept(logp: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logp)
+
+
 def test_top_p_keeps_smallest_nucleus() -> None:
-    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
-    assert torch.equal(top_p_filter(probs, 0.7) > 0, torch.tensor([False, True, True, False]))
-    assert torch.equal(top_p_filter(probs, 0.8) > 0, torch.tensor([False, True, True, False]))
-    assert torch.equal(top_p_filter(probs, 0.81) > 0, torch.tensor([False, True, True, True]))
-    assert torch.equal(top_p_filter(probs, 0.0) > 0, torch.tensor([False, True, False, False]))
-    assert torch.equal(top_p_filter(probs, 1.0), probs)
+    logp = torch.log(torch.tensor([0.05, 0.5, 0.3, 0.15]))
+    assert torch.equal(_kept(top_p_filter(logp, 0.7)), torch.tensor([False, True, True, False]))
+    assert torch.equal(_kept(top_p_filter(logp, 0.79)), torch.tensor([False, True, True, False]))
+    assert torch.equal(_kept(top_p_filter(logp, 0.81)), torch.tensor([False, True, True, True]))
+    assert torch.equal(_kept(top_p_filter(logp, 0.0)), torch.tensor([False, True, False, False]))
+    assert torch.equal(top_p_filter(logp, 1.0), logp)
 
 
 def test_top_p_wide_nucleus() -> None:
     probs = torch.full((5000,), 1 / 5000)
     probs[0] = 0.0
-    probs = probs / probs.sum()
-    kept = top_p_filter(probs, 0.9)
-    assert int((kept > 0).sum()) == 4999  # all equal: every one reaches the cutoff
+    kept = top_p_filter(torch.log(probs / probs.sum()), 0.9)
+    assert int(_kept(kept).sum()) == 4999  # all equal: every one reaches the cutoff
 
 
 def test_top_k_and_temperature() -> None:
-    probs = torch.softmax(_logits(100), 0)
-    kept = top_k_filter(probs, 5)
-    assert int((kept > 0).sum()) == 5
-    assert set(torch.nonzero(kept).flatten().tolist()) == set(torch.topk(probs, 5).indices.tolist())
-    assert torch.equal(top_k_filter(probs, 0), probs)
+    logp = log_probs(_logits(100))
+    kept = top_k_filter(logp, 5)
+    assert int(_kept(kept).sum()) == 5
+    assert set(torch.nonzero(_kept(kept)).flatten().tolist()) == set(torch.topk(logp, 5).indices.tolist())
+    assert torch.equal(top_k_filter(logp, 0), logp)
     lg = _logits(50)
-    t = apply_temperature(torch.softmax(lg, 0), 0.5)
-    assert torch.allclose(t, torch.softmax(lg / 0.5, 0), atol=1e-6)
+    t = torch.exp(apply_temperature(log_probs(lg), 0.5))
+    assert torch.allclose(t.float(), torch.softmax(lg / 0.5, 0), atol=1e-6)
+
+
+def test_low_temperatures_sample_the_best_token_not_the_last() -> None:
+    """The old ``probs ** (1/T)`` underflowed to 0/0 for T below ~0.05 and always returned id V-1."""
+    lg = _logits(65536, seed=3)
+    best = int(torch.argmax(lg))
+    lg[best] += 1.0  # a clear winner (the second is 1 nat or more behind)
+    for T in (0.04, 0.01, 1e-3, 1e-6, 1e-30, 5e-324):
+        p = SamplingParams(temperature=T, top_p=1.0, seed=0)
+        probs = probabilities(lg, p)
+        assert not torch.isnan(probs).any() and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5)
+        if T <= 0.01:
+            assert float(probs[best]) > 0.999, T
+            assert {sample_logits(lg, p, torch.Generator().manual_seed(s)) for s in range(5)} == {best}
+    # T -> 0 approaches greedy continuously: the winner's probability grows as T falls
+    ps = [
+        float(probabilities(lg, SamplingParams(temperature=T, top_p=1.0))[best])
+        for T in (2, 1, 0.5, 0.2, 0.1)
+    ]
+    assert ps == sorted(ps) and ps[-1] > 0.99
+
+
+def test_non_finite_logits() -> None:
+    lg = torch.tensor([0.0, float("nan"), 1.0, -float("inf"), 2.0])
+    probs = probabilities(lg, SamplingParams(top_p=1.0))
+    assert probs[1] == 0 and probs[3] == 0 and not torch.isnan(probs).any()
+    assert sample_logits(lg, SamplingParams(temperature=0)) == 4  # NaN is not the argmax
+    inf = torch.tensor([0.0, float("inf"), 5.0, float("inf")])
+    assert set(torch.nonzero(probabilities(inf, SamplingParams(top_p=1.0))).flatten().tolist()) == {1, 3}
+    with pytest.raises(ValueError, match="every logit"):
+        sample_logits(torch.full((4,), float("nan")), SamplingParams())
+    with pytest.raises(ValueError, match="bans all"):
+        Sampler(SamplingParams(token_ban=(0, 1, 2)), 3)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)
+    assert Sampler(SamplingParams(seed=2**64 - 1), 3).sample(torch.zeros(3)) in range(3)
+    assert Sampler(SamplingParams(seed=-1), 3).sample(torch.zeros(3)) in range(3)
+
+
+_FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    logits=st.lists(_FLOATS, min_size=2, max_size=40),
+    temperature=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=100.0, exclude_min=True)),
+    top_p=st.floats(min_value=0.0, max_value=1.0),
+    top_k=st.integers(min_value=0, max_value=50),
+    presence=st.floats(min_value=-100.0, max_value=100.0),
+    frequency=st.floats(min_value=-100.0, max_value=100.0),
+    decay=st.floats(min_value=0.0, max_value=1.0),
+    ban=st.sets(st.integers(min_value=0, max_value=39), max_size=5),
+    history=st.lists(st.integers(min_value=0, max_value=39), max_size=6),
+    seed=st.integers(min_value=-(2**63), max_value=2**64 - 1),
+)
+def test_sampling_never_returns_garbage(
+    logits, temperature, top_p, top_k, presence, frequency, decay, ban, history, seed
+) -> None:
+    V = len(logits)
+    lg = torch.tensor(logits, dtype=torch.float32)
+    ban = tuple(b for b in ban if b < V)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
+                            frequency_penalty=frequency, penalty_decay=decay, token_ban=ban, seed=seed)  # fmt: skip
+    if len(ban) == V:
+        with pytest.raises(ValueError):
+            Sampler(params, V)
+        return
+    s = Sampler(params, V)
+    for t in history:
+        s.update(t % V)
+    allowed = ban_tokens(lg, ban)
+    if not (torch.isfinite(allowed).any() or torch.isposinf(allowed).any()):
+        with pytest.raises(ValueError, match="every logit"):
+            s.sample(lg)
+        return
+    tok = s.sample(lg)
+    assert 0 <= tok < V and tok not in ban
+    if not temperature:
+        return
+    probs = probabilities(ban_tokens(lg, ban), params)
+    assert not torch.isnan(probs).any() and math.isclose(float(probs.sum()), 1.0, rel_tol=1e-4)
+    assert float(probs.max()) > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    logits=st.lists(
+        st.floats(min_value=-(2.0**100), max_value=2.0**100, width=32), min_size=2, max_size=40, unique=True
+    ),
+    temperature=st.floats(min_value=0.0, max_value=1e-12, exclude_min=True),
+    top_p=st.floats(min_value=0.0, max_value=1.0),
+    top_k=st.integers(min_value=0, max_value=50),
+)
+def test_tiny_temperatures_are_greedy(logits, temperature, top_p, top_k) -> None:
+    lg = torch.tensor(logits, dtype=torch.float32)
+    best = int(torch.argmax(lg))
+    gap = float(lg[best] - torch.topk(lg, 2).values[1])
+    if gap < 1e-6 * max(1.0, abs(float(lg[best]))):  # near-ties: the draw may go either way
+        return
+    p = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    assert sample_logits(lg, p, torch.Generator().manual_seed(0)) == best
 
 
 def test_bans_and_penalties() -> None:

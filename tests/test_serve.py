@@ -16,11 +16,12 @@ import torch
 import rwkvkit
 from rwkvkit.generate import generate
 from rwkvkit.sampling import SamplingParams
-from rwkvkit.serve import chat_prompt, create_app
+from rwkvkit.serve import chat_prompt, create_app, make_server
 from rwkvkit.testing import random_checkpoint
 
 KEY = "test-key-123"
 LIMIT = 5000
+HEADER_TIMEOUT = 1.0
 OAI_GREEDY = SamplingParams(temperature=0, presence_penalty=0, frequency_penalty=0)
 
 
@@ -32,8 +33,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    import uvicorn
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("serve") / "tiny.pth"
@@ -42,7 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     app = create_app(model, tok, model_name="tiny", api_key=KEY, max_batch=16, max_tokens_limit=LIMIT,
                      max_prompt_tokens=300, max_queue=32)  # fmt: skip
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = make_server(app, "127.0.0.1", port, header_timeout=HEADER_TIMEOUT, log_level="warning")
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     deadline = time.time() + 30

@@ -18,16 +18,9 @@ from .test_train_helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _yaml(tmp_path: Path) -> Path:
-    cfg = tiny_config(tmp_path, max_steps=4, eval_every=2, accum_steps=2)
+def _yaml(tmp_path: Path, version: int = 6) -> Path:
+    cfg = tiny_config(tmp_path, max_steps=4, eval_every=2, accum_steps=2, version=version)
     keys = (
-        "version",
-        "n_layer",
-        "n_embd",
-        "head_size",
-        "vocab_size",
-        "mix_lora",
-        "decay_lora",
         "data",
         "ctx_len",
         "max_steps",
@@ -43,7 +36,10 @@ def _yaml(tmp_path: Path) -> Path:
         "accum_steps",
     )
     y = tmp_path / "cfg.yaml"
-    y.write_text("".join(f"{k}: {json.dumps(getattr(cfg, k))}\n" for k in keys))
+    y.write_text(
+        f"model: {json.dumps(cfg.model.to_dict())}\n"
+        + "".join(f"{k}: {json.dumps(getattr(cfg, k))}\n" for k in keys)
+    )
     return y
 
 
@@ -68,16 +64,25 @@ def _curve(run: Path) -> tuple[list[float], list[float]]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    y = _yaml(tmp)
-    _run(["--config", str(y), "micro_bsz=4", f"out_dir={tmp / 'one'}"])
-    return tmp, y
+def single_runs(tmp_path_factory):
+    """version -> (folder, config) of a one-process run, made on first use."""
+    runs: dict[int, tuple[Path, Path]] = {}
+
+    def get(version: int) -> tuple[Path, Path]:
+        if version not in runs:
+            tmp = tmp_path_factory.mktemp(f"dist{version}")
+            y = _yaml(tmp, version)
+            _run(["--config", str(y), "micro_bsz=4", f"out_dir={tmp / 'one'}"])
+            runs[version] = tmp, y
+        return runs[version]
+
+    return get
 
 
+@pytest.mark.parametrize("version", [6, 7], ids=["finch", "goose"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(single_run, strategy):
-    tmp, y = single_run
+def test_two_processes_match_one_with_the_same_global_batch(single_runs, strategy, version):
+    tmp, y = single_runs(version)
     _run(["--config", str(y), "micro_bsz=2", f"strategy={strategy}", f"out_dir={tmp / strategy}"], nproc=2)
     loss1, val1 = _curve(tmp / "one")
     loss2, val2 = _curve(tmp / strategy)
@@ -94,9 +99,9 @@ def test_two_processes_match_one_with_the_same_global_batch(single_run, strategy
 
 
 @pytest.mark.parametrize("torchrun", [True, False], ids=["torchrun-x1", "plain-python"])
-def test_ddp_with_one_process_follows_the_single_run(single_run, torchrun):
+def test_ddp_with_one_process_follows_the_single_run(single_runs, torchrun):
     """DDP needs a process group even for one process: under torchrun and without it."""
-    tmp, y = single_run
+    tmp, y = single_runs(6)
     out = tmp / f"ddp1-{torchrun}"
     _run(["--config", str(y), "micro_bsz=4", "strategy=ddp", f"out_dir={out}"], torchrun=torchrun)
     assert _curve(out)[0] == pytest.approx(_curve(tmp / "one")[0], rel=1e-5)

@@ -27,20 +27,23 @@ def pattern_tokens(path: Path, n: int = 6000, seed: int = 0, period: int = 13) -
     return path
 
 
+# the LoRA widths of the tiny models, per version (the others declare none)
+TINY_SIZES = {6: dict(mix_lora=8, decay_lora=16), 7: dict(decay_lora=16, a_lora=16, v_lora=16, gate_lora=32)}
+MODEL_KEYS = ("version", "n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim", "mix_lora", "decay_lora",
+              "a_lora", "v_lora", "gate_lora")  # fmt: skip
+
+
 def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
-    """Finch L2 C64 on ``pattern_tokens``; overrides as keyword arguments."""
+    """Finch L2 C64 on ``pattern_tokens``; overrides as keyword arguments (model keys such as
+    ``version=7`` or ``n_layer=1`` go to the model section, with the version's tiny LoRA widths)."""
     data = tmp_path / "tokens.npy"
     if not data.exists():
         tmp_path.mkdir(parents=True, exist_ok=True)
         pattern_tokens(data)
+    model = dict(version=6, n_layer=2, n_embd=64, head_size=32, vocab_size=V)
+    model |= {k: kw.pop(k) for k in MODEL_KEYS if k in kw}
+    model = TINY_SIZES.get(model["version"], {}) | model
     base = dict(
-        version=6,
-        n_layer=2,
-        n_embd=64,
-        head_size=32,
-        vocab_size=V,
-        mix_lora=8,
-        decay_lora=16,
         data=str(data),
         ctx_len=32,
         micro_bsz=4,
@@ -57,4 +60,9 @@ def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
         out_dir=str(tmp_path / "run"),
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(model=model, **base)
+
+
+def model_overrides(cfg: TrainConfig) -> list[str]:
+    """The model section of ``cfg`` as command-line overrides (``model.n_layer=2`` ...)."""
+    return [f"model.{k}={v}" for k, v in cfg.model.to_dict().items()]

@@ -4,7 +4,6 @@ the ``rwkv`` package reads with the same logits, and a killed run resumes to the
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from rwkvkit.train.trainer import Trainer
 from .test_train_helpers import tiny_config
 
 
-@pytest.mark.parametrize("version", [6, 5, 4])
+@pytest.mark.parametrize("version", [6, 5, 4, 7])
 def test_loss_falls_on_tiny_data(tmp_path, version):
     cfg = tiny_config(tmp_path, version=version, max_steps=25, lr_init=1e-2, lr_final=1e-3, eval_every=25)
     out = Trainer(cfg).fit()
@@ -28,16 +27,12 @@ def test_loss_falls_on_tiny_data(tmp_path, version):
 
 
 def _rwkv_package_logits(path, tokens):
-    os.environ["RWKV_JIT_ON"] = "0"
-    os.environ["RWKV_CUDA_ON"] = "0"
-    from rwkv.model import RWKV as Ref
+    from tests.reference import load_reference, reference_logits
 
-    ref = Ref(str(path)[: -len(".pth")], strategy="cpu fp32", verbose=False)
-    out, _ = ref.forward(tokens, None, full_output=True)
-    return out.float()
+    return reference_logits(load_reference(path), tokens)[0]
 
 
-@pytest.mark.parametrize("version", [6, 5, 4])
+@pytest.mark.parametrize("version", [6, 5, 4, 7])
 def test_checkpoint_is_official_and_matches_rwkv_package(tmp_path, version):
     cfg = tiny_config(tmp_path, version=version, max_steps=3, save_every=2)
     out = Trainer(cfg).fit()
@@ -52,10 +47,12 @@ def test_checkpoint_is_official_and_matches_rwkv_package(tmp_path, version):
     assert (ours[0] - ref).abs().max().item() < 1e-4
 
 
-def test_kill_and_resume_reaches_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("version", [6, 7])
+def test_kill_and_resume_reaches_the_same_parameters(tmp_path, version):
     common = dict(
-        max_steps=6, warmup_steps=2, lr_schedule="cosine", accum_steps=2, eval_every=3, chunk_len=16
-    )
+        max_steps=6, warmup_steps=2, lr_schedule="cosine", accum_steps=2, eval_every=3, chunk_len=16,
+        version=version,
+    )  # fmt: skip
     a = tiny_config(tmp_path / "a", **common)
     Trainer(a).fit()
     b = tiny_config(tmp_path / "b", stop_at_step=3, save_every=100, **common)
@@ -64,8 +61,8 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path):
     b.stop_at_step = 0
     second = Trainer(b).fit(resume=True)
     assert second["resumed"] and second["step"] == 6
-    sa = torch.load(tmp_path / "a" / "run" / "train_state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b" / "run" / "train_state.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a" / "run" / "train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "run" / "train_state.pt", weights_only=True)
     for k, v in sa["model"].items():
         torch.testing.assert_close(sb["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -73,13 +70,15 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path):
     assert len(lb) == 6 and lb == pytest.approx(la, rel=1e-5)
 
 
-def test_chunked_context_and_grad_checkpointing_give_the_same_first_step(tmp_path):
+@pytest.mark.parametrize("version", [6, 7])
+def test_chunked_context_and_grad_checkpointing_give_the_same_first_step(tmp_path, version):
     """chunk_len cuts gradients between chunks, so only the first step's loss (before any update)
-    must equal the whole-context one; checkpointing must not change anything."""
-    whole = Trainer(tiny_config(tmp_path / "w", max_steps=1))
-    chunked = Trainer(tiny_config(tmp_path / "c", max_steps=1, chunk_len=8))
-    ckpt = Trainer(tiny_config(tmp_path / "g", max_steps=2, grad_checkpoint=True))
-    plain = Trainer(tiny_config(tmp_path / "p", max_steps=2))
+    must equal the whole-context one; checkpointing must not change anything (Goose: the value
+    residual that layer 0 hands the later layers survives their recomputation)."""
+    whole = Trainer(tiny_config(tmp_path / "w", max_steps=1, version=version))
+    chunked = Trainer(tiny_config(tmp_path / "c", max_steps=1, chunk_len=8, version=version))
+    ckpt = Trainer(tiny_config(tmp_path / "g", max_steps=2, grad_checkpoint=True, version=version))
+    plain = Trainer(tiny_config(tmp_path / "p", max_steps=2, version=version))
     lw, _ = whole.optimizer_step()
     lc, _ = chunked.optimizer_step()
     assert lc == pytest.approx(lw, rel=1e-5)
@@ -95,7 +94,8 @@ def test_cli_runs_from_yaml_with_overrides(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     y = tmp_path / "c.yaml"
     y.write_text(
-        f"data: {cfg.data}\nn_layer: 1\nn_embd: 32\nhead_size: 32\nvocab_size: 64\nmix_lora: 4\ndecay_lora: 8\n"
+        f"data: {cfg.data}\nmodel:\n  n_layer: 1\n  n_embd: 32\n  head_size: 32\n  vocab_size: 64\n"
+        "  mix_lora: 4\n  decay_lora: 8\n"
     )
     rc = main(
         [

@@ -22,11 +22,25 @@ from rwkvkit.train.optim import L2Wrap, lr_at, param_groups
 
 def test_config_yaml_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("n_layer: 3\nlr_init: 3e-4\ndata: a.npy\nlora_targets: [att.key]\n")
+    p.write_text("model:\n  n_layer: 3\n  version: 7\nlr_init: 3e-4\ndata: a.npy\nlora_targets: [att.key]\n")
     cfg = load_config(
-        p, ["lr_init=1e-3", "grad_checkpoint=true", "mode=full", "lora_targets=att.key,ffn.key"]
+        p,
+        [
+            "lr_init=1e-3",
+            "grad_checkpoint=true",
+            "mode=full",
+            "lora_targets=att.key,ffn.key",
+            "model.a_lora=16",
+        ],
     )
-    assert cfg.n_layer == 3 and cfg.lr_init == 1e-3 and cfg.grad_checkpoint is True
+    assert cfg.model.n_layer == 3 and cfg.lr_init == 1e-3 and cfg.grad_checkpoint is True
+    assert cfg.model.version == 7 and cfg.model.n_embd == 64 and cfg.model.sizes == {"a_lora": 16}
+    mc = cfg.model.build(100)  # the ModelConfig: the other widths from RWKV-LM's rule at n_embd 64
+    assert (mc.version, mc.n_layer, mc.a_lora, mc.decay_lora, mc.vocab_size) == (7, 3, 16, 32, 100)
+    assert cfg.to_dict()["model"] == {
+        "version": 7, "n_layer": 3, "n_embd": 64, "head_size": 64, "vocab_size": 0, "ffn_dim": 0, "a_lora": 16
+    }  # fmt: skip
+    assert load_config(None, ["data=a.npy", "model={version: 5, n_embd: 128}"]).model.n_embd == 128
     assert cfg.lora_targets == ["att.key", "ffn.key"]
     assert load_config(p).lr_init == 3e-4  # "3e-4" is a string to YAML 1.1; still a float here
 
@@ -35,7 +49,14 @@ def test_config_yaml_and_overrides(tmp_path):
     "override, msg",
     [
         (["n_layr=3"], "unknown training option"),
-        (["n_layer=abc"], "n_layer must be int"),
+        (["model.n_layer=abc"], "model.n_layer must be int"),
+        (["model.n_layer=0"], "n_layer must be positive"),
+        (
+            ["version=7", "n_embd=64"],
+            r"model section now: version, n_embd \(in YAML: model: \{version: 7, n_embd: 64\}",
+        ),
+        (["model.version=4", "model.mix_lora=8"], r"model.mix_lora is not a size of RWKV-4"),
+        (["model=[1]"], "must be a mapping"),
         (["mode=lora"], "needs load="),
         (["lr_schedule=linear"], "lr_schedule must be"),
         (["ctx_len=0"], "ctx_len must be positive"),
@@ -101,6 +122,58 @@ def test_init_follows_rwkv_lm(version):
     assert sd["emb.weight"].abs().max() <= 1e-4
     again = init_weights(RWKV(cfg), seed=0).state_dict()
     assert all(torch.equal(sd[k], again[k]) for k in sd)  # seeded: reproducible
+
+
+def test_goose_init_follows_rwkv_lm():
+    """RWKV-v7/train_temp: the static mixes, w0/a0/v0/k_k/k_a/r_k ramps, LoRAs zero then orthogonal 0.1,
+    matrices orthogonal with gain 1 whatever their shape (key 0.1, output and ffn.value 0)."""
+    L, C, N = 3, 128, 32
+    m = init_weights(RWKV(ModelConfig(7, L, C, 256, head_size=N)), seed=0)
+    sd = m.state_dict()
+    n = torch.arange(C, dtype=torch.float64)
+    lin = n / (C - 1) - 0.5
+    zig = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zig = zig * zig.abs()
+
+    def close(key, want):
+        torch.testing.assert_close(
+            sd[key].double().flatten(), want.float().double().flatten(), atol=1e-6, rtol=0
+        )
+
+    for layer in range(L):
+        r01, r10 = layer / (L - 1), 1 - layer / L
+        b = f"blocks.{layer}."
+        ddd = n / C
+        for name, p in zip("rwkvag", (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
+            close(b + f"att.x_{name}", 1 - ddd ** (p * r10))
+        close(b + "ffn.x_k", 1 - ddd ** (r10**4))
+        close(b + "att.w0", -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3) + 0.5 + zig * 2.5)
+        close(b + "att.a0", -0.19 + zig * 0.3 + lin * 0.4)
+        close(b + "att.v0", 0.73 - lin * 0.4)
+        close(b + "att.k_k", 0.71 - lin * 0.1)
+        assert torch.all(sd[b + "att.k_a"] == torch.tensor(1.02)) and torch.all(sd[b + "att.r_k"] == -0.04)
+        assert torch.allclose(sd[b + "att.ln_x.weight"], torch.tensor(((layer + 1) / L) ** 0.7))
+        for lora in "wavg":
+            w1, w2 = sd[b + f"att.{lora}1"], sd[b + f"att.{lora}2"]  # [C, D] zero, [D, C] orthogonal x0.1
+            assert torch.all(w1 == 0) and w1.shape == (C, 32)
+            torch.testing.assert_close(w2 @ w2.T, 0.01 * torch.eye(w2.shape[0]), atol=1e-5, rtol=0)
+        assert torch.all(sd[b + "att.output.weight"] == 0) and torch.all(sd[b + "ffn.value.weight"] == 0)
+        key, r = sd[b + "att.key.weight"], sd[b + "att.receptance.weight"]
+        torch.testing.assert_close(key @ key.T, 0.01 * torch.eye(C), atol=1e-5, rtol=0)
+        torch.testing.assert_close(r @ r.T, torch.eye(C), atol=1e-4, rtol=0)
+        fk = sd[b + "ffn.key.weight"]  # [4C, C]: orthonormal columns, gain 1 (not sqrt(4) as v5/v6)
+        torch.testing.assert_close(fk.T @ fk, torch.eye(C), atol=1e-4, rtol=0)
+    head = sd["head.weight"]  # still 0.5*sqrt(V/C)
+    torch.testing.assert_close(head.T @ head, 0.25 * (256 / C) * torch.eye(C), atol=1e-4, rtol=0)
+    assert "blocks.0.att.v1" not in dict(m.named_parameters())  # block 0's value LoRA: a buffer, initialised
+    assert sd["blocks.0.att.v2"].abs().sum() > 0 and torch.all(sd["blocks.0.att.v1"] == 0)
+    groups = {g["name"]: g for g in param_groups(m.named_parameters(), 0.001)}
+    w0s = [p for n, p in m.named_parameters() if n.endswith("att.w0")]
+    assert groups["x2"]["lr_mult"] == 2.0 and {id(p) for p in groups["x2"]["params"]} == {id(p) for p in w0s}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    named = dict(m.named_parameters())
+    assert id(named["blocks.1.att.key.weight"]) in decayed and id(named["emb.weight"]) in decayed
+    assert not {id(named[f"blocks.1.att.{k}"]) for k in ("w1", "a2", "g1", "x_r", "k_k", "r_k")} & decayed
 
 
 # ---- optimiser ------------------------------------------------------------------------------------

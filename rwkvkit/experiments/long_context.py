@@ -186,13 +186,15 @@ def train_one(
     threads: int,
 ):
     """Train one model with rwkvkit's Trainer; returns (the fp32 model, the trainer's summary)."""
-    from rwkvkit.train.config import TrainConfig
+    from rwkvkit.train.config import ModelSection, TrainConfig
     from rwkvkit.train.trainer import Trainer
 
     cfg = TrainConfig(
-        version=VERSIONS[kind], n_layer=preset.n_layer, n_embd=preset.n_embd,
-        head_size=min(preset.head_size, preset.n_embd),
-        vocab_size=vocab_size, data=str(data), val_fraction=0.0, ctx_len=preset.ctx_len,
+        model=ModelSection(
+            version=VERSIONS[kind], n_layer=preset.n_layer, n_embd=preset.n_embd,
+            head_size=min(preset.head_size, preset.n_embd), vocab_size=vocab_size,
+        ),
+        data=str(data), val_fraction=0.0, ctx_len=preset.ctx_len,
         micro_bsz=preset.micro_bsz, seed=seed, lr_init=preset.lr_init, lr_final=preset.lr_final,
         warmup_steps=min(preset.warmup_steps, preset.max_steps), max_steps=preset.max_steps,
         device=str(device), precision=preset.precision, threads=threads, out_dir=str(work / kind),

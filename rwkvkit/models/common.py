@@ -16,11 +16,13 @@ built) and the definition of the math.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import CheckpointError, ModelConfig
 from ..ops import decode, fused, matmul
 
 _ROW_KERNEL = decode.available()  # the native step's matrix-vector kernels are built
@@ -31,8 +33,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
 
     bf16 on the CPU without gradients: one row takes ``torch.mv``, 32 rows or more (a prompt) the AMX
-    kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, not
-    switched off by ``RWKVKIT_AMX_MATMUL=0``); everything else F.linear.
+    kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, chosen:
+    ``Kernels.amx_matmul``); everything else F.linear.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -136,16 +138,18 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 class ChannelMix(nn.Module):
     """The feed-forward half of a block: ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)`` with token shift.
 
-    RWKV-4/5 lerp as ``x*mix + prev*(1-mix)`` (``time_mix_k/r``); Finch as ``x + (prev-x)*maa``
-    (``time_maa_k/r``). The two are the same function of the parameters, so one module serves both.
+    RWKV-4/5 lerp as ``x*mix + prev*(1-mix)`` (``time_mix_k/r``, ``LERP = True``); Finch as
+    ``x + (prev-x)*maa`` (``time_maa_k/r``: its subclass sets ``MIX`` and ``LERP = False``). The two
+    are the same function of the parameters, so one module serves both.
     """
+
+    MIX = "time_mix"  # the mix parameters are MIX_k and MIX_r
+    LERP = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         C, F_ = config.n_embd, config.ffn_dim
-        self.finch = config.version == 6
-        mix = "time_maa" if self.finch else "time_mix"
-        self.mix_k_name, self.mix_r_name = f"{mix}_k", f"{mix}_r"
+        self.mix_k_name, self.mix_r_name = f"{self.MIX}_k", f"{self.MIX}_r"
         self.register_parameter(self.mix_k_name, nn.Parameter(torch.zeros(1, 1, C)))
         self.register_parameter(self.mix_r_name, nn.Parameter(torch.zeros(1, 1, C)))
         self.key = Linear(C, F_)
@@ -156,21 +160,23 @@ class ChannelMix(nn.Module):
         """The key and receptance mix parameters."""
         return getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
 
-    def mixes(self) -> torch.Tensor:
-        """The key and receptance mix vectors stacked: [2, C] (for ``fused.shift_mix``)."""
-        return torch.cat(self.mixes_params()).view(2, -1)
-
-    def fused_applies(self, x: torch.Tensor, shift: torch.Tensor) -> bool:
-        """True when ``forward_mixed`` may run (the fused CPU kernels, one compute dtype)."""
+    def shift_mix_spec(
+        self, x: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, bool, torch.dtype] | None:
+        """The token-shift mixes the fused path starts with, as ``(mix [2, C], lerp, dtype)`` for
+        ``fused.shift_mix`` / ``fused.add_norm_mix``, or None when the fused path does not apply."""
         cdt = compute_dtype(self.key)
         same = compute_dtype(self.receptance) == compute_dtype(self.value) == cdt
-        return same and fusable(self, x, cdt, inputs=(shift,))
+        params = self.mixes_params()
+        if not (same and fusable(self, x, cdt, inputs=(shift,)) and fused.plain(*params)):
+            return None
+        return torch.cat(params).view(2, -1), self.LERP, cdt
 
-    def forward_mixed(
-        self, xk: torch.Tensor, xr: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The fused path from the two mixes on (in the compute dtype): ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)``
-        in fp32; with ``residual`` (fp32, contiguous) that is added to it in place and returned."""
+    def forward_mixed(self, mixed: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused path from the two mixes [2, B, T, C] on (in the compute dtype):
+        ``sigmoid(Wr xr) * Wv(relu(Wk xk)^2)`` in fp32; with ``residual`` (fp32, contiguous) that is
+        added to it in place and returned."""
+        xk, xr = mixed
         relu2 = getattr(self.key, "forward_relu2", None)  # a quantised key has none
         k = relu2(xk) if relu2 is not None else fused.relu_square_(self.key(xk))
         r = self.receptance(xr)
@@ -183,20 +189,19 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C] normalised fp32, shift [B, C] -> (out [B, T, C] fp32, new shift [B, C])."""
-        mk, mr = getattr(self, self.mix_k_name), getattr(self, self.mix_r_name)
-        cdt = compute_dtype(self.key)
-        same = compute_dtype(self.receptance) == compute_dtype(self.value) == cdt
-        if fusable(self, x, cdt, inputs=(shift,)) and same:
+        spec = self.shift_mix_spec(x, shift)
+        if spec is not None:
             # mixes straight to the compute dtype, relu^2 in place, sigmoid(r) * v in one pass; the
             # output is stored fp32 (the same values) so the caller's residual add needs no cast
-            xk, xr = fused.shift_mix(x, shift, self.mixes(), lerp=not self.finch, dtype=cdt)
-            return self.forward_mixed(xk, xr), x[:, -1]
+            mix, lerp, cdt = spec
+            return self.forward_mixed(fused.shift_mix(x, shift, mix, lerp=lerp, dtype=cdt)), x[:, -1]
+        mk, mr = self.mixes_params()
         prev = token_shift(x, shift)
-        if self.finch:
+        if self.LERP:
+            xk, xr = x * mk + prev * (1 - mk), x * mr + prev * (1 - mr)
+        else:
             d = prev - x
             xk, xr = torch.addcmul(x, d, mk), torch.addcmul(x, d, mr)
-        else:
-            xk, xr = x * mk + prev * (1 - mk), x * mr + prev * (1 - mr)
         r = torch.sigmoid(self.receptance(xr))
         k = self.key(xk)
         k = torch.relu_(k).square_() if not k.requires_grad else torch.relu(k).square()
@@ -216,3 +221,43 @@ def group_norm(y: torch.Tensor, n_head: int, ln_x: nn.GroupNorm) -> torch.Tensor
 
 def make_ln_x(config: ModelConfig) -> nn.GroupNorm:
     return nn.GroupNorm(config.n_head, config.n_embd, eps=64e-5)
+
+
+def heads_from_faaaa(sd: Mapping[str, torch.Tensor], n_embd: int) -> int:
+    """The head size N from ``blocks.0.att.time_faaaa`` [H, N] (Eagle and Finch)."""
+    faaaa = sd.get("blocks.0.att.time_faaaa")
+    if faaaa is None or faaaa.dim() != 2:
+        raise CheckpointError("missing or misshapen 'blocks.0.att.time_faaaa' (expected [n_head, head_size])")
+    n_head, head_size = faaaa.shape
+    if n_head * head_size != n_embd:
+        raise CheckpointError(
+            f"time_faaaa shape {tuple(faaaa.shape)} does not match n_embd {n_embd} (n_head * head_size)"
+        )
+    return head_size
+
+
+def ln_x_init(config: ModelConfig, layer: int) -> dict[str, torch.Tensor]:
+    """RWKV-LM's GroupNorm start: weight ((l+1)/L)^0.7, bias 0."""
+    C = config.n_embd
+    w = ((layer + 1) / config.n_layer) ** 0.7
+    return {"att.ln_x.weight": torch.full((C,), w, dtype=torch.float64), "att.ln_x.bias": torch.zeros(C)}
+
+
+def native_wkv_kernel(model: nn.Module, fused_epilogue: bool) -> tuple[str, str]:
+    """``Version.wkv_kernel`` of the versions whose WKV runs on ``rwkvkit.ops.native`` (Eagle, Finch):
+    the C recurrence on the CPU when built; Finch's fused path also hands it the decay before its
+    exps and GroupNorm * silu(gate) as an epilogue."""
+    from ..ops import native
+    from .spec import CHUNKED
+
+    if model.device.type != "cpu":
+        return CHUNKED, f"native WKV: CPU-only (device {model.device})"
+    if not native.available():
+        return CHUNKED, "native WKV: the _wkv_cpu extension is not built"
+    plain = "native C recurrence (_wkv_cpu), GroupNorm and gate after it"
+    if not fused_epilogue:
+        return plain, ""
+    dt = compute_dtype(model.blocks[0].att.receptance)
+    if not (model.kernels.fused and fused.available() and dt in fused.DTYPES):
+        return plain, "the fused decay/GroupNorm/gate epilogue needs the fused kernels and an fp32/bf16 model"
+    return "native C recurrence (_wkv_cpu) with the decay's exps, GroupNorm and gate fused", ""

@@ -1,23 +1,24 @@
-"""The one-call decode step: Eagle and Finch, one token per row, on the CPU.
+"""The one-call decode step: one token per row, on the CPU, for the versions that declare one.
 
-``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, Eagle or Finch, fp32,
-bf16 or int8 matrices, backend "auto" or "native"): the native step (``rwkvkit/ops/_decode_cpu.c``)
-then runs every layer and the head in one C call, reading the weights where the model keeps them.
-This module builds the plan (a flat int64 array of addresses and sizes, the layout of the C structs)
-and checks, at every call, that the model still holds the tensors the plan points to; anything it
-cannot take (fp16 with its rescaling, RWKV-4, tensors on another device) stays on the PyTorch path.
+``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, a version with a
+native step, fp32, bf16 or int8 matrices, backend "auto" or "native"): the native step
+(``rwkvkit/ops/_decode_cpu.c``) then runs every layer and the head in one C call, reading the weights
+where the model keeps them. This module builds the plan (a flat int64 array of addresses and sizes,
+the layout of the C structs: the generic header here, each layer's record by the version's
+``native_layer``) and checks, at every call, that the model still holds the tensors the plan points
+to; anything it cannot take (fp16 with its rescaling, a version without a native step, tensors on
+another device) stays on the PyTorch path.
 
-``RWKVKIT_NATIVE_STEP=0`` in the environment turns the step off (the PyTorch modules are then used,
-which is how the tests compare the two).
+Whether the step is wanted is the model's choice (``Kernels.native_step``, ``rwkvkit.kernels``); with
+it off the PyTorch modules run, which is how the tests compare the two.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from .. import kernels
 from ..ops import decode as native
 from ..state import State
 from .quant import Int8Linear
@@ -30,10 +31,11 @@ class Unsupported(Exception):
 
 
 def enabled() -> bool:
-    return native.available() and os.environ.get("RWKVKIT_NATIVE_STEP", "1") != "0"
+    """Built and chosen (``kernels.active().native_step``)."""
+    return native.available() and kernels.active().native_step
 
 
-class _PlanBuilder:
+class PlanBuilder:
     def __init__(self) -> None:
         self.ints: list[int] = []
         self.tensors: list[torch.Tensor] = []  # everything the plan points to (kept alive, re-checked)
@@ -77,8 +79,9 @@ class _PlanBuilder:
         self.ptr(w, w.dtype)
         self.ints.append(0)
 
-    def lora(self, module: nn.Module | None, name: str, n_out: int, n_in: int) -> None:
-        """An input-major matrix [n_in, n_out] (the Finch LoRAs), or an empty record."""
+    def lora(self, module: nn.Module | None, name: str, n_out: int, n_in: int, stacked: int = 1) -> None:
+        """An input-major matrix [n_in, n_out] (LoRAs; ``stacked`` of them in one tensor, the C side
+        taking slice j), or an empty record."""
         if module is None:
             self.ints += [native.MK_F32, 0, 0, 0, 0]
             return
@@ -87,7 +90,7 @@ class _PlanBuilder:
         if kind is None:
             raise Unsupported(f"a {w.dtype} LoRA on {w.device}")
         self.ints += [kind, n_out, n_in]
-        self.ptr(w, w.dtype, 5 * n_out * n_in if name == "time_maa_w2" else n_out * n_in)
+        self.ptr(w, w.dtype, stacked * n_out * n_in)
         self.ints.append(0)
 
 
@@ -97,15 +100,19 @@ class NativeStep:
 
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
-        if cfg.version not in (5, 6):
-            raise Unsupported(f"RWKV-{cfg.version} (the native step runs Eagle and Finch)")
+        spec = cfg.spec
+        try:
+            extra = spec.native_header(cfg)
+        except NotImplementedError as e:
+            raise Unsupported(str(e)) from None
+        if len(spec.recurrent) != 1:
+            raise AssertionError("the native step carries one recurrent tensor per layer")
+        self.recurrent = spec.recurrent[0].name
         if getattr(model, "rescale_every", 0):
-            raise Unsupported("fp16 layer rescaling")
+            raise Unsupported("fp16 models use the PyTorch path (their layer rescaling)")
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-        finch = cfg.version == 6
-        D, Dw = (cfg.mix_lora, cfg.decay_lora) if finch else (0, 0)
-        b = _PlanBuilder()
-        b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, D, Dw]
+        b = PlanBuilder()
+        b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, *extra]
         b.vec(b.own(model, "ln_out"), "weight", C)
         b.vec(model.ln_out, "bias", C)
         b.matrix(model, "head")
@@ -114,36 +121,8 @@ class NativeStep:
         blocks = b.own(model, "blocks")
         for i in range(cfg.n_layer):
             blk = b.own(blocks, str(i))
-            att, ffn = b.own(blk, "att"), b.own(blk, "ffn")
             start = len(b.ints)
-            for ln in ("ln1", "ln2"):
-                b.vec(b.own(blk, ln), "weight", C)
-                b.vec(getattr(blk, ln), "bias", C)
-            if finch:
-                for m in "xwkvrg":
-                    b.vec(att, f"time_maa_{m}", C)
-            else:
-                b.ints += [0, 0]  # no maa_x, no w branch
-                for m in "kvrg":
-                    b.vec(att, f"time_mix_{m}", C)
-            b.vec(att, "time_decay", C)
-            b.vec(att, "time_faaaa", C)
-            b.vec(b.own(att, "ln_x"), "weight", C)
-            b.vec(att.ln_x, "bias", C)
-            b.vec(ffn, ffn.mix_k_name, C)
-            b.vec(ffn, ffn.mix_r_name, C)
-            if finch:
-                b.lora(att, "time_maa_w1", 5 * D, C)
-                b.lora(att, "time_maa_w2", C, D)  # [5, D, C]: the C side takes slice j
-                b.lora(att, "time_decay_w1", Dw, C)
-                b.lora(att, "time_decay_w2", C, Dw)
-            else:
-                for _ in range(4):
-                    b.lora(None, "", 0, 0)
-            for name in ("receptance", "key", "value", "gate", "output"):
-                b.matrix(att, name)
-            for name in ("key", "receptance", "value"):
-                b.matrix(ffn, name)
+            spec.native_layer(b, blk)
             if len(b.ints) - start != _LAYER_INTS:
                 raise AssertionError("plan layer layout")
         self.config = cfg
@@ -165,16 +144,17 @@ class NativeStep:
         B = x.shape[0]
         st = state.tensors
         f32 = torch.float32
-        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", "wkv")}
+        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", self.recurrent)}
         outs = {k: torch.empty_like(v) for k, v in ins.items()}
         x = x.to(f32).contiguous()
         logits = torch.empty((B, cfg.vocab_size), dtype=f32)
+        rec = self.recurrent
         native._decode_cpu.step(
-            self.plan.data_ptr(), B, x.data_ptr(),
-            ins["att_shift"].data_ptr(), outs["att_shift"].data_ptr(),
-            ins["ffn_shift"].data_ptr(), outs["ffn_shift"].data_ptr(),
-            ins["wkv"].data_ptr(), outs["wkv"].data_ptr(),
-            logits.data_ptr(), torch.get_num_threads(),
+            plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
+            att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
+            ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
+            wkv_in=ins[rec].data_ptr(), wkv_out=outs[rec].data_ptr(),
+            logits=logits.data_ptr(), threads=torch.get_num_threads(),
         )  # fmt: skip
         for k in ("att_shift", "ffn_shift"):
             outs[k] = outs[k].to(st[k].dtype)

@@ -1,7 +1,8 @@
 """The RWKV language model: embedding, blocks of time-mix + channel-mix, output head.
 
-One class serves RWKV-4, Eagle (5.2) and Finch (6): the version picks the time-mix module once, at
-construction; ``forward`` has no version branches except the layout of the state. Attribute names
+One class serves every registered version (``registry.py``): the version's declarations
+(``config.spec``) pick the time-mix and channel-mix modules once, at construction, and name the
+recurrent state tensors the time-mix carries; ``forward`` has no version branches. Attribute names
 equal the official checkpoint keys, so ``model.state_dict()`` *is* an official checkpoint.
 
 ``forward(tokens, state)`` is a pure function of its inputs: the incoming ``State`` is never modified,
@@ -17,16 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..config import ModelConfig
+from ..kernels import Kernels
 from ..ops import fused
 from ..state import State
 from . import engine
-from .common import ChannelMix, LayerNorm, Linear, compute_dtype, fusable
-from .rwkv4 import TimeMix4
-from .rwkv5 import TimeMix5
-from .rwkv6 import TimeMix6
+from .common import LayerNorm, Linear, fusable
 
-_TIME_MIX = {4: TimeMix4, 5: TimeMix5, 6: TimeMix6}
 BACKENDS = ("auto", "chunked", "naive", "native")
 
 
@@ -38,19 +37,24 @@ class Block(nn.Module):
             self.ln0 = LayerNorm(config.n_embd)
         self.ln1 = LayerNorm(config.n_embd)
         self.ln2 = LayerNorm(config.n_embd)
-        self.att = _TIME_MIX[config.version](config)
-        self.ffn = ChannelMix(config)
+        self.att = config.spec.time_mix_for(config, layer_id)
+        self.ffn = config.spec.channel_mix(config)
 
     def forward(
         self,
         x: torch.Tensor,
         att_shift: torch.Tensor,
-        wkv,
+        wkv: tuple[torch.Tensor, ...],
         ffn_shift: torch.Tensor,
         backend: str,
         keep: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
-        """x [B, T, C] fp32 residual -> (x, att_shift, wkv state, ffn_shift).
+        carry: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """x [B, T, C] fp32 residual -> (x, att_shift, wkv, ffn_shift); ``wkv`` is the time-mix's
+        recurrent state, the layer's tensors of the version's ``recurrent`` slots in their order.
+
+        ``carry``: a dict the time-mixes of one call share from layer to layer (values a version passes
+        down the layers within a token, such as RWKV-7's value residual; not part of the state).
 
         ``keep`` > 0: only the last ``keep`` positions of x are wanted (the last block of a
         ``last_only`` call): the channel-mix then runs on those alone. The state is unchanged by this.
@@ -68,26 +72,23 @@ class Block(nn.Module):
             _, mixed, last, xn = fused.add_norm_mix(
                 x, None, ln.weight, ln.bias, ln.eps, att_shift, mix, lerp=lerp, dtype=dt, want_normed=True
             )
-            out, _, wkv = self.att(xn, att_shift, wkv, backend, mixed=mixed)
+            out, _, wkv = self.att(xn, att_shift, wkv, backend, mixed=mixed, carry=carry)
             att_shift = last
         else:
-            out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend)
+            out, att_shift, wkv = self.att(self.ln1(x), att_shift, wkv, backend, carry=carry)
         ffn = self.ffn
         ln = self.ln2
-        if (
-            ffn.fused_applies(x, ffn_shift)
-            and fusable(self, x, inputs=(out,))
-            and fused.plain(out, ln.weight, ln.bias, *ffn.mixes_params())
-        ):
-            # the residual add, ln2 and the channel-mix's two token-shift mixes in one C pass, and the
+        spec = ffn.shift_mix_spec(x, ffn_shift)
+        if spec is not None and fusable(self, x, inputs=(out,)) and fused.plain(out, ln.weight, ln.bias):
+            # the residual add, ln2 and the channel-mix's token-shift mixes in one C pass, and the
             # second residual add inside the channel-mix's last kernel
             if keep:
                 x, out = x[:, -keep:], out[:, -keep:]
-            x, (xk, xr), ffn_shift, _ = fused.add_norm_mix(
-                x, out, ln.weight, ln.bias, ln.eps, ffn_shift, ffn.mixes(), lerp=not ffn.finch,
-                dtype=compute_dtype(ffn.key),
-            )  # fmt: skip
-            return ffn.forward_mixed(xk, xr, residual=x), att_shift, wkv, ffn_shift
+            mix, lerp, dt = spec
+            x, mixed, ffn_shift, _ = fused.add_norm_mix(
+                x, out, ln.weight, ln.bias, ln.eps, ffn_shift, mix, lerp=lerp, dtype=dt
+            )
+            return ffn.forward_mixed(mixed, residual=x), att_shift, wkv, ffn_shift
         x = x + out
         if keep:
             x = x[:, -keep:]  # the first kept position only supplies the token shift of the next
@@ -96,7 +97,7 @@ class Block(nn.Module):
 
 
 class RWKV(nn.Module):
-    """An RWKV-4 / Eagle / Finch language model. Build with a ``ModelConfig``; load with ``rwkvkit.load``."""
+    """An RWKV language model. Build with a ``ModelConfig``; load with ``rwkvkit.load``."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -109,12 +110,26 @@ class RWKV(nn.Module):
         self.ln0_folded = False  # True once ln0 is folded into emb (inference loading, as the reference)
         self.rescale_every = 0  # fp16: halve x after every n-th block (weights scaled to match at load)
         self.gradient_checkpointing = False
-        self.time_state: torch.Tensor | None = None  # [L, H, N, N] (key x value) from a state-tuned file
+        self.time_state: torch.Tensor | None = None  # [L, ...] state layout, from a state-tuned file
+        self.kernels = Kernels.default()  # the fast CPU paths this model may take (set_kernels)
         self._native_step: engine.NativeStep | None = None
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: tensors move, the plan goes
         self._native_step = None
         return super()._apply(fn, recurse)
+
+    def set_kernels(self, kernels: Kernels | None = None, **changes: bool) -> RWKV:
+        """Choose the fast CPU paths: a ``Kernels`` and/or changes to the current choice
+        (``model.set_kernels(native_step=False)``). Returns the model."""
+        self.kernels = (kernels or self.kernels).replace(**changes)
+        return self
+
+    def describe(self) -> str:
+        """Which implementation each part of this model runs for CPU inference, and why a faster one
+        does not (dtype, quantisation, the kernel choice, what is built, the CPU's features)."""
+        from .report import describe
+
+        return describe(self)
 
     def native_step(self) -> engine.NativeStep | None:
         """The one-call C decode step for this model as it is now, or None if it cannot take it."""
@@ -140,7 +155,8 @@ class RWKV(nn.Module):
         """The state at the start of a sequence: zeros, or the loaded ``time_state`` for every row."""
         st = State.zeros(self.config, batch_size, device=self.device)
         if self.time_state is not None:
-            st.tensors["wkv"].copy_(self.time_state.unsqueeze(1).expand_as(st.tensors["wkv"]))
+            t = st.tensors[self.config.spec.time_state.slot]
+            t.copy_(self.time_state.unsqueeze(1).expand_as(t))
         return st
 
     # ---- forward --------------------------------------------------------------------------------
@@ -173,11 +189,16 @@ class RWKV(nn.Module):
 
         ``backend``: "auto" (the native C recurrence for CPU inference; otherwise the chunked
         parallel WKV for T > 1 and one recurrent step for T == 1), "chunked", "naive" (the fp32
-        per-step loop, the source of truth) or "native" (Eagle/Finch only).
+        per-step loop, the source of truth) or "native" (the versions with a native WKV kernel).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        tokens = self._tokens(tokens)
+        with kernels.using(self.kernels):
+            return self._forward(self._tokens(tokens), state, backend, last_only)
+
+    def _forward(
+        self, tokens: torch.Tensor, state: State | None, backend: str, last_only: bool
+    ) -> tuple[torch.Tensor, State]:
         B, T = tokens.shape
         if state is None:
             state = self.init_state(B)
@@ -193,13 +214,14 @@ class RWKV(nn.Module):
                 logits, new_state = step.step(x[:, 0], state)
                 return logits.unsqueeze(1), new_state
         st = state.tensors
-        v4 = self.config.version == 4
+        names = [slot.name for slot in self.config.spec.recurrent]
         att_shift, ffn_shift, wkv = [], [], []
+        carry: dict = {}  # passed from layer to layer within this call (Block.forward)
         for i, block in enumerate(self.blocks):
-            s_wkv = (st["aa"][i], st["bb"][i], st["pp"][i]) if v4 else st["wkv"][i]
+            s_wkv = tuple(st[name][i] for name in names)
             # the last block of a last_only call: its channel-mix needs only the last two positions
             keep = 2 if last_only and T > 2 and i == len(self.blocks) - 1 else 0
-            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend, keep)
+            args = (x, st["att_shift"][i], s_wkv, st["ffn_shift"][i], backend, keep, carry)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, a, w, f = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -211,18 +233,15 @@ class RWKV(nn.Module):
             wkv.append(w)
         new = {"att_shift": torch.stack(att_shift).to(st["att_shift"].dtype)}
         new["ffn_shift"] = torch.stack(ffn_shift).to(st["ffn_shift"].dtype)
-        if v4:
-            for j, name in enumerate(("aa", "bb", "pp")):
-                new[name] = torch.stack([w[j] for w in wkv])
-        else:
-            new["wkv"] = torch.stack(wkv)
+        for j, name in enumerate(names):
+            new[name] = torch.stack([w[j] for w in wkv])
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x)).float()
         return logits, State(self.config.version, new)
 
     def _native_step_applies(self, x: torch.Tensor, state: State) -> bool:
-        if x.device.type != "cpu" or self.config.version == 4 or not engine.enabled():
+        if x.device.type != "cpu" or not engine.enabled():
             return False
         if not torch.is_grad_enabled():
             return True

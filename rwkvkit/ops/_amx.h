@@ -18,10 +18,9 @@
 
 /* 1 when the kernels may use AMX-BF16 tiles: the CPU has them (and AVX-512) and Linux granted the
    tile state, which it hands out only on request (ARCH_REQ_XCOMP_PERM = 0x1023 for
-   XFEATURE_XTILEDATA = 18, once per process, valid for all its threads). RWKVKIT_PORTABLE_KERNELS
-   set: 0 (the tests of the fallbacks). Call once, at import. */
-static int amx_request(void) {
-    if (getenv("RWKVKIT_PORTABLE_KERNELS")) return 0;
+   XFEATURE_XTILEDATA = 18, once per process, valid for all its threads; asking again is harmless).
+   Called by the modules' configure() unless the caller asked for portable kernels. */
+static inline int amx_request(void) {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512f") ||
         !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq") ||

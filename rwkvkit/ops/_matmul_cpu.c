@@ -23,8 +23,7 @@
  * this is PyTorch's libgomp (already loaded), as in the other extensions. Built without AMX support
  * in the compiler (or run on a CPU without it) the module loads and reports available = 0.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_args.h"
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,7 +36,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #endif
 
-static int amx_ok = 0; /* set at import (amx_request): the CPU has AMX-BF16 and Linux lets us use it */
+static int amx_ok = 0; /* set by configure(): the CPU has AMX-BF16, Linux lets us use it, not portable */
 
 #ifdef HAVE_AMX
 
@@ -213,14 +212,19 @@ AMX_TARGET static void mm_panels(const mm_args *a, long g0, long g1, uint16_t *b
 }
 #endif /* HAVE_AMX */
 
-/* linear(M, N, K, x, w, y, relu2, nthreads, gate=0, res=0): pointers as integers; returns None.
-   With gate and res (y then unused): res += bf16(bf16(sigmoid(gate)) * bf16(x @ W^T)) */
-static PyObject *py_linear(PyObject *self, PyObject *args) {
-    long M, N, K;
-    unsigned long long px, pw, py, pg = 0, pres = 0;
-    int relu2, nthreads;
-    if (!PyArg_ParseTuple(args, "lllKKKii|KK", &M, &N, &K, &px, &pw, &py, &relu2, &nthreads, &pg, &pres))
-        return NULL;
+/* linear(*, M, N, K, x, w, y, relu2, threads) or linear(*, M, N, K, x, w, gate, res, threads): pointers
+   as integers; returns None. With gate and res (no y): res += bf16(bf16(sigmoid(gate)) * bf16(x @ W^T)) */
+static PyObject *py_linear(PyObject *self, PyObject *args, PyObject *kw) {
+    mm_args a;
+    long nthreads;
+    memset(&a, 0, sizeof a);
+    const named_arg spec[] = {
+        {"M", ARG_LONG, &a.M}, {"N", ARG_LONG, &a.N}, {"K", ARG_LONG, &a.K},
+        {"x", ARG_PTR, &a.x}, {"w", ARG_PTR, &a.w}, {"y", ARG_OPT_PTR, &a.y}, {"relu2", ARG_INT, &a.relu2},
+        {"gate", ARG_OPT_PTR, &a.gate}, {"res", ARG_OPT_PTR, &a.res}, {"threads", ARG_LONG, &nthreads},
+    };
+    if (!parse_named("linear", args, kw, spec, NARGS(spec))) return NULL;
+    const long M = a.M, N = a.N, K = a.K;
 #ifdef HAVE_AMX
     if (!amx_ok) {
         PyErr_SetString(PyExc_RuntimeError, "the AMX matmul is not available on this CPU");
@@ -230,13 +234,10 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "linear needs M >= 1, N and K positive multiples of 32");
         return NULL;
     }
-    if (!pg != !pres) {
-        PyErr_SetString(PyExc_ValueError, "linear: gate and res go together");
+    if (!a.gate != !a.res || !a.y == !a.res) {
+        PyErr_SetString(PyExc_ValueError, "linear: give y, or gate and res");
         return NULL;
     }
-    mm_args a = {(const uint16_t *)(uintptr_t)px, (const uint16_t *)(uintptr_t)pw, NULL,
-                 (uint16_t *)(uintptr_t)py, M, N, K, relu2,
-                 (const uint16_t *)(uintptr_t)pg, (float *)(uintptr_t)pres};
     uint16_t *xtail = NULL;
     const long tail = M % 32;
     if (tail) {
@@ -247,8 +248,8 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         a.xtail = xtail;
     }
     const long NG = N / 32;
-    if (nthreads > NG) nthreads = (int)NG;
-    if (nthreads < 1) nthreads = 1;
+    if (nthreads > NG) nthreads = NG;
+    nthreads = threads_at_least_1(nthreads);
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
     if (nthreads == 1) {
@@ -286,25 +287,38 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    (void)M, (void)N, (void)K, (void)px, (void)pw, (void)py, (void)relu2, (void)nthreads, (void)pg, (void)pres;
+    (void)M, (void)N, (void)K, (void)nthreads;
     PyErr_SetString(PyExc_RuntimeError, "the AMX matmul was not compiled in (needs gcc >= 12 on x86-64)");
     return NULL;
 #endif
 }
 
+/* configure(*, portable): use AMX when the CPU and Linux allow it and portable is 0; sets the module's
+   `available` and returns it. The Python module calls it at import (rwkvkit.kernels decides). */
+static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
+    int portable = 0;
+    const named_arg spec[] = {{"portable", ARG_INT, &portable}};
+    if (!parse_named("configure", args, kw, spec, NARGS(spec))) return NULL;
+#ifdef HAVE_AMX
+    amx_ok = portable ? 0 : amx_request();
+#endif
+    if (PyObject_SetAttrString(self, "available", amx_ok ? Py_True : Py_False) < 0) return NULL;
+    return PyBool_FromLong(amx_ok);
+}
+
 static PyMethodDef methods[] = {
-    {"linear", py_linear, METH_VARARGS,
-     "linear(M, N, K, x, w, y, relu2, nthreads): y[M, N] = x[M, K] @ w[N, K]^T in bf16 (relu2: relu(y)^2)"},
+    {"linear", (PyCFunction)(void (*)(void))py_linear, METH_VARARGS | METH_KEYWORDS,
+     "linear(*, M, N, K, x, w, y=None, relu2, gate=None, res=None, threads): y[M, N] = x[M, K] @ w[N, K]^T "
+     "in bf16 (relu2: relu(y)^2), or with gate and res the gated residual epilogue"},
+    {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(*, portable): AMX on (portable=0, where available) or off; returns whether it is used"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_matmul_cpu",
                                     "bf16 x @ W^T on AMX tiles, W packed on the fly.", -1, methods};
 
 PyMODINIT_FUNC PyInit__matmul_cpu(void) {
-#ifdef HAVE_AMX
-    amx_ok = amx_request();
-#endif
-    PyObject *mod = PyModule_Create(&module);
-    if (mod && PyModule_AddIntConstant(mod, "available", amx_ok) < 0) Py_CLEAR(mod);
+    PyObject *mod = PyModule_Create(&module); /* AMX stays off until configure() */
+    if (mod && PyModule_AddIntConstant(mod, "available", 0) < 0) Py_CLEAR(mod);
     return mod;
 }

@@ -12,8 +12,8 @@
  * libgomp). Used for inference (prefill and decode) when no gradient is needed; training uses the
  * PyTorch forms.
  *
- * Arguments are raw pointers (integers) to contiguous buffers, validated by the Python wrapper
- * (rwkvkit/ops/native.py):
+ * Arguments are named (keywords, read into job_t through _args.h); pointers are addresses (integers)
+ * of contiguous buffers, validated by the Python wrapper (rwkvkit/ops/native.py):
  *   r, k, v: [B, T, H, N], float32 or bfloat16 (rkv_bf16), read as fp32 token by token (no cast pass);
  *   w: [B, T, H, N] (w_per_token=1) or [H, N] (0), either the decay factors exp(log decay) (float32,
  *      w_base = 0) or Finch's decay before its two exps (float32 or bfloat16, w_bf16), the factor then
@@ -25,8 +25,7 @@
  *      (LayerNorm over each head's N outputs, eps, times ln_w plus ln_b [H, N]) * silu(g): Eagle/Finch's
  *      GroupNorm and gate, done while the token's head output is in registers.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_args.h"
 #include <math.h>
 #include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -270,41 +269,42 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-static PyObject *wkv_forward(PyObject *self, PyObject *args) {
-    long B, T, H, N;
-    unsigned long long pr, pk, pv, pw, pb, pu, ps, py, pg, plw, plb, po;
-    int w_per_token, rkv_bf16, w_bf16, g_bf16, out_bf16, nthreads;
-    float eps;
-    if (!PyArg_ParseTuple(args, "llllKKKKKKKKiiiKKKfKiii", &B, &T, &H, &N, &pr, &pk, &pv, &pw, &pb, &pu, &ps,
-                          &py, &w_per_token, &rkv_bf16, &w_bf16, &pg, &plw, &plb, &eps, &po, &g_bf16,
-                          &out_bf16, &nthreads))
-        return NULL;
-    if (B <= 0 || T <= 0 || H <= 0 || N <= 0) {
+static PyObject *wkv_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    job_t base;
+    long nthreads;
+    memset(&base, 0, sizeof base);
+    const named_arg spec[] = {
+        {"B", ARG_LONG, &base.B}, {"T", ARG_LONG, &base.T}, {"H", ARG_LONG, &base.H}, {"N", ARG_LONG, &base.N},
+        {"r", ARG_PTR, &base.r}, {"k", ARG_PTR, &base.k}, {"v", ARG_PTR, &base.v}, {"w", ARG_PTR, &base.w},
+        {"w_base", ARG_OPT_PTR, &base.w_base}, /* absent: w holds the decay factors */
+        {"u", ARG_PTR, &base.u}, {"state", ARG_PTR, &base.s}, {"y", ARG_OPT_PTR, &base.y},
+        {"w_per_token", ARG_INT, &base.w_per_token}, {"rkv_bf16", ARG_INT, &base.rkv_bf16},
+        {"w_bf16", ARG_INT, &base.w_bf16},
+        {"g", ARG_OPT_PTR, &base.g}, /* absent: y is stored, no GroupNorm epilogue */
+        {"ln_w", ARG_OPT_PTR, &base.ln_w}, {"ln_b", ARG_OPT_PTR, &base.ln_b}, {"eps", ARG_FLOAT, &base.eps},
+        {"out", ARG_OPT_PTR, &base.out}, {"g_bf16", ARG_INT, &base.g_bf16}, {"out_bf16", ARG_INT, &base.out_bf16},
+        {"threads", ARG_LONG, &nthreads},
+    };
+    if (!parse_named("wkv_forward", args, kw, spec, NARGS(spec))) return NULL;
+    const long B = base.B, H = base.H;
+    if (B <= 0 || base.T <= 0 || H <= 0 || base.N <= 0) {
         PyErr_SetString(PyExc_ValueError, "wkv_forward: B, T, H, N must be positive");
         return NULL;
     }
+    if (base.g ? !(base.ln_w && base.ln_b && base.out) : !base.y) {
+        PyErr_SetString(PyExc_ValueError, "wkv_forward: give y, or g with ln_w, ln_b and out");
+        return NULL;
+    }
     long pairs = B * H;
-    if (nthreads < 1) nthreads = 1;
+    nthreads = threads_at_least_1(nthreads);
     if (nthreads > pairs) nthreads = (int)pairs;
     if (nthreads > 64) nthreads = 64;
     job_t jobs[64];
     for (int i = 0; i < nthreads; i++) {
-        job_t *jb = &jobs[i];
-        jb->B = B; jb->T = T; jb->H = H; jb->N = N;
-        jb->r = (const void *)(uintptr_t)pr; jb->k = (const void *)(uintptr_t)pk;
-        jb->v = (const void *)(uintptr_t)pv; jb->w = (const void *)(uintptr_t)pw;
-        jb->w_base = (const float *)(uintptr_t)pb; /* 0: w holds the decay factors */
-        jb->u = (const float *)(uintptr_t)pu;
-        jb->rkv_bf16 = rkv_bf16; jb->w_bf16 = w_bf16;
-        jb->g = (const void *)(uintptr_t)pg; /* 0: y is stored, no GroupNorm epilogue */
-        jb->ln_w = (const float *)(uintptr_t)plw; jb->ln_b = (const float *)(uintptr_t)plb;
-        jb->eps = eps; jb->out = (void *)(uintptr_t)po;
-        jb->g_bf16 = g_bf16; jb->out_bf16 = out_bf16;
-        jb->s = (float *)(uintptr_t)ps; jb->y = (float *)(uintptr_t)py;
-        jb->w_per_token = w_per_token;
-        jb->first = pairs * i / nthreads;
-        jb->last = pairs * (i + 1) / nthreads;
-        jb->failed = 0;
+        jobs[i] = base;
+        jobs[i].first = pairs * i / nthreads;
+        jobs[i].last = pairs * (i + 1) / nthreads;
+        jobs[i].failed = 0;
     }
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -327,9 +327,10 @@ static PyObject *wkv_forward(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"wkv_forward", wkv_forward, METH_VARARGS,
-     "wkv_forward(B, T, H, N, r, k, v, w, w_base, u, state, y, w_per_token, rkv_bf16, w_bf16, "
-     "g, ln_w, ln_b, eps, out, g_bf16, out_bf16, nthreads): raw pointers (g = 0: no GroupNorm epilogue)"},
+    {"wkv_forward", (PyCFunction)(void (*)(void))wkv_forward, METH_VARARGS | METH_KEYWORDS,
+     "wkv_forward(*, B, T, H, N, r, k, v, w, w_base=None, u, state, y=None, w_per_token, rkv_bf16, w_bf16, "
+     "g=None, ln_w=None, ln_b=None, eps, out=None, g_bf16, out_bf16, threads): addresses as integers "
+     "(no g: y is written, no GroupNorm epilogue)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wkv_cpu", "Eagle/Finch WKV forward on the CPU.",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
+
 try:
     from . import _decode_cpu
 except ImportError:  # pragma: no cover - depends on the build
@@ -20,6 +22,16 @@ Q8_BLOCK = 32  # inputs per int8 scale, as ggml's Q8_0
 
 def available() -> bool:
     return _decode_cpu is not None
+
+
+def configure(portable: bool) -> None:
+    """Portable code only (no AVX-512) or the CPU's best; see ``rwkvkit.kernels.set_portable``.
+    ``_decode_cpu.avx512`` says which the kernels use."""
+    if _decode_cpu is not None:
+        _decode_cpu.configure(portable=int(portable))
+
+
+configure(kernels.PORTABLE)
 
 
 def _ext():
@@ -49,7 +61,15 @@ def q8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     N = q.shape[0]
     y = torch.empty((M, N), dtype=torch.float32)
     ext.matmul(
-        MK_Q8, q.data_ptr(), scale.data_ptr(), N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+        kind=MK_Q8,
+        w=q.data_ptr(),
+        s=scale.data_ptr(),
+        n=N,
+        k=K,
+        x=x.data_ptr(),
+        m=M,
+        y=y.data_ptr(),
+        threads=torch.get_num_threads(),
     )
     return y
 
@@ -66,7 +86,17 @@ def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=torch.float32)
-    ext.matmul(kind, w.data_ptr(), 0, N, K, x.data_ptr(), M, y.data_ptr(), torch.get_num_threads())
+    ext.matmul(
+        kind=kind,
+        w=w.data_ptr(),
+        s=0,
+        n=N,
+        k=K,
+        x=x.data_ptr(),
+        m=M,
+        y=y.data_ptr(),
+        threads=torch.get_num_threads(),
+    )
     return y
 
 
@@ -75,5 +105,7 @@ def q8_dequantize_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     ext = _ext()
     N, K = q.shape
     out = torch.empty((N, K), dtype=torch.bfloat16)
-    ext.dequantize_q8(q.data_ptr(), scale.data_ptr(), N, K, out.data_ptr(), torch.get_num_threads())
+    ext.dequantize_q8(
+        q=q.data_ptr(), s=scale.data_ptr(), n=N, k=K, out=out.data_ptr(), threads=torch.get_num_threads()
+    )
     return out

@@ -8,14 +8,15 @@ so a bf16 model gives the same numbers up to an occasional last-bit difference.
 
 The models call these only when ``usable(...)`` says so: the extension is built (it is optional; the
 project's install step compiles it), every tensor is on the CPU, no gradient is wanted, and the
-kernels are enabled (``set_enabled(False)`` switches the models back to the plain PyTorch path, for
-tests and comparisons). The functions check shapes and dtypes and make inputs contiguous; rows are
+choice in force (``rwkvkit.kernels``: the model's ``Kernels.fused``) allows them. The functions check shapes and dtypes and make inputs contiguous; rows are
 split over the same number of threads as torch uses (one thread for small inputs).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .. import kernels
 
 try:
     from . import _fused_cpu
@@ -26,7 +27,6 @@ Tensor = torch.Tensor
 DTYPES = (torch.float32, torch.bfloat16)  # the dtypes the kernels read and write
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
 _ROW_MIN_WORK = 1 << 15  # elements per call below which one thread is used
-_enabled = True
 
 
 def available() -> bool:
@@ -34,14 +34,13 @@ def available() -> bool:
     return _fused_cpu is not None
 
 
-def set_enabled(flag: bool) -> None:
-    """Turn the fused kernels on or off for the models (on by default when built)."""
-    global _enabled
-    _enabled = bool(flag)
+def configure(portable: bool) -> None:
+    """Portable code only (no AVX-512, no AMX) or the CPU's best; see ``rwkvkit.kernels.set_portable``."""
+    if _fused_cpu is not None:
+        _fused_cpu.configure(portable=int(portable))
 
 
-def is_enabled() -> bool:
-    return _enabled
+configure(kernels.PORTABLE)
 
 
 def plain(*tensors: Tensor | None) -> bool:
@@ -54,9 +53,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def usable(*tensors: Tensor | None) -> bool:
-    """True when the models may use the fused kernels for these tensors: built, enabled, all plain
-    tensors on the CPU, no gradient wanted."""
-    if _fused_cpu is None or not _enabled or not plain(*tensors):
+    """True when the models may use the fused kernels for these tensors: built, chosen
+    (``kernels.active().fused``), all plain tensors on the CPU, no gradient wanted."""
+    if _fused_cpu is None or not kernels.active().fused or not plain(*tensors):
         return False
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return not grad and all(t is None or t.device.type == "cpu" for t in tensors)
@@ -100,8 +99,8 @@ def shift_mix(x: Tensor, prev: Tensor, mix: Tensor, *, lerp: bool, dtype: torch.
     x, prev, mix = (t.to(f).contiguous() for t in (x, prev, mix))
     out = torch.empty((M, B, T, C), dtype=dtype)
     ext.mix(
-        B * T, T, C, M, x.data_ptr(), prev.data_ptr(), mix.data_ptr(), int(lerp), out_dt, out.data_ptr(),
-        _threads(M * B * T * C),
+        R=B * T, T=T, C=C, M=M, x=x.data_ptr(), prev=prev.data_ptr(), mix=mix.data_ptr(), lerp=int(lerp),
+        out_dt=out_dt, out=out.data_ptr(), threads=_threads(M * B * T * C),
     )  # fmt: skip
     return out
 
@@ -129,8 +128,8 @@ def finch_mix(x: Tensor, prev: Tensor, m: Tensor, w2: Tensor, maa: Tensor, dtype
     m, w2 = m.to(mw).contiguous(), w2.to(mw).contiguous()
     out = torch.empty((5, B, T, C), dtype=dtype)
     ext.finch_mix(
-        B * T, T, C, D, x.data_ptr(), prev.data_ptr(), m.data_ptr(), w2.data_ptr(), _CODE[mw], maa.data_ptr(),
-        out_dt, out.data_ptr(), _threads(5 * B * T * C * 8),
+        R=B * T, T=T, C=C, D=D, x=x.data_ptr(), prev=prev.data_ptr(), m=m.data_ptr(), w2=w2.data_ptr(),
+        mw_dt=_CODE[mw], maa=maa.data_ptr(), out_dt=out_dt, out=out.data_ptr(), threads=_threads(5 * B * T * C * 8),
     )  # fmt: skip
     return out
 
@@ -153,8 +152,8 @@ def group_norm_gate(
     g = g.contiguous()
     out = torch.empty((B, T, C), dtype=dtype)
     ext.group_norm_gate(
-        B * T, C, C // n_head, y.data_ptr(), g.data_ptr(), g_dt, weight.data_ptr(), bias.data_ptr(),
-        float(eps), out.data_ptr(), out_dt, _threads(B * T * C),
+        R=B * T, C=C, N=C // n_head, y=y.data_ptr(), g=g.data_ptr(), g_dt=g_dt, weight=weight.data_ptr(),
+        bias=bias.data_ptr(), eps=float(eps), out=out.data_ptr(), out_dt=out_dt, threads=_threads(B * T * C),
     )  # fmt: skip
     return out
 
@@ -165,7 +164,7 @@ def relu_square_(k: Tensor) -> Tensor:
     dt = _code("k", k)
     if not k.is_contiguous():
         raise ValueError("relu_square_ needs a contiguous tensor")
-    ext.relu_square(k.numel(), k.data_ptr(), dt, _threads(k.numel()))
+    ext.relu_square(n=k.numel(), k=k.data_ptr(), dt=dt, threads=_threads(k.numel()))
     return k
 
 
@@ -194,9 +193,10 @@ def _sigmoid_mul(r: Tensor, v: Tensor, dtype: torch.dtype | None, x: Tensor | No
     r, v = r.contiguous(), v.contiguous()
     C = r.shape[-1]
     out = torch.empty(r.shape, dtype=dtype) if x is None else x  # rows are read before they are written
-    res = 0 if x is None else x.data_ptr()
-    ext.sigmoid_mul(r.numel() // C, C, r.data_ptr(), v.data_ptr(), in_dt, out.data_ptr(), out_dt, res,
-                    _threads(r.numel()))  # fmt: skip
+    ext.sigmoid_mul(
+        R=r.numel() // C, C=C, r=r.data_ptr(), v=v.data_ptr(), in_dt=in_dt, out=out.data_ptr(), out_dt=out_dt,
+        res=None if x is None else x.data_ptr(), threads=_threads(r.numel()),
+    )  # fmt: skip
     return out
 
 
@@ -241,10 +241,11 @@ def add_norm_mix(
     last = torch.empty((B, C), dtype=f)
     out = torch.empty((M, B, T, C), dtype=dtype)
     ext.add_norm_mix(
-        B * T, T, C, M, x.data_ptr(), 0 if add is None else add.data_ptr(), add_dt, weight.data_ptr(),
-        bias.data_ptr(), float(eps), prev.data_ptr(), mix.data_ptr(), int(lerp), out_dt,
-        0 if add is None else s.data_ptr(), 0 if normed is None else normed.data_ptr(), last.data_ptr(),
-        out.data_ptr(), _threads((M + 2) * B * T * C),
+        R=B * T, T=T, C=C, M=M, x=x.data_ptr(), add=None if add is None else add.data_ptr(), add_dt=add_dt,
+        ln_w=weight.data_ptr(), ln_b=bias.data_ptr(), eps=float(eps), prev=prev.data_ptr(), mix=mix.data_ptr(),
+        lerp=int(lerp), out_dt=out_dt, x_out=None if add is None else s.data_ptr(),
+        xn_out=None if normed is None else normed.data_ptr(), last=last.data_ptr(), out=out.data_ptr(),
+        threads=_threads((M + 2) * B * T * C),
     )  # fmt: skip
     return s, out, last, normed
 
@@ -284,6 +285,8 @@ def lora_tanh(x: Tensor, w1: Tensor, w2: Tensor | None = None) -> Tensor:
     R = x2.shape[0]
     out = torch.empty((*x.shape[:-1], N), dtype=torch.bfloat16)
     if R:
-        ext.lora(R, K, D, N, x2.data_ptr(), w1.data_ptr(), 0 if w2 is None else w2.data_ptr(), out.data_ptr(),
-                 _threads(R * K * 8))  # fmt: skip
+        ext.lora(
+            R=R, K=K, D=D, N=N, x=x2.data_ptr(), w1=w1.data_ptr(), w2=None if w2 is None else w2.data_ptr(),
+            out=out.data_ptr(), threads=_threads(R * K * 8),
+        )  # fmt: skip
     return out

@@ -9,15 +9,15 @@ F.linear (oneDNN) loses about a third of its hot speed; see the C file for the s
 
 ``available()``: built, and the CPU has AMX-BF16 (Sapphire Rapids on) and Linux granted the tile
 state. ``applies(x, w)`` says whether the fast path takes a product (bf16, CPU, N and K multiples
-of 32); ``rwkvkit.models.common.Linear`` uses it for multi-row inputs without gradients unless
-``RWKVKIT_AMX_MATMUL=0`` is set (read at import; ``set_enabled`` changes it at run time).
+of 32, and chosen: ``rwkvkit.kernels``, the model's ``Kernels.amx_matmul``);
+``rwkvkit.models.common.Linear`` uses it for multi-row inputs without gradients.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .. import kernels
 
 try:
     from . import _matmul_cpu
@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - depends on the build
 
 Tensor = torch.Tensor
 EPILOGUES = (None, "relu2")
-_enabled = os.environ.get("RWKVKIT_AMX_MATMUL", "1") != "0"
 
 
 def available() -> bool:
@@ -34,21 +33,30 @@ def available() -> bool:
     return _matmul_cpu is not None and bool(_matmul_cpu.available)
 
 
-def set_enabled(flag: bool) -> None:
-    """Turn the kernel on or off for the models (default: on unless ``RWKVKIT_AMX_MATMUL=0``)."""
-    global _enabled
-    _enabled = bool(flag)
+def unavailable_reason() -> str:
+    """Why ``available()`` is False ('' when it is True)."""
+    if _matmul_cpu is None:
+        return "the extension is not built"
+    if kernels.PORTABLE:
+        return "portable kernels forced (RWKVKIT_PORTABLE_KERNELS / kernels.set_portable)"
+    return "" if available() else "this CPU has no AMX-BF16 (or Linux did not grant the tile state)"
 
 
-def is_enabled() -> bool:
-    return _enabled
+def configure(portable: bool) -> None:
+    """Portable code only (no AMX) or the CPU's best; see ``rwkvkit.kernels.set_portable``."""
+    if _matmul_cpu is not None:
+        _matmul_cpu.configure(portable=int(portable))
+
+
+configure(kernels.PORTABLE)
 
 
 def applies(x: Tensor, w: Tensor) -> bool:
-    """True when ``linear(x, w)`` takes the fast path and the models may use it: available, enabled,
-    both bf16 on the CPU, w 2-D [N, K] with N and K multiples of 32 and x [..., K]."""
+    """True when ``linear(x, w)`` takes the fast path and the models may use it: available, chosen
+    (``kernels.active().amx_matmul``), both bf16 on the CPU, w 2-D [N, K] with N and K multiples of
+    32 and x [..., K]."""
     return (
-        _enabled
+        kernels.active().amx_matmul
         and available()
         and type(w) in (Tensor, torch.nn.Parameter)  # not a subclass (FSDP2's DTensor: a local shard)
         and type(x) in (Tensor, torch.nn.Parameter)
@@ -90,7 +98,14 @@ def linear(x: Tensor, w: Tensor, epilogue: str | None = None) -> Tensor:
         return y
     x, w = x.contiguous(), w.contiguous()
     _matmul_cpu.linear(
-        M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), int(epilogue == "relu2"), torch.get_num_threads()
+        M=M,
+        N=N,
+        K=K,
+        x=x.data_ptr(),
+        w=w.data_ptr(),
+        y=y.data_ptr(),
+        relu2=int(epilogue == "relu2"),
+        threads=torch.get_num_threads(),
     )
     return y
 
@@ -115,6 +130,14 @@ def gated_residual_(res: Tensor, x: Tensor, w: Tensor, r: Tensor) -> Tensor:
         return res
     x, w, r = x.contiguous(), w.contiguous(), r.contiguous()
     _matmul_cpu.linear(
-        M, N, K, x.data_ptr(), w.data_ptr(), 0, 0, torch.get_num_threads(), r.data_ptr(), res.data_ptr()
+        M=M,
+        N=N,
+        K=K,
+        x=x.data_ptr(),
+        w=w.data_ptr(),
+        relu2=0,
+        gate=r.data_ptr(),
+        res=res.data_ptr(),
+        threads=torch.get_num_threads(),
     )
     return res

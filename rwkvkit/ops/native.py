@@ -56,7 +56,6 @@ def _run(r: Tensor, k: Tensor, v: Tensor, w: Tensor, w_base: Tensor | None, u: T
     u = u.to(f).contiguous()
     w_bf16 = int(w.dtype == torch.bfloat16 and w_base is not None)
     w = w.contiguous() if w_bf16 else w.to(f).contiguous()
-    base = 0 if w_base is None else w_base
     state = s0.to(f).clone().contiguous()
     if gn is None:
         y = out = torch.empty((B, T, H, N), dtype=f)
@@ -70,13 +69,14 @@ def _run(r: Tensor, k: Tensor, v: Tensor, w: Tensor, w_base: Tensor | None, u: T
         y, out = None, torch.empty((B, T, H, N), dtype=gn.dtype)
     # starting a thread costs more than a few tokens of work: decode steps run on the calling thread
     threads = max(1, min(torch.get_num_threads(), B * H)) if B * T * H * N * N >= _THREAD_MIN_WORK else 1
+    ptr = lambda t: None if t is None else t.data_ptr()
     _wkv_cpu.wkv_forward(
-        B, T, H, N,
-        r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), 0 if w_base is None else base.data_ptr(),
-        u.data_ptr(), state.data_ptr(), 0 if y is None else y.data_ptr(), int(per_token), rkv_bf16, w_bf16,
-        0 if g is None else g.data_ptr(), 0 if ln_w is None else ln_w.data_ptr(),
-        0 if ln_b is None else ln_b.data_ptr(), 0.0 if gn is None else float(gn.eps), out.data_ptr(),
-        int(g is not None and g.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16), threads,
+        B=B, T=T, H=H, N=N, r=r.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), w=w.data_ptr(),
+        w_base=ptr(w_base), u=u.data_ptr(), state=state.data_ptr(), y=ptr(y), w_per_token=int(per_token),
+        rkv_bf16=rkv_bf16, w_bf16=w_bf16, g=ptr(g), ln_w=ptr(ln_w), ln_b=ptr(ln_b),
+        eps=0.0 if gn is None else float(gn.eps), out=out.data_ptr(),
+        g_bf16=int(g is not None and g.dtype == torch.bfloat16), out_bf16=int(out.dtype == torch.bfloat16),
+        threads=threads,
     )  # fmt: skip
     return out, state
 

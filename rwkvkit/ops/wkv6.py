@@ -17,7 +17,11 @@ Backends (chosen by argument, all differentiable by autograd, all computing in f
   cumulative decay stays above -FLAT_SPAN in every channel (every chunk at typical decays) gets A
   from one matmul of chunk-relative factors; any other chunk gets it hierarchically, exact for any
   decay: sub-blocks of 16 inside the chunk, of 4 inside each 16, single pairs inside each 4.
-- ``auto``: ``naive`` for a single token (decoding), ``chunked`` otherwise. ``recurrent`` is an
+- ``native``: the C kernel of ``rwkvkit.ops.native`` (CPU, inference: no gradient).
+- ``fla``: flash-linear-attention's ``chunk_rwkv6`` Triton kernel (``rwkvkit.ops.fla_kernels``:
+  CUDA, the optional ``fla`` extra; differentiable).
+- ``auto``: ``native`` for CPU inference when built; ``fla`` on CUDA for more than one token when
+  installed; else ``naive`` for a single token (decoding), ``chunked`` otherwise. ``recurrent`` is an
   alias of ``naive``.
 
 Stability of the chunked form, without clamping w. The weight of key s in query t is
@@ -48,11 +52,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import fla_kernels, native
 
 Tensor = torch.Tensor
 
-BACKENDS = ("naive", "chunked", "auto", "recurrent", "native")
+BACKENDS = ("naive", "chunked", "auto", "recurrent", "native", "fla")
 
 # Chunks whose cumulative decay stays above -FLAT_SPAN (all of them at typical decays) use the one-matmul
 # form; the others the hierarchical one, whose decay factors below TINY = exp(-FLAT_SPAN) are flushed to 0.
@@ -80,8 +84,9 @@ def wkv6(
         u: bonus (``time_faaaa``) [H, N].
         state: [B, H, N, N] fp32 laid out [key, value], or None for zeros. Not modified.
         backend: "chunked" (default), "naive", "recurrent" (= naive), "native" (the C kernel of
-            ``rwkvkit.ops.native``: CPU, no gradient) or "auto" (native where it applies, else naive
-            when T == 1 and chunked otherwise).
+            ``rwkvkit.ops.native``: CPU, no gradient), "fla" (flash-linear-attention on CUDA) or
+            "auto" (native where it applies, fla on CUDA for T > 1 when installed, else naive when
+            T == 1 and chunked otherwise).
         chunk_size: tokens per chunk of the chunked form, a positive multiple of 16.
 
     Returns:
@@ -151,13 +156,19 @@ def _dispatch(
             "backend='native' needs the built CPU kernel, CPU tensors and no gradient "
             f"(built: {native.available()}); use 'auto' to fall back to the PyTorch forms"
         )
+    if backend == "fla":
+        fla_kernels.require(r)
     if backend == "auto":
         if dt == torch.float32 and T > 0 and native.usable(r, k, v, w, u, state):
             backend = "native"  # the exact serial recurrence in C: fastest for inference on CPU
+        elif r.device.type == "cuda" and T > 1 and fla_kernels.available():
+            backend = "fla"  # fla's chunked Triton kernels, forward and backward
         else:
             backend = "naive" if T == 1 else "chunked"
     if backend == "native" and T > 0:
         return native.wkv6_native(r, k, v, w, u, s0)
+    if backend == "fla" and T > 0:
+        return fla_kernels.wkv6_fla(r, k, v, w, u, s0)
     r, k, v, w, u = (x.to(dt) for x in (r, k, v, w, u))
     if T == 0:
         return r.new_zeros((B, 0, H, N)), s0.clone()

@@ -1,9 +1,10 @@
 """RWKV-LM's optimiser recipe: parameter groups, learning-rate schedule and the L2Wrap regulariser.
 
 - Groups: weight decay only on 2-D ``*.weight`` matrices (which includes ``emb`` and ``head``, as
-  RWKV-LM; never ``time_*``, LayerNorms, Finch's ``time_*_w1/w2`` LoRAs or fine-tuning adapters);
-  ``time_decay*`` at 2x the learning rate, ``time_first`` / ``time_faaaa`` at 3x. Each group carries
-  an ``lr_mult`` applied by ``set_lr``.
+  RWKV-LM; never ``time_*``, LayerNorms, LoRA parameters such as Finch's ``time_*_w1/w2`` or
+  fine-tuning adapters); the learning-rate multipliers each version declares (``Version.lr_mult``,
+  merged in ``rwkvkit.models.registry``: the decays at 2x, the bonuses at 3x). Each group carries an
+  ``lr_mult`` applied by ``set_lr``.
 - Schedule: warmup from 1% to ``lr_init`` over ``warmup_steps``, then cosine or exponential decay to
   ``lr_final`` at ``max_steps`` (RWKV-LM's exponential is ``lr_init * (lr_final/lr_init)^progress``).
   A pure function of the step, so resuming needs only the step.
@@ -20,26 +21,29 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..models.registry import lr_multiplier
 from .config import TrainConfig
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Trainable parameters split into RWKV-LM's groups (empty groups dropped)."""
-    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "plain": [], "x2": [], "x3": []}
+    """Trainable parameters split into RWKV-LM's groups (empty groups dropped): "decay" (weight decay),
+    "plain", and "x<m>" per learning-rate multiplier m != 1 (no weight decay)."""
+    buckets: dict[str, list[nn.Parameter]] = {"decay": [], "plain": []}
+    mults: dict[str, float] = {"decay": 1.0, "plain": 1.0}
     for name, p in named:
         if not p.requires_grad:
             continue
-        if "time_decay" in name:
-            buckets["x2"].append(p)
-        elif "time_first" in name or "time_faaaa" in name:
-            buckets["x3"].append(p)
+        mult = lr_multiplier(name)
+        if mult != 1.0:
+            key = f"x{mult:g}"
+            buckets.setdefault(key, []).append(p)
+            mults[key] = mult
         elif p.dim() >= 2 and name.endswith(".weight") and "lora_" not in name and weight_decay > 0:
             buckets["decay"].append(p)
         else:
             buckets["plain"].append(p)
-    spec = {"decay": (1.0, weight_decay), "plain": (1.0, 0.0), "x2": (2.0, 0.0), "x3": (3.0, 0.0)}
     return [
-        {"params": ps, "lr_mult": spec[k][0], "weight_decay": spec[k][1], "name": k}
+        {"params": ps, "lr_mult": mults[k], "weight_decay": weight_decay if k == "decay" else 0.0, "name": k}
         for k, ps in buckets.items()
         if ps
     ]

@@ -1,11 +1,13 @@
-"""State tuning: train only the initial WKV state of every layer of an Eagle/Finch model.
+"""State tuning: train only the initial recurrent state of every layer (versions with a ``time_state``).
 
-The model is frozen; one trainable tensor ``time_state`` [L, H, N, N] (key x value, the layout of
-``State.wkv``) becomes the starting WKV state of every sequence (token-shift states start at zero,
-as in RWKV-LM's state tuning). Because the model's forward uses its incoming state differentiably,
+The model is frozen; one trainable tensor ``time_state`` [L, ...] (in the layout of the ``State``
+tensor the version names, Eagle/Finch: ``wkv`` [L, H, N, N] key x value; Goose: value x key) becomes
+the starting state of every sequence (token-shift states start at zero, as in RWKV-LM's state
+tuning). Because the model's forward uses its incoming state differentiably,
 the gradient reaches it through the chunked WKV. The result is exported both as
-``blocks.{i}.att.time_state`` tensors ([H, N, N] stored [value, key], RWKV-LM's file layout, which the
-``rwkv`` package and ``rwkvkit.load`` read next to a checkpoint) and as an rwkvkit ``State`` file.
+``blocks.{i}.att.time_state`` tensors (RWKV-LM's / RWKV-PEFT's file layout, [H, N, N] stored [value,
+key] for every version, which ``rwkvkit.load`` and, for v5/v6, the ``rwkv`` package read next to a
+checkpoint) and as an rwkvkit ``State`` file.
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ class TunedState(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         cfg = model.config
-        if cfg.version == 4:
-            raise ValueError(
-                "state tuning needs an Eagle (v5) or Finch (v6) model; RWKV-4 has no matrix state"
-            )
+        layout = cfg.spec.time_state
+        if layout is None:
+            from rwkvkit.models.registry import VERSIONS
+
+            tunable = " or ".join(f"{s.short} (v{s.version})" for s in VERSIONS.values() if s.time_state)
+            raise ValueError(f"state tuning needs an {tunable} model; {cfg.spec.name} has no matrix state")
         start = getattr(model, "time_state", None)
         if start is None:
-            start = torch.zeros(cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size)
-        self.config = cfg
+            start = State.zeros(cfg, 1).tensors[layout.slot][:, 0]
+        self.config, self.slot = cfg, layout.slot
         self.time_state = nn.Parameter(start.detach().float().clone().to(model.emb.weight.device))
 
     def initial(self, batch_size: int) -> State:
         st = State.zeros(self.config, batch_size, device=self.time_state.device)
-        L, H, N = self.config.n_layer, self.config.n_head, self.config.head_size
-        st.tensors["wkv"] = self.time_state.unsqueeze(1).expand(L, batch_size, H, N, N)
+        t = self.time_state.unsqueeze(1)
+        st.tensors[self.slot] = t.expand(t.shape[0], batch_size, *t.shape[2:])
         return st
 
     def as_state(self) -> State:
@@ -63,10 +67,3 @@ def export_state(tuned: TunedState, path: str | os.PathLike) -> tuple[Path, Path
     state_path = path.with_suffix(".state")
     tuned.as_state().save(state_path)
     return path, state_path
-
-
-def merge_state_into(checkpoint_sd: dict[str, torch.Tensor], tuned: TunedState) -> dict[str, torch.Tensor]:
-    """An official state dict with the tuned ``blocks.{i}.att.time_state`` keys added."""
-    out = dict(checkpoint_sd)
-    out.update(tuned.as_state().to_time_state())
-    return out

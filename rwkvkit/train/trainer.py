@@ -1,4 +1,4 @@
-"""The training loop: pretraining and fine-tuning (full, LoRA, state) of RWKV-4 / Eagle / Finch.
+"""The training loop: pretraining and fine-tuning (full, LoRA, state) of every registered RWKV version.
 
 One optimiser step = ``accum_steps`` micro-batches of ``micro_bsz`` crops of ``ctx_len`` tokens per
 process. Each crop runs through the chunked parallel WKV; with ``chunk_len > 0`` a crop is cut into
@@ -9,15 +9,25 @@ norm ``grad_clip`` and AdamW steps with RWKV-LM's groups and schedule (``optim.p
 on CUDA (master weights fp32), optional gradient checkpointing of every block.
 
 Outputs in ``out_dir``: ``rwkv-<step>.pth`` and ``rwkv-final.pth`` (official layout, bf16, atomic;
-LoRA runs save the merged model, state runs ``state-<step>.pth`` + ``.state``), ``train_state.pt``
-(fp32 weights, optimiser, step: what ``resume`` continues from), ``metrics.jsonl`` and
-``loss.png``. Data order is a pure function of (seed, step), so a resumed run replays exactly what
-an uninterrupted one would have seen.
+LoRA runs save the merged model, state runs ``state-<step>.pth`` + ``.state``; ``keep_last`` keeps
+only the newest numbered ones), ``vocab.txt`` (a copy of ``vocab``, so every command finds the
+model's vocabulary beside it), ``train_state.pt`` (fp32 weights, optimiser, step, config: what
+``resume`` continues from; read back with ``weights_only=True``), ``metrics.jsonl`` and ``loss.png``.
+Data order is a pure function of (seed, step), so a resumed run replays exactly what an
+uninterrupted one would have seen.
+
+A run folder is never clobbered by accident (``prepare``): starting without ``resume`` where a run
+already is refuses unless ``overwrite`` (which removes the old run's files first); ``resume`` without
+a saved state refuses; a resume says which step it continues from, refuses a changed architecture
+and names every other changed setting; the checkpoint of the resumed step is exported if a kill
+came between saving the state and exporting it; ``*.tmp`` leftovers of killed writes are removed.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, atomic_write, safe_torch_load
 from . import distributed as D
 from .config import TrainConfig
 from .data import TokenDataset, global_index, read_tokens, split_train_val, val_batches
@@ -33,37 +43,27 @@ from .optim import L2Wrap, lr_at, make_optimizer, set_lr
 
 
 def _vocab_size(cfg: TrainConfig) -> int:
+    given = cfg.model.vocab_size
     if cfg.vocab:
         from rwkvkit.tokenizer.vocab import load_vocab
 
         n = len(load_vocab(cfg.vocab))
-        if cfg.vocab_size and cfg.vocab_size < n:
-            raise ValueError(f"vocab_size {cfg.vocab_size} is smaller than the vocab file's {n} ids")
-        return cfg.vocab_size or n
-    return cfg.vocab_size or 65536
+        if given and given < n:
+            raise ValueError(f"model.vocab_size {given} is smaller than the vocab file's {n} ids")
+        return given or n
+    return given or 65536
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """A fresh model with RWKV-LM's init, or ``cfg.load`` opened for training (fp32, ln0 kept)."""
     import rwkvkit
-    from rwkvkit.config import ModelConfig
     from rwkvkit.models import RWKV
 
     from .init import init_weights
 
     if cfg.load:
         return rwkvkit.load(cfg.load, dtype=torch.float32, fold_ln0=False)
-    mc = ModelConfig(
-        cfg.version,
-        cfg.n_layer,
-        cfg.n_embd,
-        _vocab_size(cfg),
-        head_size=cfg.n_embd if cfg.version == 4 else cfg.head_size,
-        ffn_dim=cfg.ffn_dim,
-        mix_lora=cfg.mix_lora,
-        decay_lora=cfg.decay_lora,
-    )
-    return init_weights(RWKV(mc), seed=cfg.seed)
+    return init_weights(RWKV(cfg.model.build(_vocab_size(cfg))), seed=cfg.seed)
 
 
 class Trainer:
@@ -71,6 +71,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg.validate()
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {cfg.device!r} but CUDA is not available to this PyTorch; use device: cpu"
+            )
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.ctx = D.setup(cfg.strategy, cfg.device)
@@ -92,6 +96,8 @@ class Trainer:
         self.base = model
         self.model = D.wrap(model, self.ctx)
         self.V = model.config.vocab_size
+        if self.ctx.device.type == "cpu":
+            _tune_malloc_for(cfg.micro_bsz * (cfg.chunk_len or cfg.ctx_len) * self.V * 4)
         tokens = read_tokens(cfg.data)
         if cfg.val_data:
             train, val = tokens, read_tokens(cfg.val_data)
@@ -114,6 +120,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.autocast = self._autocast_dtype()
+        self._prepared: bool | None = None  # None until prepare(); then whether it resumed
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -243,6 +250,25 @@ class Trainer:
         save(sd, path, dtype=torch.bfloat16)
         return path
 
+    def _export_path(self, name: str) -> Path:
+        return self.out / (f"state-{name}.pth" if self.tuned is not None else f"rwkv-{name}.pth")
+
+    def prune_checkpoints(self) -> list[Path]:
+        """Delete all but the ``keep_last`` newest numbered checkpoints (never ``*-final``); main only."""
+        if self.cfg.keep_last <= 0 or not self.ctx.is_main:
+            return []
+        prefix = "state-" if self.tuned is not None else "rwkv-"
+        steps = sorted(
+            int(s) for p in self.out.glob(prefix + "*.pth") if (s := p.stem[len(prefix) :]).isdigit()
+        )
+        removed = []
+        for s in steps[: -self.cfg.keep_last]:
+            for p in (self.out / f"{prefix}{s}.pth", self.out / f"{prefix}{s}.state"):
+                if p.is_file():
+                    p.unlink()
+                    removed.append(p)
+        return removed
+
     def save_train_state(self) -> None:
         model_sd = self._model_state()
         if self.tuned is not None:
@@ -266,9 +292,10 @@ class Trainer:
         path = self.out / "train_state.pt"
         if not path.is_file():
             return False
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.get("format") != "rwkvkit-train-1":
+        payload = safe_torch_load(path, "training state", map_location="cpu")
+        if not isinstance(payload, dict) or payload.get("format") != "rwkvkit-train-1":
             raise ValueError(f"{path} is not an rwkvkit training state")
+        self._check_resumed_config(payload)
         if self.tuned is not None:
             with torch.no_grad():
                 self.tuned.time_state.copy_(payload["model"]["time_state"])
@@ -290,12 +317,87 @@ class Trainer:
         torch.set_rng_state(payload["torch_rng"])
         return True
 
+    def _check_resumed_config(self, payload: dict) -> None:
+        """Refuse a changed architecture; name every other setting that differs from the saved run."""
+        saved = payload.get("config")
+        if not isinstance(saved, dict):
+            raise ValueError("the training state has no saved config: it was not written by this trainer")
+        saved, now = _flat_config(saved), _flat_config(self.cfg.to_dict())
+        model_keys = {k for k in (*saved, *now) if k.startswith("model.")}  # a size set in one only differs
+        changed = {
+            k: (saved.get(k), now.get(k))
+            for k in [*now, *sorted(model_keys - set(now))]
+            if (k in saved or k in model_keys) and saved.get(k) != now.get(k) and k not in RUNTIME_KEYS
+        }
+        fixed = {k: v for k, v in changed.items() if k in STRUCTURE_KEYS or k.startswith("model.")}
+        if fixed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in fixed.items())
+            raise ValueError(
+                f"cannot resume {self.out}: the model or fine-tuning mode differs from the saved run ({what}); "
+                "use the saved values, or start a new run in another out_dir"
+            )
+        world = payload.get("world", self.ctx.world)
+        if world != self.ctx.world:
+            changed["processes"] = (world, self.ctx.world)
+        if changed and self.ctx.is_main:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(
+                f"rwkvkit train: resuming with changed settings: {what} "
+                "(the run no longer replays what an uninterrupted one would have done)",
+                file=sys.stderr,
+            )
+
+    def prepare(self, resume: bool = False, overwrite: bool = False) -> bool:
+        """Check and tidy ``out_dir`` before training; load the saved state when ``resume``. Returns
+        whether it resumed. Raises ValueError (one line, naming the problem) where it must not go on."""
+        if self._prepared is not None:
+            return self._prepared
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in out_dir and --overwrite discards it: pick one")
+        state = self.out / "train_state.pt"
+        if self.ctx.is_main:
+            for tmp in list(self.out.glob("*.tmp")) + list(self.out.glob("*.tmp.png")):
+                tmp.unlink(missing_ok=True)  # a write killed half-way (atomic writes rename when done)
+        if resume:
+            if not state.is_file():
+                raise ValueError(
+                    f"nothing to resume: {state} does not exist (start without --resume to begin a run there)"
+                )
+        else:
+            old = _run_files(self.out)
+            if old and not overwrite:
+                names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+                raise ValueError(
+                    f"{self.out} already holds a training run ({names}): continue it with --resume, or pass "
+                    "--overwrite to discard it and start again"
+                )
+            D.barrier(self.ctx)  # every process has looked before the main one removes anything
+            if old and self.ctx.is_main:
+                for p in old:
+                    p.unlink(missing_ok=True)
+                print(f"rwkvkit train: --overwrite: removed {len(old)} files of the old run in {self.out}",
+                      file=sys.stderr)  # fmt: skip
+            D.barrier(self.ctx)  # ... and nobody writes before the removal is done
+        resumed = self.load_train_state() if resume else False
+        if resumed and self.ctx.is_main:
+            print(
+                f"rwkvkit train: resuming from step {self.step} of {self.cfg.max_steps} ({state})",
+                file=sys.stderr,
+            )
+        if self.ctx.is_main and self.cfg.vocab:
+            src = Path(self.cfg.vocab)
+            atomic_write(self.out / "vocab.txt", lambda tmp: shutil.copyfile(src, tmp))
+        if resumed and not self._export_path(str(self.step)).is_file():
+            self.export(str(self.step))  # killed between saving the state and exporting this step
+        self._prepared = resumed
+        return resumed
+
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
         from .metrics import MetricsLog
 
         cfg, ctx = self.cfg, self.ctx
-        resumed = self.load_train_state() if resume else False
+        resumed = self.prepare(resume, overwrite)
         log = MetricsLog(self.out, enabled=ctx.is_main, keep_upto=self.step if resumed else 0)
         bar = None
         if ctx.is_main and cfg.progress:
@@ -339,6 +441,7 @@ class Trainer:
                 if cfg.save_every > 0 and self.step % cfg.save_every == 0 or at_end or out_of_time:
                     self.save_train_state()
                     self.export(str(self.step))
+                    self.prune_checkpoints()
                     log.plot()
                 if out_of_time and not at_end:
                     stop_reason = (
@@ -361,6 +464,63 @@ class Trainer:
             "stopped": stop_reason,
             "resumed": resumed,
         }
+
+
+def _tune_malloc_for(logits_bytes: int) -> bool:
+    """glibc thresholds sized to one micro-batch's fp32 logits, so that they, their gradient and the
+    other activations are reused from the heap step after step instead of mapped and page-faulted in
+    afresh (``rwkvkit.runtime``): a fifth of a V=65536 CPU step went to page faults."""
+    from rwkvkit.kernels import MALLOC_TUNE
+    from rwkvkit.runtime import tune_malloc
+
+    if not MALLOC_TUNE:  # RWKVKIT_MALLOC_TUNE=0
+        return False
+    mb = 1 << 20
+    return tune_malloc(
+        mmap_threshold=min(max(2 * logits_bytes, 64 * mb), 1024 * mb),
+        trim_threshold=min(max(8 * logits_bytes, 256 * mb), 2**31 - 1),
+    )
+
+
+# Settings a resumed run may change silently (they do not change what is computed), and those it
+# may not change at all (the saved weights or optimiser would not fit).
+RUNTIME_KEYS = frozenset(
+    {"threads", "progress", "max_minutes", "stop_at_step", "out_dir", "save_every", "eval_every",
+     "eval_batches", "log_every", "keep_last", "device", "strategy", "grad_checkpoint"}
+)  # fmt: skip
+STRUCTURE_KEYS = frozenset({"mode", "load", "lora_r", "lora_targets"})  # and every model.<key>
+_FLAT_MODEL_KEYS = ("version", "n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim")
+
+
+def _flat_config(cfg: dict) -> dict:
+    """A saved or current config with its model section as ``model.<key>`` entries. A run saved before
+    the section existed (flat ``version``, ``n_layer``, ... and Finch's two LoRA widths for every
+    version) reads as the section it meant, so a changed architecture is still refused."""
+    out = {k: v for k, v in cfg.items() if k != "model"}
+    model = dict(cfg.get("model") or {})
+    if "model" not in cfg and "version" in cfg:  # the flat layout
+        from rwkvkit.models import registry
+
+        model = {k: out.pop(k) for k in _FLAT_MODEL_KEYS if k in out}
+        own = registry.VERSIONS[model["version"]].sizes if model.get("version") in registry.VERSIONS else {}
+        for k in ("mix_lora", "decay_lora"):
+            if k in out:
+                value = out.pop(k)
+                if k in own:
+                    model[k] = value
+    return out | {f"model.{k}": v for k, v in model.items()}
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of a training run in ``out`` (what --overwrite removes)."""
+    if not out.is_dir():
+        return []
+    names = ("train_state.pt", "metrics.jsonl", "loss.png", "vocab.txt")
+    files = [out / n for n in names if (out / n).is_file()]
+    for pattern in ("rwkv-*.pth", "state-*.pth", "state-*.state"):
+        files += sorted(out.glob(pattern))
+    # vocab.txt alone is not a run (a user may put the vocabulary there first)
+    return files if any(p.name != "vocab.txt" for p in files) else []
 
 
 def _merge_lora_sd(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

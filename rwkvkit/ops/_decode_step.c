@@ -1,0 +1,230 @@
+/* rwkvkit/ops/_decode_step.c: one token of Eagle or Finch for every row: every layer and the head,
+ * run by a team of threads between barriers (the plan, the numerics and the threads: _decode_cpu.c). */
+#include "_decode.h"
+
+/* ---- team synchronisation ------------------------------------------------------------------------
+ * OpenMP's own barrier spins for a long time before it sleeps; on a machine with more runnable threads
+ * than cores, a thread spinning there keeps the one it waits for off the core (measured: a step went
+ * from 10 ms to 300 ms with one other busy process on two cores). This barrier spins briefly, then
+ * yields the core. Matrix rows are handed out in chunks from a shared counter, so a thread that loses
+ * its core holds up one chunk, not its whole share. */
+#include <sched.h>
+
+static void team_barrier(team_barrier_t *b, int team) {
+    if (team == 1) return;
+    const int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == team - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; spins++) {
+        if (spins < 2000) {
+#if HAVE_X86
+            _mm_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* ---- element-wise pieces (one row of C) --------------------------------------------------------- */
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out) {
+    const float mean = row_sum(x, n, 0, 0.f) / (float)n;
+    const float rstd = 1.f / sqrtf(row_sum(x, n, 1, mean) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+}
+
+static inline float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+
+/* One head of the WKV step: y[j] = sum_i r_i (S_ij + u_i k_i v_j); S'_ij = w_i S_ij + k_i v_j. */
+static void wkv_head(int64_t N, const float *restrict r, const float *restrict k, const float *restrict v,
+                     const float *restrict w, const float *restrict u, const float *restrict S,
+                     float *restrict So, float *restrict y) {
+    float ruk = 0.f;
+    for (int64_t i = 0; i < N; i++) ruk += r[i] * u[i] * k[i];
+    for (int64_t j = 0; j < N; j++) y[j] = ruk * v[j];
+    for (int64_t i = 0; i < N; i++) {
+        const float ri = r[i], wi = w[i], ki = k[i];
+        const float *restrict Si = S + i * N;
+        float *restrict Soi = So + i * N;
+        for (int64_t j = 0; j < N; j++) {
+            y[j] += ri * Si[j];
+            Soi[j] = wi * Si[j] + ki * v[j];
+        }
+    }
+}
+
+#define F(p) ((const float *)(intptr_t)(p))
+
+/* ---- the step ----------------------------------------------------------------------------------- */
+
+
+void step_team(const step_args *a, int tid, int nt) {
+    const plan_t *P = a->P;
+    const int64_t B = a->B, C = P->C, H = P->H, N = P->N, Fd = P->F, D = P->D, Dw = P->Dw;
+    const int finch = P->version == 6;
+    float *x = a->x;
+    /* scratch: xn, d, xj[5], m (5D), t (Dw), decay, r, k, v, g, y, o, fk, fr, fv */
+    float *xn = a->buf, *d = xn + B * C, *xj = d + B * C, *m5 = xj + 5 * B * C, *tw = m5 + B * 5 * D;
+    float *dec = tw + B * Dw, *r = dec + B * C, *k = r + B * C, *v = k + B * C, *g = v + B * C;
+    float *y = g + B * C, *o = y + B * C, *fk = o + B * C, *fr = fk + B * Fd, *fv = fr + B * C;
+    float *xw = xj, *xk = xj + B * C, *xv = xj + 2 * B * C, *xr = xj + 3 * B * C, *xg = xj + 4 * B * C;
+    int64_t lo, hi;
+#define SYNC() team_barrier(a->bar, nt)
+
+    for (int64_t l = 0; l < P->n_layer; l++) {
+        const layer_t *L = &P->layers[l];
+        const float *att_in = a->att_in + l * B * C, *ffn_in = a->ffn_in + l * B * C;
+        float *att_out = a->att_out + l * B * C, *ffn_out = a->ffn_out + l * B * C;
+        const float *S = a->wkv_in + l * B * H * N * N;
+        float *So = a->wkv_out + l * B * H * N * N;
+        atomic_long *claims = a->claims + CLAIMS_PER_LAYER * l;
+
+        /* 1. LayerNorm, token shift (and Eagle's static mixes) */
+        if (tid == 0) {
+            for (int64_t b = 0; b < B; b++) {
+                float *xnb = xn + b * C, *db = d + b * C;
+                layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
+                memcpy(att_out + b * C, xnb, C * sizeof(float));
+                for (int64_t c = 0; c < C; c++) db[c] = att_in[b * C + c] - xnb[c];
+                if (finch) { /* the first LoRA's input, kept in xw until the LoRA has read it */
+                    const float *mx = F(L->maa_x);
+                    for (int64_t c = 0; c < C; c++) xw[b * C + c] = xnb[c] + db[c] * mx[c];
+                } else { /* x * mix + prev * (1 - mix), as the reference */
+                    for (int j = 1; j < 5; j++) {
+                        const float *mix = F(L->maa[j]);
+                        float *out = xj + j * B * C + b * C;
+                        for (int64_t c = 0; c < C; c++)
+                            out[c] = xnb[c] * mix[c] + att_in[b * C + c] * (1.f - mix[c]);
+                    }
+                }
+            }
+        }
+SYNC();
+        if (finch) {
+            /* 2. m = tanh(xxx @ maa_w1), the five branch LoRA codes [B, 5D] */
+            split16(5 * D, tid, nt, &lo, &hi);
+            lora_cols(&L->w1, lo, hi, xw, B, m5);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t n = lo; n < hi; n++) m5[b * 5 * D + n] = tanhf(m5[b * 5 * D + n]);
+SYNC();
+            /* 3. x_j = x + d * (maa_j + m_j @ maa_w2[j]) for w, k, v, r, g (columns split) */
+            split16(C, tid, nt, &lo, &hi);
+            for (int j = 0; j < 5; j++) {
+                mat_t w2j = L->w2; /* [D, C] slice j of [5, D, C] */
+                w2j.k = D;
+                w2j.n = C;
+                w2j.w += j * D * C * (L->w2.kind == MK_BF16 ? 2 : 4);
+                float *out = xj + j * B * C;
+                for (int64_t b = 0; b < B; b++) lora_cols(&w2j, lo, hi, m5 + b * 5 * D + j * D, 1, out + b * C);
+                const float *maa = F(L->maa[j]);
+                for (int64_t b = 0; b < B; b++)
+                    for (int64_t c = lo; c < hi; c++)
+                        out[b * C + c] = xn[b * C + c] + d[b * C + c] * (maa[c] + out[b * C + c]);
+            }
+SYNC();
+            /* 4. the decay LoRA's code: tanh(x_w @ decay_w1) */
+            split16(Dw, tid, nt, &lo, &hi);
+            lora_cols(&L->dw1, lo, hi, xw, B, tw);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t n = lo; n < hi; n++) tw[b * Dw + n] = tanhf(tw[b * Dw + n]);
+SYNC();
+            /* 5a. decay factor exp(-exp(time_decay + code @ decay_w2)) (columns split) */
+            split16(C, tid, nt, &lo, &hi);
+            lora_cols(&L->dw2, lo, hi, tw, B, dec);
+            const float *td = F(L->decay);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t c = lo; c < hi; c++) dec[b * C + c] = expf(-expf(td[c] + dec[b * C + c]));
+        } else if (tid == 0) { /* Eagle: one decay per channel */
+            const float *td = F(L->decay);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t c = 0; c < C; c++) dec[b * C + c] = expf(-expf(td[c]));
+        }
+        /* 5b. r, k, v, g */
+        {
+            const job_t jobs[4] = {{&L->r, xr, r}, {&L->k, xk, k}, {&L->v, xv, v}, {&L->g, xg, g}};
+            mats_claim(jobs, 4, B, claims + 0);
+        }
+SYNC();
+        /* 6. WKV per (row, head), then the head's GroupNorm times silu(gate) */
+        split(B * H, tid, nt, &lo, &hi);
+        for (int64_t bh = lo; bh < hi; bh++) {
+            const int64_t b = bh / H, h = bh % H, off = b * C + h * N;
+            float *yh = y + off;
+            wkv_head(N, r + off, k + off, v + off, dec + off, F(L->u) + h * N, S + bh * N * N, So + bh * N * N, yh);
+            layer_norm(yh, F(L->lnx_w) + h * N, F(L->lnx_b) + h * N, 64e-5f, N, yh);
+            for (int64_t j = 0; j < N; j++) {
+                const float gj = g[off + j];
+                yh[j] *= gj * sigmoidf_(gj);
+            }
+        }
+SYNC();
+        /* 7. output matrix */
+        {
+            const job_t jobs[1] = {{&L->o, y, o}};
+            mats_claim(jobs, 1, B, claims + 1);
+        }
+SYNC();
+        /* 8. residual, LayerNorm, channel-mix token shift */
+        if (tid == 0) {
+            const float *mk = F(L->fmix_k), *mr = F(L->fmix_r);
+            for (int64_t b = 0; b < B; b++) {
+                float *xb = x + b * C, *xnb = xn + b * C;
+                for (int64_t c = 0; c < C; c++) xb[c] += o[b * C + c];
+                layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
+                memcpy(ffn_out + b * C, xnb, C * sizeof(float));
+                for (int64_t c = 0; c < C; c++) {
+                    const float p = ffn_in[b * C + c];
+                    if (finch) {
+                        const float dd = p - xnb[c];
+                        xk[b * C + c] = xnb[c] + dd * mk[c];
+                        xr[b * C + c] = xnb[c] + dd * mr[c];
+                    } else {
+                        xk[b * C + c] = xnb[c] * mk[c] + p * (1.f - mk[c]);
+                        xr[b * C + c] = xnb[c] * mr[c] + p * (1.f - mr[c]);
+                    }
+                }
+            }
+        }
+SYNC();
+        /* 9. key (then relu^2) and receptance */
+        {
+            const job_t jobs[2] = {{&L->fk, xk, fk}, {&L->fr, xr, fr}};
+            mats_claim(jobs, 2, B, claims + 2);
+        }
+SYNC();
+        split16(B * Fd, tid, nt, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) {
+            const float z = fk[i] > 0.f ? fk[i] : 0.f;
+            fk[i] = z * z;
+        }
+SYNC();
+        /* 10. value */
+        {
+            const job_t jobs[1] = {{&L->fv, fk, fv}};
+            mats_claim(jobs, 1, B, claims + 3);
+        }
+SYNC();
+        /* 11. residual */
+        if (tid == 0)
+            for (int64_t i = 0; i < B * C; i++) x[i] += sigmoidf_(fr[i]) * fv[i];
+SYNC();
+    }
+    /* head */
+    if (tid == 0)
+        for (int64_t b = 0; b < B; b++) layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+SYNC();
+    {
+        const job_t jobs[1] = {{&P->head, xn, a->logits}};
+        mats_claim(jobs, 1, B, a->claims + CLAIMS_PER_LAYER * P->n_layer);
+    }
+    SYNC(); /* everyone is done before OpenMP's own (long-spinning) end-of-region barrier */
+#undef SYNC
+}
+
+int64_t scratch_floats(const plan_t *P, int64_t B) {
+    return B * (16 * P->C + 5 * P->D + P->Dw + P->F);
+}
