@@ -164,8 +164,8 @@ PRESETS_LC: dict[str, Preset] = {
         bands=[1, 8, 32, 64, 96],
     ),
     "cpu": Preset(
-        n_layer=4, n_embd=128, vocab_size=4096, ctx_len=512, micro_bsz=8, max_steps=300,
-        lr_init=2e-3, lr_final=1e-4, eval_len=16384, n_windows=32, eval_stride=2048,
+        n_layer=4, n_embd=128, vocab_size=4096, ctx_len=512, micro_bsz=4, max_steps=360,
+        lr_init=2e-3, lr_final=1e-4, eval_len=16384, n_windows=24, eval_stride=2048, warmup_steps=30,
     ),
     "gpu": Preset(
         n_layer=12, n_embd=768, vocab_size=16384, ctx_len=2048, micro_bsz=8, max_steps=2000,
