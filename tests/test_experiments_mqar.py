@@ -163,3 +163,20 @@ def test_toy_preset_end_to_end(tmp_path):
         assert 0.0 <= r["test_acc"] <= 1.0 and r["runs"][0]["history"]
     assert (tmp_path / "mqar-toy.png").stat().st_size > 1000
     assert "Finch (RWKV-6)" in (tmp_path / "mqar-toy.md").read_text()
+
+
+def _hist(accs: list[float], every: int = 100) -> list[dict]:
+    return [{"step": every * (i + 1), "loss": 1.0, "val_acc": a} for i, a in enumerate(accs)]
+
+
+def test_a_stuck_run_is_stopped_and_a_learning_or_nearly_solved_one_is_not():
+    spec = mqar.RunSpec("rwkv4", 64, 3e-3, 1500, 64, patience=300, min_gain=0.02, give_up_below=0.9)
+    # RWKV-4's curve on the cpu cell: 0.241 at step 700, then nothing better than 0.259
+    stuck = [0.003, 0.024, 0.028, 0.074, 0.145, 0.196, 0.241, 0.247, 0.242, 0.254]
+    assert mqar.plateaued(_hist(stuck), spec)
+    assert not mqar.plateaued(_hist(stuck[:9]), spec)  # only 200 steps since the last gain
+    rising = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.85]
+    assert not mqar.plateaued(_hist(rising), spec)
+    near = [0.5, 0.93, 0.95, 0.95, 0.95, 0.95, 0.96]  # slow tail above give_up_below goes on
+    assert not mqar.plateaued(_hist(near), spec)
+    assert not mqar.plateaued(_hist(stuck), mqar.RunSpec("rwkv4", 64, 3e-3, 1500, 64))  # patience 0: never
