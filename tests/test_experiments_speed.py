@@ -57,6 +57,8 @@ def test_toy_preset_end_to_end(tmp_path):
     ops = {(r["op"], r["mode"]) for r in data["operators"]}
     assert ("attention", "fwd+bwd") in ops and ("mamba", "fwd") in ops and ("finch-chunked", "fwd+bwd") in ops
     assert all(r["ms"] > 0 and r["peak_mib"] > 0 for r in data["operators"])
+    assert all(0 < r["cpu_ms"] for r in data["operators"])  # what each call costs, beside its wall time
+    assert all(r["cpu_ms_per_token"] > 0 for r in data["decode"])
     dec = data["decode"]
     finch = [r["state_mib"] for r in dec if r["model"] == "finch"]
     kv = {r["context"]: r["state_mib"] for r in dec if r["model"] == "transformer"}
@@ -65,3 +67,10 @@ def test_toy_preset_end_to_end(tmp_path):
     for ctx, mib in kv.items():  # K and V for every layer and token, fp32
         assert mib * speed.MiB == 2 * p.decode_layers * ctx * p.d_model * 4
     assert (tmp_path / "speed-toy.png").stat().st_size > 1000
+
+
+def test_time_call_counts_cpu_seconds_not_waits():
+    import time
+
+    sec, n, cpu = speed.time_call(lambda: time.sleep(0.05), CPU, repeat=2, budget_s=10.0)
+    assert n == 2 and sec >= 0.045 and cpu < 0.02  # a sleep takes wall time but no CPU time

@@ -150,20 +150,25 @@ def _call(op: str, x: dict, mode: str, gy: torch.Tensor | None):
     return None
 
 
-def time_call(fn, device: torch.device, repeat: int, budget_s: float) -> tuple[float, int]:
-    """Median seconds of up to ``repeat`` calls after one warm-up (fewer when they exceed budget_s)."""
+def time_call(fn, device: torch.device, repeat: int, budget_s: float) -> tuple[float, int, float]:
+    """(median wall seconds, calls timed, median CPU seconds) of up to ``repeat`` calls after one
+    warm-up (fewer when they exceed budget_s). CPU seconds are the process's (``time.process_time``):
+    on a shared CPU they are what the call costs, while wall time also counts the waits for a core."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    first = time.perf_counter() - t
-    times = []
+    first, first_cpu = time.perf_counter() - t, time.process_time() - c
+    times, cpus = [], []
     while len(times) < repeat and (sum(times) + first) < budget_s:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return (statistics.median(times) if times else first), len(times) or 1
+        cpus.append(time.process_time() - c)
+    if not times:
+        return first, 1, first_cpu
+    return statistics.median(times), len(times), statistics.median(cpus)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -182,9 +187,11 @@ def measure_op(op: str, mode: str, T: int, p: Preset, device: torch.device) -> d
             with torch.no_grad():
                 gy = torch.randn_like(run_op(op, x))
         fn = lambda: _call(op, x, mode, gy)
-        sec, n = time_call(fn, device, p.repeat, p.max_call_s)
+        sec, n, cpu = time_call(fn, device, p.repeat, p.max_call_s)
         _, peak = peak_bytes(fn, device)
         rec.update(ms=sec * 1e3, calls_timed=n, peak_mib=peak / MiB)
+        if device.type == "cpu":  # on a GPU the host's CPU time says nothing about the kernel
+            rec["cpu_ms"] = cpu * 1e3
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if not _is_oom(e):
             raise
@@ -209,8 +216,9 @@ def run_ops(p: Preset, device: torch.device, progress: Progress) -> list[dict]:
                 if rec.get("oom"):
                     progress.say(f"{op} {mode} T={T}: out of memory; longer T skipped")
                     break
-                progress.say(f"{op} {mode} T={T}: {rec['ms']:.1f} ms, peak {rec['peak_mib']:.1f} MiB")
-                if rec["ms"] / 1e3 > p.max_call_s:
+                cpu = f" ({rec['cpu_ms']:.1f} ms CPU)" if "cpu_ms" in rec else ""
+                progress.say(f"{op} {mode} T={T}: {rec['ms']:.1f} ms{cpu}, peak {rec['peak_mib']:.1f} MiB")
+                if rec.get("cpu_ms", rec["ms"]) / 1e3 > p.max_call_s:
                     progress.say(f"{op} {mode}: one call took over {p.max_call_s:.0f} s; longer T skipped")
                     break
     return records
@@ -234,22 +242,23 @@ def decode_models(p: Preset, device: torch.device) -> tuple[torch.nn.Module, Tra
     return finch.eval(), tf.eval()
 
 
-def _step_ms(step, device: torch.device, n: int) -> float:
-    """Median milliseconds of ``n`` calls of ``step`` after two warm-up calls."""
+def _step_ms(step, device: torch.device, n: int) -> tuple[float, float]:
+    """(median wall ms, median CPU ms) of ``n`` calls of ``step`` after two warm-up calls."""
     for _ in range(2):
         step()
     _sync(device)
-    times = []
+    times, cpus = [], []
     for _ in range(n):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        cpus.append(time.process_time() - c)
+    return statistics.median(times) * 1e3, statistics.median(cpus) * 1e3
 
 
-def _finch_decode(finch, tok: torch.Tensor, p: Preset, device: torch.device) -> tuple[float, int]:
-    """(ms per token, state bytes) of Finch's one-token step from a random state."""
+def _finch_decode(finch, tok: torch.Tensor, p: Preset, device: torch.device) -> tuple[tuple, int]:
+    """((wall, CPU) ms per token, state bytes) of Finch's one-token step from a random state."""
     state = finch.init_state(1)
     for t in state.tensors.values():
         t.normal_().mul_(0.1)
@@ -265,8 +274,8 @@ def _finch_decode(finch, tok: torch.Tensor, p: Preset, device: torch.device) -> 
 
 def _transformer_decode(
     tf: Transformer, tok: torch.Tensor, ctx: int, p: Preset, device: torch.device
-) -> tuple[float, int]:
-    """(ms per token, KV-cache bytes) of one token after ``ctx`` cached tokens (random keys/values)."""
+) -> tuple[tuple, int]:
+    """((wall, CPU) ms per token, KV-cache bytes) of one token after ``ctx`` cached tokens (random keys/values)."""
     cache = tf.new_cache(1, ctx + 1)
     cache.k[:, :, :, :ctx].normal_()
     cache.v[:, :, :, :ctx].normal_()
@@ -276,6 +285,10 @@ def _transformer_decode(
         tf(tok, cache)
 
     return _step_ms(step, device, p.decode_steps), cache.nbytes(ctx)
+
+
+def _cpu_field(cpu_ms: float, device: torch.device) -> dict:
+    return {"cpu_ms_per_token": cpu_ms} if device.type == "cpu" else {}
 
 
 @torch.no_grad()
@@ -288,12 +301,15 @@ def decode_view(p: Preset, device: torch.device, progress: Progress) -> list[dic
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
     records = []
     for ctx in p.decode_contexts:
-        ms, nbytes = _finch_decode(finch, tok, p, device)
-        records.append({"model": "finch", "context": ctx, "ms_per_token": ms, "state_mib": nbytes / MiB})
+        (ms, cpu), nbytes = _finch_decode(finch, tok, p, device)
+        records.append(
+            {"model": "finch", "context": ctx, "ms_per_token": ms, "state_mib": nbytes / MiB}
+            | _cpu_field(cpu, device)
+        )
         progress.advance(1)
         progress.say(f"decode finch after {ctx} tokens: {ms:.2f} ms/token, state {nbytes / MiB:.2f} MiB")
         try:
-            ms, nbytes = _transformer_decode(tf, tok, ctx, p, device)
+            (ms, cpu), nbytes = _transformer_decode(tf, tok, ctx, p, device)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _is_oom(e):
                 raise
@@ -307,6 +323,7 @@ def decode_view(p: Preset, device: torch.device, progress: Progress) -> list[dic
                 torch.cuda.empty_cache()
         records.append(
             {"model": "transformer", "context": ctx, "ms_per_token": ms, "state_mib": nbytes / MiB}
+            | _cpu_field(cpu, device)
         )
         progress.advance(1)
         progress.say(
@@ -331,7 +348,10 @@ def tables(ops: list[dict], decode: list[dict]) -> str:
         return None
 
     parts = []
-    for what, title in (("ms", "time per call (ms)"), ("peak_mib", "peak memory of the call (MiB)")):
+    whats = [("ms", "wall time per call (ms)"), ("peak_mib", "peak memory of the call (MiB)")]
+    if any("cpu_ms" in r for r in ops):
+        whats.insert(0, ("cpu_ms", "CPU time per call (ms, what the call costs on a shared machine)"))
+    for what, title in whats:
         rows = [[f"{op} {mode}", *(cell(op, mode, T, what) for T in lengths)] for op, mode in keys]
         parts.append(
             f"Operators, {title}:\n\n" + markdown_table(["operator", *(f"T={T}" for T in lengths)], rows)
@@ -339,8 +359,13 @@ def tables(ops: list[dict], decode: list[dict]) -> str:
     ctxs = sorted({r["context"] for r in decode})
     rows = []
     for model in ("finch", "transformer"):
-        for what, unit in (("ms_per_token", "ms/token"), ("state_mib", "MiB per sequence")):
-            vals = {r["context"]: ("OOM" if r.get("oom") else r[what]) for r in decode if r["model"] == model}
+        units = [("ms_per_token", "wall ms/token"), ("state_mib", "MiB per sequence")]
+        if any("cpu_ms_per_token" in r for r in decode):
+            units.insert(0, ("cpu_ms_per_token", "CPU ms/token"))
+        for what, unit in units:
+            vals = {
+                r["context"]: ("OOM" if r.get("oom") else r.get(what)) for r in decode if r["model"] == model
+            }
             rows.append([f"{model} {unit}", *(vals.get(c) for c in ctxs)])
     parts.append(
         "Decoding one token after a context of C tokens:\n\n"
@@ -359,23 +384,24 @@ def plot(ops: list[dict], decode: list[dict], title: str, path) -> None:
         "attention": "tab:green",
         "mamba": "tab:purple",
     }
+    on_cpu = any("cpu_ms" in r for r in ops)  # a shared CPU: plot what the calls cost, not the waits
+    t_op, t_dec = ("cpu_ms", "cpu_ms_per_token") if on_cpu else ("ms", "ms_per_token")
     for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in ops):
         rs = [r for r in ops if (r["op"], r["mode"]) == (op, mode) and not r.get("oom")]
         style = "o-" if mode == "fwd" else "s--"
-        for ax, what in ((axes[0][0], "ms"), (axes[0][1], "peak_mib")):
+        for ax, what in ((axes[0][0], t_op), (axes[0][1], "peak_mib")):
             ax.plot(
                 [r["T"] for r in rs], [r[what] for r in rs], style, color=colors[op], label=f"{op} {mode}"
             )
     for model, color in (("finch", "tab:red"), ("transformer", "tab:green")):
         rs = [r for r in decode if r["model"] == model and not r.get("oom")]
-        axes[1][0].plot(
-            [r["context"] for r in rs], [r["ms_per_token"] for r in rs], "o-", color=color, label=model
-        )
+        axes[1][0].plot([r["context"] for r in rs], [r[t_dec] for r in rs], "o-", color=color, label=model)
         axes[1][1].plot(
             [r["context"] for r in rs], [r["state_mib"] for r in rs], "o-", color=color, label=model
         )
-    labels = [("T", "ms per call", "operator time"), ("T", "MiB", "operator peak memory"),
-              ("context (tokens)", "ms per token", "decode latency"), ("context (tokens)", "MiB", "memory per sequence")]  # fmt: skip
+    unit = "CPU ms" if on_cpu else "ms"
+    labels = [("T", f"{unit} per call", "operator time"), ("T", "MiB", "operator peak memory"),
+              ("context (tokens)", f"{unit} per token", "decode latency"), ("context (tokens)", "MiB", "memory per sequence")]  # fmt: skip
     for ax, (xl, yl, t) in zip(axes.flat, labels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
