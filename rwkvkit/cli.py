@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
     "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),
     "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score"),
+    "experiment": ("rwkvkit.experiments.cli:main", "the paper's experiments: mqar | long-context | speed"),
 }
 
 BENCHES: dict[str, str] = {
