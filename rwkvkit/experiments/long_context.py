@@ -328,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-eval-len", type=int, default=0, help="cap the evaluation window length (smoke tests)"
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="cap the sequences per step (smoke tests: the gpu preset's 8 x 2048 tokens need ~24 GB on a CPU)",
+    )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     argv = list(argv or [])
@@ -342,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         preset.models = a.models.split(",")
     if a.max_steps:
         preset.max_steps = min(preset.max_steps, a.max_steps)
+    if a.max_batch:
+        preset.micro_bsz = min(preset.micro_bsz, a.max_batch)
     if a.max_windows:
         preset.n_windows = min(preset.n_windows, a.max_windows)
     if a.max_eval_len and a.max_eval_len < preset.eval_len:
