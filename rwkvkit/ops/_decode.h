@@ -121,6 +121,8 @@ void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt);
 void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next);
 void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
                int64_t ldy);
+void team_barrier(team_barrier_t *b, int team); /* spins briefly, then yields the core */
+void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out);
 /* _decode_bf16.c */
 void to_bf16(const float *x, uint16_t *out, int64_t n);
 void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);

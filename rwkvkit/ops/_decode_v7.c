@@ -21,7 +21,6 @@
 #include "_decode.h"
 #include "_wkv7_step.h"
 
-#include <sched.h>
 
 typedef struct {
     int64_t ln1_w, ln1_b, ln2_w, ln2_b;         /* float [C] */
@@ -55,33 +54,6 @@ typedef struct {
     atomic_long *claims;
     int wkv_avx512;
 } step7_args;
-
-/* Spins briefly, then yields the core (see _decode_step.c: OpenMP's barrier spins too long on a
- * machine with more runnable threads than cores). */
-static void barrier7(team_barrier_t *b, int team) {
-    if (team == 1) return;
-    const int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == team - 1) {
-        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
-        return;
-    }
-    for (int spins = 0; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; spins++) {
-        if (spins < 2000) {
-#if HAVE_X86
-            _mm_pause();
-#endif
-        } else {
-            sched_yield();
-        }
-    }
-}
-
-static void layer_norm7(const float *x, const float *w, const float *b, float eps, int64_t n, float *out) {
-    const float mean = row_sum(x, n, 0, 0.f) / (float)n;
-    const float rstd = 1.f / sqrtf(row_sum(x, n, 1, mean) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
-}
 
 static inline float sigm(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -128,7 +100,7 @@ static void head7(const step7_args *a, const layer7_t *L, int first, float *cons
     else
 #endif
         wkv7_head_generic(S_out, &t, y, dr, N);
-    layer_norm7(y, F(L->lnx_w) + h * N, F(L->lnx_b) + h * N, 64e-5f, N, y);
+    layer_norm(y, F(L->lnx_w) + h * N, F(L->lnx_b) + h * N, 64e-5f, N, y);
     for (int64_t j = 0; j < N; j++) y[j] = (y[j] + bonus * v[j]) * g[j];
 }
 
@@ -146,7 +118,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     float *xr = xj, *xw = xj + B * C, *xk = xj + 2 * B * C, *xv = xj + 3 * B * C, *xa = xj + 4 * B * C;
     float *xg = xj + 5 * B * C;
     int64_t lo, hi;
-#define SYNC() barrier7(a->bar, nt)
+#define SYNC() team_barrier(a->bar, nt)
     for (int64_t l = 0; l < P->n_layer; l++) {
         const layer7_t *L = &P->layers[l];
         const int first = l == 0;
@@ -159,7 +131,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
         if (tid == 0)
             for (int64_t b = 0; b < B; b++) {
                 float *xnb = xn + b * C;
-                layer_norm7(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
+                layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
                 memcpy(att_out + b * C, xnb, C * sizeof(float));
                 for (int j = 0; j < 6; j++) {
                     const float *mix = F(L->mix[j]);
@@ -218,7 +190,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             for (int64_t b = 0; b < B; b++) {
                 float *xb = x + b * C, *xnb = xn + b * C;
                 for (int64_t c = 0; c < C; c++) xb[c] += o[b * C + c];
-                layer_norm7(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
+                layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
                 memcpy(ffn_out + b * C, xnb, C * sizeof(float));
                 for (int64_t c = 0; c < C; c++) xk[b * C + c] = xnb[c] + (ffn_in[b * C + c] - xnb[c]) * mk[c];
             }
@@ -248,7 +220,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     /* head */
     if (tid == 0)
         for (int64_t b = 0; b < B; b++)
-            layer_norm7(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+            layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
     SYNC();
     {
         const job_t jobs[1] = {{&P->head, xn, a->logits}};
