@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..config import ModelConfig
 from ..ops import decode as native
 from ..state import State
 from .quant import Int8Linear
@@ -104,7 +105,26 @@ class PlanBuilder:
         self.ints.append(0)
 
 
-class NativeStep:
+class PlannedStep:
+    """What a native step keeps of its ``PlanBuilder``: the plan, the tensors it points to, and the
+    modules that own them, so that ``valid()`` can tell when the model changed under it."""
+
+    def _keep(self, config: ModelConfig, b: PlanBuilder) -> None:
+        self.config = config
+        self.plan = torch.tensor(b.ints, dtype=torch.int64)
+        self.tensors = b.tensors
+        self.pointers = [t.data_ptr() for t in b.tensors]
+        self.owners = b.owners
+
+    def valid(self) -> bool:
+        """Whether the model still holds every module and tensor the plan points to, at the same address
+        (a swapped module, a replaced parameter or ``param.data = ...`` all invalidate it)."""
+        return all(d.get(k) is o for d, k, o in self.owners) and all(
+            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers)
+        )
+
+
+class NativeStep(PlannedStep):
     """A plan for one model; ``step(x, state)`` runs a token for every row. ``RWKV.native_step()`` builds
     and caches it."""
 
@@ -135,18 +155,7 @@ class NativeStep:
             spec.native_layer(b, blk)
             if len(b.ints) - start != _LAYER_INTS:
                 raise AssertionError("plan layer layout")
-        self.config = cfg
-        self.plan = torch.tensor(b.ints, dtype=torch.int64)
-        self.tensors = b.tensors
-        self.pointers = [t.data_ptr() for t in b.tensors]
-        self.owners = b.owners
-
-    def valid(self) -> bool:
-        """Whether the model still holds every module and tensor the plan points to, at the same address
-        (a swapped module, a replaced parameter or ``param.data = ...`` all invalidate it)."""
-        return all(d.get(k) is o for d, k, o in self.owners) and all(
-            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers)
-        )
+        self._keep(cfg, b)
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x [B, C] float32 embeddings (consumed: the residual is updated in place) -> (logits [B, V], new state)."""

@@ -18,7 +18,7 @@ from torch import nn
 from .. import kernels
 from ..ops import decode_v7
 from ..state import State
-from .engine import PlanBuilder, Unsupported
+from .engine import PlanBuilder, PlannedStep, Unsupported
 
 
 def kernel() -> str:
@@ -54,7 +54,7 @@ def _layer(b: PlanBuilder, block: nn.Module, C: int) -> None:
         b.matrix(ffn, name)
 
 
-class NativeStep7:
+class NativeStep7(PlannedStep):
     """A plan for one RWKV-7 model; ``step(x, state)`` runs one token for every row."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -79,17 +79,7 @@ class NativeStep7:
             _layer(b, b.own(blocks, str(i)), C)
             if len(b.ints) - start != per_layer:
                 raise AssertionError("plan7 layer layout")
-        self.config = cfg
-        self.plan = torch.tensor(b.ints, dtype=torch.int64)
-        self.tensors = b.tensors
-        self.pointers = [t.data_ptr() for t in b.tensors]
-        self.owners = b.owners
-
-    def valid(self) -> bool:
-        """Whether the model still holds every module and tensor the plan points to, at the same address."""
-        return all(d.get(k) is o for d, k, o in self.owners) and all(
-            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers)
-        )
+        self._keep(cfg, b)
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x [B, C] embeddings (consumed) -> (logits [B, V] fp32, new state); ``state`` is not modified."""
