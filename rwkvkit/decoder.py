@@ -1,22 +1,29 @@
-"""The token-level engine under ``rwkvkit.generate``: prefill, the prefix cache, and the batched decoder.
+"""The token-level engine under ``rwkvkit.generate`` and the server: the batched decoder.
 
-- ``prefill``: run a prompt through the model in chunks of ``chunk_len`` tokens with the parallel
-  form, keeping only the last position's logits (``last_only=True``).
-- ``PrefixCache``: an LRU map token sequence -> (State, next-token logits), bounded in entries and
-  in bytes. A prompt that extends a cached sequence (the next turn of a chat, a shared system
-  prompt) only prefills the rest. The decoder stores every prompt it prefills, and, for rows that
-  ask (``Row.cache_end``), the state after the prompt and every emitted token: a chat's next turn,
-  whose prompt is this turn's prompt + reply + the new message, then costs only the new message.
-- ``BatchDecoder``: rows (``Row``) join after their own prefill, all active rows are decoded together
-  with one ``[B, 1]`` forward per step (one weight read serves every row), and each row leaves when
-  it hits a stop token, its token budget, its ``on_token`` hook says stop, or it is cancelled. It
-  knows nothing about text; the server drives it from a thread. With ``interleave=N`` a new row's
-  prompt is not prefilled by ``add`` but by the following ``step`` calls, N prompt tokens per step in
-  all while other rows are decoding (several short prompts, or a slice of a long one; waiting
-  prompts take turns), so a long prompt arriving never stalls the running streams for longer than N
-  tokens' prefill; with nothing decoding a step prefills ``chunk_len`` tokens.
-  ``add(row, copies=[...])`` prefills one prompt once for several rows (n choices of one prompt):
-  each copy joins the batch with its own copy of the state.
+Prefill and the prefix cache live in ``rwkvkit.prefill``, the rows in ``rwkvkit.row`` (re-exported here). The decoder stores every
+prompt it prefills in its ``PrefixCache`` and, for rows that ask (``Row.cache_end``), the state after
+the prompt and every emitted token: a chat's next turn, whose prompt is this turn's prompt + reply +
+the new message, then costs only the new message.
+
+``BatchDecoder``: rows (``Row``) join after their own prefill, all active rows are decoded together
+with one ``[B, 1]`` forward per step (one weight read serves every row), and each row leaves when it
+hits a stop token, its token budget, its ``on_token`` hook says stop, or it is cancelled. It knows
+nothing about text; the server drives it from a thread. With ``interleave=N`` a new row's prompt is
+not prefilled by ``add`` but by the following ``step`` calls, N prompt tokens per step in all while
+other rows are decoding (several short prompts, or a slice of a long one; waiting prompts take
+turns), so a long prompt arriving never stalls the running streams for longer than N tokens'
+prefill; with nothing decoding a step prefills ``chunk_len`` tokens. ``add(row, copies=[...])``
+prefills one prompt once for several rows (n choices of one prompt): each copy joins the batch with
+its own copy of the state.
+
+Riding (``ride=R``, with ``interleave``): while rows are decoding, a prompt with at most ``R`` tokens
+left to feed (a short prompt, the new message of a cached chat, or the tail of a sliced long one)
+joins the batch at once and feeds one prompt token per step through the same ``[B, 1]`` forward,
+sampling nothing until its last prompt token is in. A separate prefill call reads every weight for a
+handful of tokens (a 10-token prompt costs about two single-row steps), and every decoding row waits
+for it; a riding row costs the step about one more row's compute. Its first token comes after as many
+steps as it had prompt tokens left. Prompts with ``echo`` (which need every position's scores) or
+copies (``n`` > 1) do not ride.
 
 Scoring while decoding: a row with ``logprobs=k`` records every emitted token's log-probability and
 the ``k`` most probable alternatives; with ``echo`` its prompt is prefilled through
@@ -30,27 +37,22 @@ model's distribution, the log-softmax of the raw logits, computed before and ind
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import Sampler, draw_rows
+from .prefill import DEFAULT_CHUNK_LEN, PrefixCache, model_device, prefill, prefill_cached
+from .row import PromptFeed, Row, TopN
+from .sampling import draw_rows
 from .scoring import score_logits, token_logprobs
 from .state import State
 
-DEFAULT_CHUNK_LEN = 256
-TopN = list[tuple[int, float]]
+__all__ = ["DEFAULT_CHUNK_LEN", "TIMINGS", "BatchDecoder", "PrefixCache", "Row", "prefill", "prefill_cached"]
+
 # ``BatchDecoder.timings``: decode steps and rows decoded (counts), then seconds spent in ``step``:
 # prompt slices, sampling (logits copy, bias, draws), logprobs, the per-row loop (bookkeeping and the
 # rows' on_token hooks: the server's text decoding), the [B, 1] model forward, and the whole step.
 TIMINGS = ("steps", "rows", "prefill_s", "sample_s", "score_s", "emit_s", "model_s", "step_s")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
@@ -65,206 +67,28 @@ def _check_tokens(tokens: Sequence[int], vocab_size: int, what: str = "prompt") 
     return out
 
 
-# ---- prefill and the prefix cache ----------------------------------------------------------------
-@torch.no_grad()
-def prefill(
-    model: torch.nn.Module,
-    tokens: Sequence[int],
-    state: State | None = None,
-    *,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-) -> tuple[torch.Tensor, State]:
-    """Feed ``tokens`` (one sequence) in chunks; return (next-token logits [V] fp32, state after them)."""
-    if len(tokens) == 0:
-        raise ValueError("prefill needs at least one token")
-    if chunk_len <= 0:
-        raise ValueError(f"chunk_len must be positive, got {chunk_len}")
-    dev = _device(model)
-    logits = None
-    for i in range(0, len(tokens), chunk_len):
-        x = torch.tensor([list(tokens[i : i + chunk_len])], dtype=torch.long, device=dev)
-        logits, state = model(x, state, last_only=True)
-    assert logits is not None and state is not None
-    return logits[0, -1].float(), state
-
-
-def _nbytes(state: State, logits: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in state.tensors.values()) + logits.numel() * 4
-
-
-class PrefixCache:
-    """LRU cache of token sequence -> (State, next-token logits), for sequences that start from zero state.
-
-    ``lookup`` returns the longest cached prefix of a prompt; entries are cloned on the way out (and
-    on the way in unless ``copy=False``), so callers may modify what they get. At most
-    ``max_entries`` entries and ``max_bytes`` bytes of tensors (None: no byte bound) are kept, the
-    least recently used going first; an entry larger than ``max_bytes`` alone is not stored.
-    ``hits`` and ``tokens_saved`` count its use.
-    """
-
-    def __init__(self, max_entries: int = 16, max_bytes: int | None = None) -> None:
-        if max_entries <= 0 or (max_bytes is not None and max_bytes <= 0):
-            raise ValueError(f"max_entries and max_bytes must be positive, got {max_entries}, {max_bytes}")
-        self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[tuple[int, ...], tuple[State, torch.Tensor, int]] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.tokens_saved = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, tokens: Sequence[int]) -> tuple[int, State | None, torch.Tensor | None]:
-        """(length of the longest cached prefix of ``tokens``, its state, its logits), or (0, None, None)."""
-        best: tuple[int, ...] | None = None
-        n = len(tokens)
-        for key in self._entries:
-            k = len(key)
-            if (
-                k <= n
-                and (best is None or k > len(best))
-                and key[-1] == tokens[k - 1]
-                and tuple(tokens[:k]) == key
-            ):
-                best = key
-        if best is None:
-            return 0, None, None
-        self._entries.move_to_end(best)
-        state, logits, _ = self._entries[best]
-        self.hits += 1
-        self.tokens_saved += len(best)
-        return len(best), state.clone(), logits.clone()
-
-    def store(self, tokens: Sequence[int], state: State, logits: torch.Tensor, *, copy: bool = True) -> None:
-        """Remember the state (and next-token logits) after ``tokens``; ``copy=False`` takes ownership."""
-        key = tuple(int(t) for t in tokens)
-        size = _nbytes(state, logits)
-        if not key or (self.max_bytes is not None and size > self.max_bytes):
-            return
-        if copy:
-            state, logits = state.clone(), logits.detach().clone()
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old[2]
-        self._entries[key] = (state, logits.reshape(-1), size)
-        self.nbytes += size
-        while len(self._entries) > self.max_entries or (
-            self.max_bytes is not None and self.nbytes > self.max_bytes
-        ):
-            self.nbytes -= self._entries.popitem(last=False)[1][2]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
-
-def prefill_cached(
-    model: torch.nn.Module,
-    tokens: Sequence[int],
-    state: State | None = None,
-    *,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-    cache: PrefixCache | None = None,
-) -> tuple[torch.Tensor, State]:
-    """``prefill`` that reuses the longest cached prefix (only when starting from the model's initial state)."""
-    if cache is None or state is not None:
-        return prefill(model, tokens, state.clone() if state is not None else None, chunk_len=chunk_len)
-    n, cached_state, cached_logits = cache.lookup(tokens)
-    if n == len(tokens):
-        assert cached_state is not None and cached_logits is not None
-        return cached_logits, cached_state
-    logits, out_state = prefill(model, tokens[n:], cached_state, chunk_len=chunk_len)
-    cache.store(tokens, out_state, logits)
-    return logits, out_state
-
-
-# ---- rows -----------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Row:
-    """One sequence being generated. ``tokens`` grows as the engine emits; ``finish_reason`` ends it.
-
-    ``on_token(token) -> bool`` is called with every emitted token (after its log-probability is
-    recorded); returning True stops the row (finish reason "stop") after that token. Setting
-    ``cancelled`` (from any thread) drops the row at the next step. With ``keep_state`` the engine
-    leaves the final state in ``state`` and the next-token logits that go with it in ``logits``.
-
-    Scoring: ``logprobs=k`` (k >= 0) fills ``token_logprobs`` (one per emitted token) and
-    ``top_logprobs`` (the k most probable (token, logprob) at each step, most probable first);
-    ``echo`` also fills ``prompt_logprobs`` / ``prompt_top_logprobs`` (first entry None).
-    ``logit_bias`` {token: bias} is added to the logits before sampling (not to the logprobs).
-    ``cache_end`` stores (prompt + tokens) -> final state in the decoder's prefix cache (rows that
-    start from the model's initial state). ``cached_tokens``: prompt tokens the prefix cache saved.
-    """
-
-    prompt: list[int]
-    sampler: Sampler
-    max_tokens: int
-    stop_tokens: frozenset[int] = frozenset()
-    state: State | None = None  # the initial state (None = the model's); the final one with keep_state
-    on_token: Callable[[int], bool] | None = None
-    keep_state: bool = False
-    logprobs: int | None = None
-    echo: bool = False
-    logit_bias: dict[int, float] | None = None
-    cache_end: bool = False
-    tokens: list[int] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[TopN] = field(default_factory=list)
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[TopN | None] | None = None
-    cached_tokens: int = 0
-    logits: torch.Tensor | None = None  # with keep_state: the next-token logits after ``state``
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    cancelled: bool = False
-    error: str | None = None  # why, when finish_reason is "error" (its prefill failed)
-    _from_zero: bool = field(default=False, repr=False)  # started from the model's initial state
-    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def _needs_end_state(self) -> bool:
-        return self.keep_state or (self.cache_end and self._from_zero)
-
-
-@dataclass(eq=False)
-class _Prefill:
-    """A prompt being prefilled a slice at a time (``BatchDecoder(interleave=N)``) for ``row`` and its
-    ``copies`` (rows with the same prompt and start state: n choices of one prompt)."""
-
-    row: Row
-    done: int = 0  # prompt tokens fed so far
-    state: State | None = None  # the state after them (None: not started, the row's own start state)
-    logits: torch.Tensor | None = None
-    started: bool = False
-    copies: list[Row] = field(default_factory=list)
-    lps: list[float | None] = field(default_factory=list)  # echo: the prompt's log-probabilities so far
-    tops: list[TopN | None] = field(default_factory=list)
-
-    @property
-    def rows(self) -> list[Row]:
-        return [self.row, *self.copies]
-
-
 # ---- the batched decoder --------------------------------------------------------------------------
 class BatchDecoder:
     """Decode many rows together: one ``[B, 1]`` forward per step over a stacked State."""
 
     def __init__(self, model: torch.nn.Module, *, chunk_len: int = DEFAULT_CHUNK_LEN,
-                 cache: PrefixCache | None = None, interleave: int = 0) -> None:  # fmt: skip
-        if chunk_len <= 0 or interleave < 0:
-            raise ValueError(f"chunk_len must be positive and interleave >= 0, got {chunk_len}, {interleave}")
+                 cache: PrefixCache | None = None, interleave: int = 0, ride: int = 0) -> None:  # fmt: skip
+        if chunk_len <= 0 or interleave < 0 or ride < 0:
+            raise ValueError(
+                f"chunk_len must be positive, interleave and ride >= 0, got {chunk_len}, {interleave}, {ride}"
+            )
+        self.ride = ride if interleave else 0
         self.model = model
         self.chunk_len = chunk_len
         self.cache = cache
         self.interleave = interleave
         self.rows: list[Row] = []
-        self.prefilling: list[_Prefill] = []  # prompts still being prefilled (interleave > 0), in turn order
+        self.prefilling: list[
+            PromptFeed
+        ] = []  # prompts still being prefilled (interleave > 0), in turn order
         self._state: State | None = None  # stacked state of self.rows
         self._logits: torch.Tensor | None = None  # [B, V] next-token logits of self.rows
-        self._device = _device(model)
+        self._device = model_device(model)
         self._vocab = _vocab_size(model)
         self.timings = dict.fromkeys(TIMINGS, 0.0)  # cumulative seconds (and counts) of ``step``
         self.clock: Callable[[], float] = time.perf_counter  # what ``timings`` measure (process_time: CPU)
@@ -285,7 +109,7 @@ class BatchDecoder:
                 row.state is None,
             ):
                 raise ValueError("copies must have the row's prompt, start state and echo (and its logprobs)")
-        p = _Prefill(row, copies=list(copies))
+        p = PromptFeed(row, copies=list(copies))
         if self.interleave:
             self.prefilling.append(p)
             return
@@ -313,7 +137,7 @@ class BatchDecoder:
             row._bias = (torch.tensor(ids, dtype=torch.long), vals)
         row._from_zero = row.state is None
 
-    def _start(self, p: _Prefill) -> None:
+    def _start(self, p: PromptFeed) -> None:
         """Before the first slice: the start state, or the longest cached prefix (not for echo rows,
         which need every prompt position's logits)."""
         row = p.row
@@ -324,7 +148,7 @@ class BatchDecoder:
             for r in p.rows:
                 r.cached_tokens = p.done
 
-    def _feed(self, p: _Prefill, n: int) -> None:
+    def _feed(self, p: PromptFeed, n: int) -> None:
         """Feed the next ``n`` prompt tokens of ``p`` (scoring them for echo rows); when the prompt is
         complete, store it in the prefix cache."""
         row = p.row
@@ -341,7 +165,7 @@ class BatchDecoder:
         if p.done == len(row.prompt) and self.cache is not None and row.state is None:
             self.cache.store(row.prompt, p.state, p.logits)
 
-    def _join(self, p: _Prefill, logits: torch.Tensor, state: State, finished: list[Row]) -> None:
+    def _join(self, p: PromptFeed, logits: torch.Tensor, state: State, finished: list[Row]) -> None:
         """Add the rows of a prefilled prompt to the decoding batch (finished: those that want no tokens)."""
         lg = logits.reshape(1, -1).to(self._device)
         joining: list[Row] = []
@@ -374,12 +198,17 @@ class BatchDecoder:
                 self._finish(r, "cancelled", None, None)
                 finished.append(r)
         budget = self.interleave if self.rows else self.chunk_len
+        if self.ride and self.rows:
+            self._board_riders(finished)
         while budget > 0 and self.prefilling:
             p = self.prefilling.pop(0)
             row = p.row
             try:
                 if not p.started:
                     self._start(p)
+                if self._rides(p):
+                    self._board(p)
+                    continue
                 n = min(budget, len(row.prompt) - p.done)
                 if n > 0:
                     self._feed(p, n)
@@ -394,6 +223,46 @@ class BatchDecoder:
                 return
             assert p.logits is not None and p.state is not None
             self._join(p, p.logits, p.state, finished)
+
+    def _rides(self, p: PromptFeed) -> bool:
+        """Whether started prompt ``p`` feeds the rest of its prompt through the decode step."""
+        row, left = p.row, len(p.row.prompt) - p.done
+        return bool(
+            self.ride
+            and self.rows
+            and 0 < left <= self.ride
+            and not p.copies
+            and not row.echo
+            and row.max_tokens > 0
+        ) and hasattr(self.model, "init_state")
+
+    def _board_riders(self, finished: list[Row]) -> None:
+        """Let every waiting prompt short enough to ride join the batch (before the slice budget is spent)."""
+        for p in list(self.prefilling):
+            row = p.row
+            if p.copies or row.echo or row.max_tokens <= 0 or len(row.prompt) - p.done > self.ride:
+                continue  # (p.done only grows, so a prompt that is too long now may ride later)
+            try:
+                if not p.started:
+                    self._start(p)
+            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
+                self.prefilling.remove(p)
+                row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
+                finished.append(row)
+                continue
+            if self._rides(p):
+                self.prefilling.remove(p)
+                self._board(p)
+
+    def _board(self, p: PromptFeed) -> None:
+        """Add prompt ``p``'s row to the decoding batch with the prompt tokens it has left to feed."""
+        row = p.row
+        state = p.state if p.state is not None else self.model.init_state(1)
+        row._ride = list(row.prompt[p.done :])
+        self.rows.append(row)
+        assert self._state is not None and self._logits is not None
+        self._state = State.stack([self._state, state])
+        self._logits = torch.cat([self._logits, self._logits.new_zeros(1, self._logits.shape[1])])
 
     def _finish(self, row: Row, reason: str, state: State | None, logits: torch.Tensor | None) -> None:
         """End ``row``; ``state``/``logits`` (when known) are those after its prompt and every emitted token."""
@@ -436,18 +305,39 @@ class BatchDecoder:
                 return
         assert self._state is not None and self._logits is not None
         rows, raw = self.rows, self._logits
+        emitting = [i for i, r in enumerate(rows) if not r._ride]  # the others feed a prompt token
         tm["steps"] += 1
-        tm["rows"] += len(rows)
+        tm["rows"] += len(emitting)
         t = clock()
-        toks = self._sample(rows, raw)
-        t1 = clock()
-        scored = self._score(rows, raw, toks)
+        toks: list[int] = [0] * len(rows)
+        scored: dict[int, tuple[float, TopN]] = {}
+        if len(emitting) == len(rows):
+            toks = self._sample(rows, raw)
+            t1 = clock()
+            scored = self._score(rows, raw, toks)
+        elif emitting:
+            sub_rows, sub_raw = [rows[i] for i in emitting], raw[torch.tensor(emitting, device=raw.device)]
+            sub = self._sample(sub_rows, sub_raw)
+            t1 = clock()
+            for j, i in enumerate(emitting):
+                toks[i] = sub[j]
+            scored = {emitting[j]: v for j, v in self._score(sub_rows, sub_raw, sub).items()}
+        else:
+            t1 = clock()
         t2 = clock()
         tm["sample_s"] += t1 - t
         tm["score_s"] += t2 - t1
         feed: list[int] = []  # row indices whose new token goes through the model
         keep: list[int] = []  # rows still generating after this step
+        boarded: list[int] = []  # riding rows whose last prompt token goes in now
         for i, r in enumerate(rows):
+            if r._ride:
+                toks[i] = r._ride.pop(0)
+                if not r._ride:
+                    boarded.append(i)
+                feed.append(i)
+                keep.append(i)
+                continue
             tok = toks[i]
             if tok in r.stop_tokens:
                 end = r._needs_end_state
@@ -482,6 +372,11 @@ class BatchDecoder:
                 r = rows[i]
                 if r.done:
                     self._finish(r, r.finish_reason or "stop", state.select(j), new_logits[j].clone())
+            if boarded and self.cache is not None:
+                for i in boarded:  # a prompt fed through the step is cached as a prefilled one is
+                    if rows[i]._from_zero:
+                        j = feed.index(i)
+                        self.cache.store(rows[i].prompt, state.select(j), new_logits[j].clone(), copy=False)
             pos = [j for j, i in enumerate(feed) if not rows[i].done]
             if len(pos) == len(feed):
                 self._state, self._logits = state, new_logits

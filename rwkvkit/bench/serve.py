@@ -1,12 +1,15 @@
 """``rwkvkit bench serve``: the real server under load, measured from its clients.
 
 It starts the real server (``rwkvkit serve`` in its own process) on a loopback port with a random
-Finch (default: the 0.1B shape L12 D768 V65536, from ``rwkvkit.testing.random_checkpoint``), then
+model (``--version``: 6 Finch by default, 7 Goose; the 0.1B shape L12 D768 V65536, from
+``rwkvkit.testing.random_checkpoint``), then
 measures (``--measure``, comma-separated):
 
 - ``throughput``: for each concurrency level, that many streaming clients at once, each asking for
   the same number of tokens. Aggregate decode tokens/s is (all completion tokens) / (time from the
-  first client's first token to the last client's last token), so prefill is left out. Batching
+  first client's first token to the last client's last token), so the first prompt's prefill is left
+  out but the later arrivals' are in. Beside it, the sum of the clients' own decode rates (each
+  client's tokens over its own first-to-last-token span: what the streams see once running). Batching
   turns N clients into one [N, 1] forward per step.
 - ``chat``: time to first token of a chat whose history is ``--chat-history`` tokens (turn 1, a
   history the server has never seen), then of its turn 2 (turn 1's messages + the reply + a new
@@ -50,6 +53,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..dtypes import DTYPES
+from ..models import registry
 from .serve_profile import cpu_seconds, describe, per_step, profile_in_process
 
 MEASURES = ("throughput", "chat", "gap", "rss", "profile")
@@ -132,9 +136,12 @@ def _client_run(url: str, prompt: str, n: int, barrier: threading.Barrier, args:
     return first, last, tokens
 
 
-def run_level(url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0) -> float:
-    """Aggregate decode tokens/s of ``clients`` streaming clients; with ``--measure profile`` also
-    prints the server's time per decode step, part by part, during the run."""
+def run_level(
+    url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0
+) -> tuple[float, float]:
+    """(aggregate decode tokens/s of ``clients`` streaming clients over the whole window, the sum of
+    their own decode rates); with ``--measure profile`` also prints the server's time per decode step,
+    part by part, during the run."""
     barrier = threading.Barrier(clients)
     prompts = [f"Client {i} says: hello, " + "and " * (i % 7) for i in range(clients)]
     before = get_json(url + "/health").get("timings")  # None from a server without timings
@@ -149,7 +156,8 @@ def run_level(url: str, clients: int, n_tokens: int, args: argparse.Namespace, p
     start = min(r[0] for r in results if r[0] is not None)
     end = max(r[1] for r in results if r[1] is not None)
     total = sum(r[2] for r in results)
-    return total / max(end - start, 1e-9)
+    streams = sum(max(r[2] - 1, 0) / (r[1] - r[0]) for r in results if r[0] is not None and r[1] > r[0])
+    return total / max(end - start, 1e-9), streams
 
 
 def _wait_idle(url: str, timeout: float = 600) -> None:
@@ -303,6 +311,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="rss: rounds of streaming clients")
     p.add_argument("--rss-clients", type=int, default=64, help="rss: streaming clients per round")
     p.add_argument("--rss-tokens", type=int, default=32, help="rss: tokens each client asks for")
+    p.add_argument(
+        "--version", type=int, default=6, help="RWKV version of the random model (6: Finch, 7: Goose)"
+    )
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--embd", type=int, default=768)
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
@@ -326,6 +337,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.profiles = {}
     args.levels = [int(x) for x in args.clients.split(",") if x.strip()]
     args.measures = [m.strip() for m in args.measure.split(",") if m.strip()]
+    try:
+        registry.get(args.version)
+    except ValueError as e:
+        p.error(str(e))
     if not args.levels or min(args.levels) <= 0:
         p.error("--clients needs positive integers")
     if not args.measures or any(m not in MEASURES for m in args.measures):
@@ -339,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..testing import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "finch.pth"
-        random_checkpoint(6, n_layer=args.layers, n_embd=args.embd, vocab_size=65536, head_size=64, path=path)
+        path = Path(tmp) / f"RWKV-x0{args.version}0-random.pth"
+        random_checkpoint(
+            args.version, n_layer=args.layers, n_embd=args.embd, vocab_size=65536, head_size=64, path=path
+        )
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         batch = max(
@@ -393,22 +410,24 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
     """The measures against the running server: (exit code, results)."""
     threads = args.threads or "default"
     where = f", server from {args.server_root}" if args.server_root else ""
-    print(f"Finch L{args.layers} D{args.embd} V65536 {args.dtype}{' int8' if args.quantize else ''}, "
+    name = registry.get(args.version).name
+    print(f"{name} L{args.layers} D{args.embd} V65536 {args.dtype}{' int8' if args.quantize else ''}, "
           f"server torch threads: {threads}{where}", flush=True)  # fmt: skip
     results: dict = {}
     try:
         run_level(url, 1, 8, args)  # warm-up
         if "throughput" in args.measures:
-            speed = {}
+            speed, streams = {}, {}
             for n in args.levels:
-                speed[n] = run_level(url, n, args.tokens, args, pid)
-                print(
-                    f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client)"
-                )
+                speed[n], streams[n] = run_level(url, n, args.tokens, args, pid)
+                print(f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client); "
+                      f"sum of the streams' own rates {streams[n]:8.1f}", flush=True)  # fmt: skip
             if 1 in speed and len(speed) > 1:
                 top = max(speed)
-                print(f"{top} clients vs 1: {speed[top] / speed[1]:.1f}x")
+                print(f"{top} clients vs 1: {speed[top] / speed[1]:.1f}x aggregate, "
+                      f"{streams[top] / streams[1]:.1f}x the streams' own rates")  # fmt: skip
             results["throughput"] = speed
+            results["throughput_streams"] = streams
         if "chat" in args.measures:
             c = measure_chat(url, args)
             one = c["turn1"]

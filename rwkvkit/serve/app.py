@@ -35,7 +35,7 @@ import torch
 from ..decoder import Row
 from ..generate import TextStream, penalty_weights
 from ..sampling import SEED_RANGE, Sampler, SamplingParams
-from .engine import CACHE_BYTES, CACHE_ENTRIES, Engine, Job, QueueFull
+from .engine import CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS, Engine, Job, QueueFull
 from .errors import APIError
 from .logprobs import ChoiceLogprobs, TokenStrings, merge
 from .protocol import (
@@ -66,7 +66,7 @@ def _require_serve_deps() -> None:
 
 def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwkv", api_key: str | None = None,
                max_batch: int = 16, max_tokens_limit: int = 4096, max_prompt_tokens: int = 8192,
-               max_queue: int = 64, default_max_tokens: int = 256, prefill_slice: int = 32,
+               max_queue: int = 64, default_max_tokens: int = 256, prefill_slice: int = 32, ride_tokens: int = RIDE_TOKENS,
                allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, cors_origins: Iterable[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
                max_logprobs: int = MAX_LOGPROBS, cache_entries: int = CACHE_ENTRIES,
@@ -75,7 +75,8 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
 
     ``allowed_hosts``: the Host names answered (None: any; see ``security.allowed_hosts_for``).
     ``cors_origins``: browser origins allowed to call the API (none by default). ``prefill_slice``:
-    prompt tokens fed per decode step while other requests stream. ``max_batch`` also bounds ``n``,
+    prompt tokens fed per decode step while other requests stream; ``ride_tokens``: prompts with at most
+    this many tokens left feed them through the decode step instead (``rwkvkit.decoder``). ``max_batch`` also bounds ``n``,
     ``max_queue`` the rows (prompts x n) of one request, ``max_logprobs`` the alternatives per token.
     ``cache_entries`` / ``cache_bytes``: the bounds of the prefix cache of states.
     """
@@ -90,7 +91,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
     check_api_key(api_key)
     CompletionRequest, ChatRequest = request_models()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_slice=prefill_slice,
-                    cache_entries=cache_entries, cache_bytes=cache_bytes)  # fmt: skip
+                    ride_tokens=ride_tokens, cache_entries=cache_entries, cache_bytes=cache_bytes)  # fmt: skip
     vocab = int(model.config.vocab_size)
     weights = penalty_weights(tokenizer, vocab)
     strings = TokenStrings(tokenizer)

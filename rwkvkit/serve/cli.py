@@ -15,7 +15,7 @@ import torch
 
 from ..model_args import add_model_args, load_model_and_tokenizer
 from .app import BODY_TIMEOUT_S, MAX_LOGPROBS, _require_serve_deps, create_app
-from .engine import CACHE_BYTES, CACHE_ENTRIES
+from .engine import CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS
 from .security import LOOPBACK_HOSTS, allowed_hosts_for, check_api_key, guarded_protocol
 
 HEADER_TIMEOUT_S = 10.0
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
     p.add_argument("--prefill-slice", type=int, default=32,
                    help="prompt tokens fed per decode step while other requests stream (bounds their token gap)")  # fmt: skip
+    p.add_argument("--ride-tokens", type=int, default=RIDE_TOKENS,
+                   help="while requests stream, prompts with at most this many tokens left are fed through the "
+                   "decode step, a token per step, instead of a separate prefill (0: never)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; none by default)")  # fmt: skip
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                  "cache_entries", "cache_mb"):  # fmt: skip
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_logprobs < 0:
-        p.error("--max-logprobs must be >= 0")
+    if args.max_logprobs < 0 or args.ride_tokens < 0:
+        p.error("--max-logprobs and --ride-tokens must be >= 0")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
         p.error("--header-timeout and --body-timeout must be positive")
     try:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(model, tok, model_name=args.model_name or path.stem, api_key=args.api_key,
                      max_batch=args.max_batch, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                     prefill_slice=args.prefill_slice, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+                     prefill_slice=args.prefill_slice, ride_tokens=args.ride_tokens, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
                      cors_origins=args.cors_origin, body_timeout=args.body_timeout, max_logprobs=args.max_logprobs,
                      cache_entries=args.cache_entries, cache_bytes=args.cache_mb << 20)  # fmt: skip
     make_server(app, args.host, args.port, header_timeout=args.header_timeout).run()

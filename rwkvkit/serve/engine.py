@@ -3,7 +3,8 @@
 It admits waiting groups (one prompt's n choices: rows prefilled once, each decoding on its own) up to
 ``max_batch`` rows and steps them with ``rwkvkit.decoder.BatchDecoder`` in interleaved mode: each step
 feeds at most ``prefill_slice`` tokens of waiting prompts (waiting prompts take turns), then decodes
-every active row together with one ``[B, 1]`` forward. A long prompt therefore delays the running
+every active row together with one ``[B, 1]`` forward; prompts with at most ``ride_tokens`` tokens left
+ride that forward instead, a token per step (``rwkvkit.decoder``: riding). A long prompt therefore delays the running
 streams by one slice's prefill per token, not by its whole prefill. Rows leave when finished or when
 their client goes (``Row.cancelled``, set from the HTTP side). When the engine runs out of work it
 hands freed heap memory back to the system (``rwkvkit.runtime.trim_malloc``), so the resident size
@@ -36,6 +37,7 @@ from ..runtime import trim_malloc
 
 CACHE_ENTRIES = 32
 CACHE_BYTES = 256 << 20
+RIDE_TOKENS = 16  # prompts with at most this many tokens left ride the decode step (decoder.py)
 
 
 class Job:
@@ -108,10 +110,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 16, max_queue: int = 64, chunk_len: int = 256,
                  cache_entries: int = CACHE_ENTRIES, cache_bytes: int | None = CACHE_BYTES,
-                 prefill_slice: int = 32) -> None:  # fmt: skip
+                 prefill_slice: int = 32, ride_tokens: int = RIDE_TOKENS) -> None:  # fmt: skip
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.chunk_len, self.prefill_slice = chunk_len, prefill_slice
+        self.chunk_len, self.prefill_slice, self.ride_tokens = chunk_len, prefill_slice, ride_tokens
         self.cache = PrefixCache(cache_entries, cache_bytes)
         self.timings = dict.fromkeys(TIMINGS, 0.0)  # the decoder's (decoder.TIMINGS), kept across decoders
         self.decoder = self._decoder(self.cache)
@@ -126,7 +128,13 @@ class Engine:
         self._outbox: list[tuple[Job, str, Any]] = []  # the events of this step, for Engine._flush
 
     def _decoder(self, cache: PrefixCache | None) -> BatchDecoder:
-        dec = BatchDecoder(self.model, chunk_len=self.chunk_len, cache=cache, interleave=self.prefill_slice)
+        dec = BatchDecoder(
+            self.model,
+            chunk_len=self.chunk_len,
+            cache=cache,
+            interleave=self.prefill_slice,
+            ride=self.ride_tokens,
+        )
         dec.timings = self.timings
         return dec
 
