@@ -1,5 +1,5 @@
-"""The native step with several rows (rwkvkit/ops/_decode_bf16.c): bf16 activations for bf16 and int8
-matrices (``Kernels.batch_bf16``), against PyTorch's products on the same rounded inputs, against the
+"""The native step with several rows (rwkvkit/ops/_decode_bf16.c, in Eagle's and Finch's step and in
+Goose's): bf16 activations for bf16 and int8 matrices (``Kernels.batch_bf16``), against PyTorch's products on the same rounded inputs, against the
 same rows stepped one at a time, and independent of the other rows of the batch."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import rwkvkit
 from rwkvkit import kernels
 from rwkvkit.models.quant import Int8Linear
 from rwkvkit.ops import decode as native
+from rwkvkit.ops import decode_v7
 from rwkvkit.testing import random_checkpoint
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native decode kernels not built")
@@ -20,12 +21,19 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="native decode ke
 def paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("nb")
     out = {}
-    for version in (5, 6):
+    for version in (5, 6, 7):
         out[version] = d / f"v{version}.pth"
         random_checkpoint(
             version, 2, 128, 600, head_size=32, dtype=torch.bfloat16, seed=version, path=out[version]
         )
     return out
+
+
+VERSIONS = [
+    5,
+    6,
+    pytest.param(7, marks=pytest.mark.skipif(not decode_v7.available(), reason="no _decode_v7")),
+]
 
 
 def _load(path, quant: str):
@@ -77,7 +85,7 @@ def test_bf16_activation_products_equal_torch_on_rounded_inputs(M, K):
 # ---- the step ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
 def test_a_row_does_not_depend_on_the_other_rows(paths, version, quant):
     """Bit for bit: a row's logits and state are the same in a batch of 9 as in a batch of 2 with
@@ -92,7 +100,7 @@ def test_a_row_does_not_depend_on_the_other_rows(paths, version, quant):
         assert torch.equal(st_big[k][:, pick], st_small[k])  # [L, B, ...]
 
 
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
 def test_batched_step_equals_one_row_steps(paths, version, quant):
     """batch_bf16=False: the rows of a batch are the rows stepped alone (float32 activations in both, up
@@ -121,8 +129,9 @@ def test_fp32_models_keep_fp32_activations(paths):
     assert (on - off).abs().max().item() <= 5e-5
 
 
-def test_describe_reports_the_batched_activations(paths):
-    model = _load(paths[6], "bf16")
+@pytest.mark.parametrize("version", [6, 7])
+def test_describe_reports_the_batched_activations(paths, version):
+    model = _load(paths[version], "bf16")
     line = next(s for s in model.describe().splitlines() if s.strip().startswith("one-token step"))
     assert "several rows: bf16 activations" in line
     line = next(
@@ -131,7 +140,7 @@ def test_describe_reports_the_batched_activations(paths):
         if s.strip().startswith("one-token step")
     )
     assert "kernels.batch_bf16=False" in line
-    fp32 = rwkvkit.load(paths[6], dtype=torch.float32).describe()
+    fp32 = rwkvkit.load(paths[version], dtype=torch.float32).describe()
     assert "several rows: bf16" not in fp32
 
 

@@ -75,10 +75,11 @@ def test_portable_kernels_equal_the_avx512_ones(paths, monkeypatch):
 
 def test_bf16_matrices_are_widened_exactly(paths):
     """A bf16 model's step = the fp32 PyTorch modules on the same file (matrices widened exactly,
-    activations fp32), given the same embedding: the bf16 model folds ln0 in bf16, as the reference's
+    activations fp32: ``batch_bf16=False``, as two rows would otherwise take bf16 activations,
+    test_native_batch's), given the same embedding: the bf16 model folds ln0 in bf16, as the reference's
     x070 class does after converting (the fp32 model's parity with the reference is test_model_parity_v7's)."""
     tokens = _tokens(2, 16, seed=2)
-    bf16 = rwkvkit.load(paths["bf16"], dtype=torch.bfloat16)
+    bf16 = rwkvkit.load(paths["bf16"], dtype=torch.bfloat16).set_kernels(batch_bf16=False)
     fp32 = rwkvkit.load(paths["bf16"])
     with torch.no_grad():
         fp32.emb.weight.copy_(bf16.emb.weight.float())
@@ -96,7 +97,9 @@ def test_fp32_step_gives_the_reference_logits(paths):
 
 
 def test_int8_step_equals_fp32_step_on_the_dequantised_weights(paths):
-    q8 = rwkvkit.load(paths["bf16"], quantize="int8")
+    q8 = rwkvkit.load(paths["bf16"], quantize="int8").set_kernels(
+        batch_bf16=False
+    )  # 3 rows, fp32 activations
     deq = rwkvkit.load(paths["bf16"])
     with torch.no_grad():
         for name, mod in q8.named_modules():

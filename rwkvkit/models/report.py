@@ -119,8 +119,6 @@ def _step(model: nn.Module, cpu: bool) -> tuple[str, str]:
     except engine.Unsupported as e:
         return modules, f"native step: {e}"
     kernel = model.config.spec.native_step_kernel()
-    if "_decode_cpu" not in kernel:  # a version's own step: one row's path, the batched rows' too
-        return kernel, ""
     if _quantisation(model) == "none" and _block_dtype(model) != torch.bfloat16:
         return kernel, ""  # fp32 matrices: float32 activations for any number of rows
     if not model.kernels.batch_bf16:

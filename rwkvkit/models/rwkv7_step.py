@@ -3,7 +3,7 @@
 The counterpart of ``engine.NativeStep`` (Eagle and Finch, ``_decode_cpu.c``) for RWKV-7, whose layer
 has other parts (six static mixes, four LoRAs, the in-context rate, the value residual, no
 receptance in the channel-mix): ``rwkvkit/ops/_decode_v7.c`` runs every layer and the head in one C
-call, and this module writes its plan (``plan7_t`` / ``layer7_t``: a flat int64 array of sizes and
+call (a step of several rows of a bf16 or int8 model with bf16 activations, as Finch's), and this module writes its plan (``plan7_t`` / ``layer7_t``: a flat int64 array of sizes and
 addresses, with ``engine.PlanBuilder``'s records) and checks, at every call, that the model still
 holds the tensors the plan points to. ``RWKV7.native_step`` (``rwkv7.py``) builds it; the model
 caches it as it caches Finch's, and runs it for T == 1 CPU inference calls when ``Kernels.native_step``
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..ops import decode_v7
+from ..ops import decode, decode_v7
 from ..state import State
-from .engine import PlanBuilder, PlannedStep, Unsupported
+from .engine import BATCH_BF16_ROWS, PlanBuilder, PlannedStep, Unsupported
 
 
 def kernel() -> str:
@@ -97,6 +97,7 @@ class NativeStep7(PlannedStep):
             ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
             wkv_in=ins["wkv"].data_ptr(), wkv_out=outs["wkv"].data_ptr(),
             logits=logits.data_ptr(), threads=torch.get_num_threads(), portable=int(kernels.PORTABLE),
+            act_bf16=int(B >= BATCH_BF16_ROWS and kernels.active().batch_bf16), bf16dp=int(decode.bf16dp()),
         )  # fmt: skip
         for k in ("att_shift", "ffn_shift"):
             outs[k] = outs[k].to(st[k].dtype)

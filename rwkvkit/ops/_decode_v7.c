@@ -5,17 +5,20 @@
  * claimed in chunks), the LoRAs split by columns, the per-head work (kk, the WKV-7 step of
  * _wkv7_step.h, GroupNorm, the bonus, the gate) split over (row, head) pairs, the rest on thread 0
  * between barriers. The matrix kernels are _decode_matvec.c's (fp32, bf16 widened exactly, int8 Q8_0;
- * activations fp32 throughout), compiled into this module too; _decode.h declares them.
+ * fp32 activations) and, for a step of several rows of a bf16 or int8 model (act_bf16), _decode_bf16.c's
+ * (the matrices' inputs rounded to bf16, VDPBF16PS where the CPU has it: one weight read serves every
+ * row at half the instructions), as in Finch's step; both are compiled into this module too.
  *
  * It computes what rwkvkit/models/rwkv7.py computes (checked against the reference there), up to
- * summation order and, for bf16 / int8 models, without rounding activations to bf16 between
- * operations. The plan is a flat int64 array written by rwkvkit/models/rwkv7_step.py in the layout of
+ * summation order and, with act_bf16 = 0, without rounding activations to bf16 between operations. The plan is a flat int64 array written by rwkvkit/models/rwkv7_step.py in the layout of
  * plan7_t / layer7_t below (mat_t records: kind, n_out, n_in, data, scales; LoRAs input-major).
  *
  * Python entry (keyword arguments only, see _args.h):
- *   step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads, portable)
+ *   step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads, portable,
+ *        act_bf16, bf16dp)
  *     x [B, C] fp32 embeddings (the residual, updated in place); att/ffn shift [L, B, C] fp32;
- *     wkv [L, B, H, N, N] fp32 [value][key]; logits [B, V] fp32; portable: plain C kernels only.
+ *     wkv [L, B, H, N, N] fp32 [value][key]; logits [B, V] fp32; portable: plain C kernels only;
+ *     act_bf16: the matrices take bf16 activations (bf16 / int8 matrices); bf16dp: VDPBF16PS allowed.
  *   layout() -> (header ints, ints per layer).
  */
 #include "_decode.h"
@@ -52,7 +55,7 @@ typedef struct {
     float *buf;
     team_barrier_t *bar;
     atomic_long *claims;
-    int wkv_avx512;
+    int wkv_avx512, act_bf16;
 } step7_args;
 
 static inline float sigm(float x) { return 1.f / (1.f + expf(-x)); }
@@ -117,8 +120,13 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     float *dr = tg + B * P->Dg + tid * N;
     float *xr = xj, *xw = xj + B * C, *xk = xj + 2 * B * C, *xv = xj + 3 * B * C, *xa = xj + 4 * B * C;
     float *xg = xj + 5 * B * C;
+    /* bf16 copies of the matrices' inputs (act_bf16): r k v, o, fk, fv, head */
+    const int hb = a->act_bf16;
+    uint16_t *xrb = (uint16_t *)(tg + B * P->Dg + (int64_t)nt * N), *xkb = xrb + B * C, *xvb = xkb + B * C;
+    uint16_t *yb = xvb + B * C, *fxb = yb + B * C, *fkb = fxb + B * C, *xnb = fkb + B * Fd;
     int64_t lo, hi;
 #define SYNC() team_barrier(a->bar, nt)
+#define BF(p) (hb ? (p) : NULL)
     for (int64_t l = 0; l < P->n_layer; l++) {
         const layer7_t *L = &P->layers[l];
         const int first = l == 0;
@@ -138,6 +146,11 @@ static void step7_team(const step7_args *a, int tid, int nt) {
                     float *out = xj + j * B * C + b * C;
                     for (int64_t c = 0; c < C; c++) out[c] = xnb[c] + (att_in[b * C + c] - xnb[c]) * mix[c];
                 }
+                if (hb) {
+                    to_bf16(xr + b * C, xrb + b * C, C);
+                    to_bf16(xk + b * C, xkb + b * C, C);
+                    to_bf16(xv + b * C, xvb + b * C, C);
+                }
             }
         SYNC();
         /* 2. the LoRAs' first matrices (columns split), then r, k, v (rows claimed) */
@@ -146,7 +159,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
         if (!first) lora_part(&L->v1, B, xv, tv, tid, nt);
         lora_part(&L->g1, B, xg, tg, tid, nt);
         {
-            const job_t jobs[3] = {{&L->r, xr, s[0]}, {&L->k, xk, s[1]}, {&L->v, xv, s[2]}};
+            const job_t jobs[3] = {{&L->r, xr, s[0], BF(xrb)}, {&L->k, xk, s[1], BF(xkb)}, {&L->v, xv, s[2], BF(xvb)}};
             mats_claim(jobs, 3, B, claims + 0);
         }
         SYNC();
@@ -175,12 +188,14 @@ static void step7_team(const step7_args *a, int tid, int nt) {
         SYNC();
         /* 4. per (row, head) */
         split(B * H, tid, nt, &lo, &hi);
-        for (int64_t bh = lo; bh < hi; bh++)
+        for (int64_t bh = lo; bh < hi; bh++) {
             head7(a, L, first, s, bh / H, bh % H, S_in + bh * N * N, S_out + bh * N * N, dr);
+            if (hb) to_bf16(s[10] + bh * N, yb + bh * N, N); /* (row b, head h) at b * C + h * N = bh * N */
+        }
         SYNC();
         /* 5. output matrix */
         {
-            const job_t jobs[1] = {{&L->o, s[10], o}};
+            const job_t jobs[1] = {{&L->o, s[10], o, BF(yb)}};
             mats_claim(jobs, 1, B, claims + 1);
         }
         SYNC();
@@ -193,12 +208,13 @@ static void step7_team(const step7_args *a, int tid, int nt) {
                 layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
                 memcpy(ffn_out + b * C, xnb, C * sizeof(float));
                 for (int64_t c = 0; c < C; c++) xk[b * C + c] = xnb[c] + (ffn_in[b * C + c] - xnb[c]) * mk[c];
+                if (hb) to_bf16(xk + b * C, fxb + b * C, C);
             }
         }
         SYNC();
         /* 7. key, relu^2, value, residual */
         {
-            const job_t jobs[1] = {{&L->fk, xk, fk}};
+            const job_t jobs[1] = {{&L->fk, xk, fk, BF(fxb)}};
             mats_claim(jobs, 1, B, claims + 2);
         }
         SYNC();
@@ -207,9 +223,10 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             const float z = fk[i] > 0.f ? fk[i] : 0.f;
             fk[i] = z * z;
         }
+        if (hb && lo < hi) to_bf16(fk + lo, fkb + lo, hi - lo);
         SYNC();
         {
-            const job_t jobs[1] = {{&L->fv, fk, fv}};
+            const job_t jobs[1] = {{&L->fv, fk, fv, BF(fkb)}};
             mats_claim(jobs, 1, B, claims + 3);
         }
         SYNC();
@@ -219,19 +236,23 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     }
     /* head */
     if (tid == 0)
-        for (int64_t b = 0; b < B; b++)
+        for (int64_t b = 0; b < B; b++) {
             layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+            if (hb) to_bf16(xn + b * C, xnb + b * C, C);
+        }
     SYNC();
     {
-        const job_t jobs[1] = {{&P->head, xn, a->logits}};
+        const job_t jobs[1] = {{&P->head, xn, a->logits, BF(xnb)}};
         mats_claim(jobs, 1, B, a->claims + CLAIMS7 * P->n_layer);
     }
     SYNC();
+#undef BF
 #undef SYNC
 }
 
+/* the step's scratch in floats: the float32 buffers, then the bf16 copies of the matrices' inputs */
 static int64_t scratch7(const plan7_t *P, int64_t B, int nt) {
-    return B * (20 * P->C + P->F + P->Dw + P->Da + P->Dv + P->Dg) + (int64_t)nt * P->N;
+    return B * (20 * P->C + P->F + P->Dw + P->Da + P->Dv + P->Dg) + (int64_t)nt * P->N + (B * (6 * P->C + P->F) + 1) / 2;
 }
 
 static int cpu_avx512(void) {
@@ -248,7 +269,7 @@ static int cpu_avx512(void) {
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     step7_args a;
     long nt;
-    int portable = 0;
+    int portable = 0, bf16dp = 1;
     memset(&a, 0, sizeof a);
     const named_arg spec[] = {
         {"plan", ARG_PTR, &a.P}, {"B", ARG_I64, &a.B}, {"x", ARG_PTR, &a.x},
@@ -256,6 +277,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
         {"ffn_in", ARG_PTR, &a.ffn_in}, {"ffn_out", ARG_PTR, &a.ffn_out},
         {"wkv_in", ARG_PTR, &a.wkv_in}, {"wkv_out", ARG_PTR, &a.wkv_out},
         {"logits", ARG_PTR, &a.logits}, {"threads", ARG_LONG, &nt}, {"portable", ARG_INT, &portable},
+        {"act_bf16", ARG_INT, &a.act_bf16}, {"bf16dp", ARG_INT, &bf16dp},
     };
     if (!parse_named("step", args, kw, spec, NARGS(spec))) return NULL;
     if (a.B < 1) {
@@ -269,6 +291,9 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     }
     const int n_threads = threads_at_least_1(nt);
     use_avx512 = !portable && cpu_avx512(); /* _decode_matvec.c's kernels, in this module */
+#if HAVE_X86
+    use_bf16dp = use_avx512 && bf16dp && __builtin_cpu_supports("avx512bf16"); /* _decode_bf16.c's */
+#endif
     a.wkv_avx512 = use_avx512;
     float *buf = malloc(sizeof(float) * (size_t)scratch7(P, a.B, n_threads));
     atomic_long *claims = calloc((size_t)(CLAIMS7 * P->n_layer + 1), sizeof(atomic_long));
@@ -311,7 +336,8 @@ static PyObject *py_avx512(PyObject *self, PyObject *args) { return PyBool_FromL
 
 static PyMethodDef methods[] = {
     {"step", KW(py_step),
-     "step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads, portable)"},
+     "step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, threads, portable, "
+     "act_bf16, bf16dp)"},
     {"layout", py_layout, METH_NOARGS, "(header ints, ints per layer) of the plan"},
     {"avx512", py_avx512, METH_NOARGS, "whether the CPU has the AVX-512 kernels' features"},
     {NULL, NULL, 0, NULL},
