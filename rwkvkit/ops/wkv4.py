@@ -126,8 +126,8 @@ def wkv4_naive(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: State4) -> tup
     """The reference step, token by token (no checks; use ``wkv4(..., backend="naive")``)."""
     aa, bb, pp = state
     ys = []
-    for t in range(k.shape[1]):
-        y, aa, bb, pp = _step(w, u, k[:, t], v[:, t], aa, bb, pp)
+    for k_t, v_t in zip(k.unbind(1), v.unbind(1)):  # (unbind: one stack in backward, not T zeroed copies)
+        y, aa, bb, pp = _step(w, u, k_t, v_t, aa, bb, pp)
         ys.append(y)
     return torch.stack(ys, dim=1), (aa, bb, pp)
 
@@ -149,28 +149,30 @@ def _wkv4_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: State4, L: 
     last = T - (nb - 1) * L  # real tokens in the last block
     pad = nb * L - T
     # Padding tokens come after the last real one: their outputs and updates are dropped.
-    kb = F.pad(k, (0, 0, 0, pad)).view(B, nb, L, C)
-    vb = F.pad(v, (0, 0, 0, pad)).view(B, nb, L, C)
+    # unbound along the block positions (and the summaries along the blocks below): the backward of
+    # x[:, :, t] writes into a zeroed gradient of all of x, one per index (quadratic in the loop length)
+    kb = F.pad(k, (0, 0, 0, pad)).view(B, nb, L, C).unbind(2)
+    vb = F.pad(v, (0, 0, 0, pad)).view(B, nb, L, C).unbind(2)
 
     aa, bb = k.new_zeros((B, nb, C)), k.new_zeros((B, nb, C))
     pp = k.new_full((B, nb, C), EMPTY_PP)
     for t in range(L):
-        aa, bb, pp = _update(w, kb[:, :, t], vb[:, :, t], aa, bb, pp)
+        aa, bb, pp = _update(w, kb[t], vb[t], aa, bb, pp)
 
     a, b, p = state
     starts = [(a, b, p)]
     shift = L * w
-    for j in range(nb - 1):
+    for aa_j, bb_j, pp_j in list(zip(aa.unbind(1), bb.unbind(1), pp.unbind(1)))[: nb - 1]:
         pd = p + shift
-        pn = torch.maximum(pd, pp[:, j])
-        e1, e2 = torch.exp(pd - pn), torch.exp(pp[:, j] - pn)
-        a, b, p = e1 * a + e2 * aa[:, j], e1 * b + e2 * bb[:, j], pn
+        pn = torch.maximum(pd, pp_j)
+        e1, e2 = torch.exp(pd - pn), torch.exp(pp_j - pn)
+        a, b, p = e1 * a + e2 * aa_j, e1 * b + e2 * bb_j, pn
         starts.append((a, b, p))
     aa, bb, pp = (torch.stack(x, 1) for x in zip(*starts))  # entering states [B, nb, C]
 
     ys = []
     for t in range(L):
-        y, aa, bb, pp = _step(w, u, kb[:, :, t], vb[:, :, t], aa, bb, pp)
+        y, aa, bb, pp = _step(w, u, kb[t], vb[t], aa, bb, pp)
         ys.append(y)
         if t == last - 1:
             final = (aa[:, -1], bb[:, -1], pp[:, -1])

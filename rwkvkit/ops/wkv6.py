@@ -350,9 +350,11 @@ def _wkv6_chunked(
     dec = F.threshold(torch.exp(tc), TINY, 0.0).view(B * H, nc, N, 1)
     S = s0.reshape(B * H, N, N)
     starts = []
-    for c in range(nc):
+    # unbind, not dec[:, c]: the backward of each indexing writes into a zeroed gradient of the whole
+    # tensor, nc of them (quadratic in T: fwd+bwd 0.8 s at 8k tokens, 8 s at 16k); unbind's is one stack
+    for d_c, u_c in zip(dec.unbind(1), upd.unbind(1)):
         starts.append(S)
-        S = dec[:, c] * S + upd[:, c]
+        S = d_c * S + u_c
     y = torch.baddbmm(A @ v, qc, torch.stack(starts, 1).view(rows, N, N))
     y = y.view(B, H, nc * L, N)[:, :, :T].transpose(1, 2)
     return y, S.reshape(B, H, N, N)
