@@ -64,11 +64,12 @@ def _direct(server, prompt: str, n: int, stop: str | list[str] = ()) -> str:
 
 
 def test_health_and_models(server) -> None:
-    r = httpx.get(server["url"] + "/health")
+    auth = {"Authorization": f"Bearer {KEY}"}  # (without it, /health says only "ok")
+    r = httpx.get(server["url"] + "/health", headers=auth)
     assert r.status_code == 200 and r.json()["status"] == "ok"
     before = r.json()["timings"]
     _client(server).completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0)
-    after = httpx.get(server["url"] + "/health").json()
+    after = httpx.get(server["url"] + "/health", headers=auth).json()
     assert after["timings"]["rows"] - before["rows"] == 3 and after["timings"]["model_s"] > before["model_s"]
     assert after["active"] == 0 and set(after["cache"]) == {"entries", "bytes", "hits", "tokens_saved"}
     assert [m.id for m in _client(server).models.list().data] == ["tiny"]

@@ -317,3 +317,13 @@ def test_serve_command_finds_the_demo_vocabulary(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_health_shows_the_engine_only_with_the_key(srv) -> None:
+    """/health answers everyone (liveness), but the load, timings and cache counters only the key holder."""
+    open_ = httpx.get(srv["url"] + "/health")
+    assert open_.status_code == 200 and open_.json() == {"status": "ok"}
+    wrong = httpx.get(srv["url"] + "/health", headers={"Authorization": "Bearer nope"}).json()
+    assert wrong == {"status": "ok"}
+    full = httpx.get(srv["url"] + "/health", headers=AUTH).json()
+    assert full["status"] == "ok" and "timings" in full and "cache" in full and "active" in full
