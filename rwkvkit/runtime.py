@@ -11,11 +11,15 @@ with thresholds sized to its logits (a V=65536 batch's fp32 logits and their gra
 of MB: above 64 MB they would be mapped and page-faulted in afresh every step; measured here, Finch
 L2 C256 V65536 ctx 256 batch 4: 433k minor faults and 5.3 s per step untuned, 21k and 4.1 s sized).
 ``trim_malloc()`` returns freed memory to the system on demand (the server calls it when idle).
+``freeze_gc()``: ``rwkvkit serve`` moves everything alive after loading out of the cyclic garbage
+collector's reach, so its full collections stop walking the model's objects between decode steps
+(measured: 2.3% of a 16-row decode step, 0 after).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -65,3 +69,10 @@ def trim_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+def freeze_gc() -> None:
+    """Collect once, then exempt every object alive now from later collections (``gc.freeze``): for a
+    process that loads a model and keeps it to the end. Objects created later are collected as usual."""
+    gc.collect()
+    gc.freeze()

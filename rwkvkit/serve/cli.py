@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..model_args import add_model_args, load_model_and_tokenizer
+from ..runtime import freeze_gc
 from .app import BODY_TIMEOUT_S, MAX_LOGPROBS, _require_serve_deps, create_app
 from .engine import CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS
 from .security import LOOPBACK_HOSTS, allowed_hosts_for, check_api_key, guarded_protocol
@@ -103,5 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                      prefill_slice=args.prefill_slice, ride_tokens=args.ride_tokens, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
                      cors_origins=args.cors_origin, body_timeout=args.body_timeout, max_logprobs=args.max_logprobs,
                      cache_entries=args.cache_entries, cache_bytes=args.cache_mb << 20)  # fmt: skip
+    freeze_gc()  # the model and the app live as long as the process (rwkvkit.runtime)
     make_server(app, args.host, args.port, header_timeout=args.header_timeout).run()
     return 0
