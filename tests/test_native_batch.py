@@ -82,6 +82,31 @@ def test_bf16_activation_products_equal_torch_on_rounded_inputs(M, K):
         assert (got.double() - want).abs().max().item() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("rows", [3, 5, 10, 16, 17, 40])  # the row kernel, the bf16-row kernel, oneDNN/AMX
+def test_short_prompt_products_equal_exact_ones(rows):
+    """A bf16 ``Linear`` and an ``Int8Linear`` on a few bf16 rows (a short prompt) give the exact
+    products of those rows with their matrix, summed in fp32 and rounded once to bf16, whichever
+    kernel takes them."""
+    from rwkvkit.models.common import Linear
+
+    g = torch.Generator().manual_seed(rows)
+    lin = Linear(96, 160).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(160, 96, generator=g) / 10)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    q8 = Int8Linear(lin.weight.float())
+    # int8: up to 4 rows the kernel multiplies q * scale in fp32, more rows the matrix dequantised to
+    # bf16 as a long prompt's
+    deq = q8.weight.float() if rows <= 4 else native.q8_dequantize_bf16(q8.weight_int8, q8.scale)
+    for layer, w in ((lin, lin.weight), (q8, deq)):
+        want = x.double() @ w.double().T
+        with torch.no_grad():
+            got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 160)
+        scale = (x.double().abs() @ w.double().abs().T).max().item()
+        assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 1e-5 * scale).all(), type(layer).__name__
+
+
 # ---- the step ---------------------------------------------------------------------------------------
 
 

@@ -27,12 +27,17 @@ from ..ops import decode, fused, matmul
 
 _ROW_KERNEL = decode.available()  # the native step's matrix-vector kernels are built
 _FEW_ROWS = 4  # up to this many rows, bf16 products take them (measured: faster than oneDNN's up to 4)
+# and up to this many (a short prompt), the batched step's bf16-activation kernel: the rows are bf16
+# already, so the products are exact and the sums fp32, as oneDNN's (measured, 1 thread, the 0.1B
+# shapes: 1.3-2.2x faster than F.linear for 5-16 rows, slower from 24)
+_SMALL_ROWS = 16
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
 
-    bf16 on the CPU without gradients: one row takes ``torch.mv``, 32 rows or more (a prompt) the AMX
+    bf16 on the CPU without gradients: up to 16 rows take the native step's kernels (``torch.mv`` for
+    one row without them), 32 rows or more (a prompt) the AMX
     kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, chosen:
     ``Kernels.amx_matmul``); everything else F.linear.
     """
@@ -62,14 +67,14 @@ class Linear(nn.Linear):
         w = self.weight
         x = self._cast(x)
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= _FEW_ROWS and w.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if rows <= _SMALL_ROWS and w.dtype == torch.bfloat16 and x.device.type == "cpu":
             # a few rows (a prompt's last-position logits, the last block's channel-mix of a last_only
             # prompt, decode outside the native step): the native step's matrix-vector kernels when
             # built (fp32 sums rounded once to bf16, as torch), about 1.3x torch.mv for one row and 2x
             # oneDNN's bf16 matmul for 2-4 rows; torch.mv reads one row twice as fast as F.linear
             grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
             if _ROW_KERNEL and not grad and rows > 0 and decode.matrix_kind(w) is not None:
-                y = decode.dense_matmul(x.reshape(rows, -1), w).to(w.dtype)
+                y = decode.dense_matmul(x.reshape(rows, -1), w, act_bf16=rows > _FEW_ROWS).to(w.dtype)
                 return y.view(*x.shape[:-1], w.shape[0])
             if rows == 1:
                 return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])

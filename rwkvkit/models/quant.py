@@ -18,6 +18,7 @@ from ..ops import matmul
 from .common import Linear
 
 _GEMV_MAX_ROWS = 32  # up to this many input rows, products read the int8 weights directly
+_FEW_ROWS = 4  # up to this many, with float32 products of the rows as they are
 
 
 class Int8Linear(nn.Module):
@@ -63,7 +64,12 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if native.available() and x.device.type == "cpu":
             if x2.shape[0] <= _GEMV_MAX_ROWS:
-                out = native.q8_matmul(x2, self.weight_int8, self.scale).to(torch.bfloat16)
+                # bf16 rows beyond a few: the batched step's kernel (the matrix dequantised to bf16 as a
+                # long prompt's, exact products of the bf16 rows, fp32 sums; 2x the fp32-row kernel here)
+                bf16_rows = x2.dtype == torch.bfloat16 and x2.shape[0] > _FEW_ROWS
+                out = native.q8_matmul(x2, self.weight_int8, self.scale, act_bf16=bf16_rows).to(
+                    torch.bfloat16
+                )
             else:
                 w, xb = native.q8_dequantize_bf16(self.weight_int8, self.scale), x2.to(torch.bfloat16)
                 no_grad = not (torch.is_grad_enabled() and x2.requires_grad)

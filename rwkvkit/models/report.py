@@ -86,6 +86,15 @@ def _chains(model: nn.Module, cpu: bool) -> tuple[str, str]:
 
 
 def _prompt_matmuls(model: nn.Module, cpu: bool) -> tuple[str, str]:
+    kernel, why = _long_prompt_matmuls(model, cpu)
+    int8 = _quantisation(model) != "none"
+    if cpu and decode.available() and (int8 or _block_dtype(model) == torch.bfloat16):
+        few = "32 rows: the int8 kernels of the native step" if int8 else "16 rows: the native step's kernels"
+        return f"up to {few}; more rows: {kernel}", why
+    return kernel, why
+
+
+def _long_prompt_matmuls(model: nn.Module, cpu: bool) -> tuple[str, str]:
     int8 = _quantisation(model) != "none"
     dt = torch.bfloat16 if int8 else _block_dtype(model)
     prefix = "int8 matrices dequantised to bf16 per call, then " if int8 else ""
@@ -136,5 +145,5 @@ def _head(model: nn.Module, cpu: bool) -> tuple[str, str]:
         return f"{where}{kernel} (last positions), bf16 matmul beyond 32 rows", ""
     dt = head.weight.dtype
     if cpu and dt == torch.bfloat16 and decode.available():
-        return f"{where}the step's matrix-vector kernel for up to 4 rows, else as the prompt matmuls", ""
+        return f"{where}the step's kernels for up to 16 rows, else as the prompt matmuls", ""
     return f"{where}F.linear ({name_of(dt)})", ""
