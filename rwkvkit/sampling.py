@@ -340,30 +340,33 @@ def draw_rows(logits: torch.Tensor, samplers: Sequence[Sampler], *, inplace: boo
     x = logits.detach() if ok else logits.detach().to("cpu", torch.float32, copy=True).contiguous()
     for i, s in enumerate(samplers):
         s.penalize_(x[i])
-    bad = (~torch.isfinite(x.amax(1))).nonzero().flatten().tolist()  # NaN, +inf or all -inf rows
+    top = x.amax(1)  # each row's largest logit, which the draws scale from
+    bad = (~torch.isfinite(top)).nonzero().flatten().tolist()  # NaN, +inf or all -inf rows
     for i in bad:
         x[i] = finite_logits(x[i])
+        top[i] = x[i].max()
     groups: dict[tuple | None, list[int]] = {}
     for i, s in enumerate(samplers):
         p = s.params
         groups.setdefault(None if p.greedy else (p.temperature, p.top_p, p.top_k), []).append(i)
     tokens = [0] * len(samplers)
     for key, rows in groups.items():
-        sub = x if len(rows) == len(samplers) else x[rows]
+        whole = len(rows) == len(samplers)
+        sub, sub_top = (x, top) if whole else (x[rows], top[rows])
         if key is None:
             got = sub.argmax(1).tolist()
         else:
-            got = _draw_group(sub, *key, [samplers[i].generator for i in rows])
+            got = _draw_group(sub, *key, [samplers[i].generator for i in rows], sub_top)
         for i, t in zip(rows, got):
             tokens[i] = t
     return tokens
 
 
 def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generators: Sequence[torch.Generator | None]) -> list[int]:  # fmt: skip
+                generators: Sequence[torch.Generator | None], top: torch.Tensor | None = None) -> list[int]:  # fmt: skip
     """``draw(sampling_weights(row))`` for every row of finite float32 CPU logits [b, V] (contiguous):
     the top-k mask and one uniform per row's generator here, the rest in C (``ops.sample_native``)
-    when it is built, else ``_draw_group_torch``."""
+    when it is built, else ``_draw_group_torch``. ``top`` [b]: ``x.amax(1)`` if the caller has it."""
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 here (0 is the greedy path), got {temperature!r}")
     V = x.shape[1]
@@ -373,7 +376,7 @@ def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
         drop.scatter_(1, torch.topk(x, top_k, dim=1).indices, False)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
     if sample_native.available():
-        return sample_native.draw(x, temperature, top_p, drop, u)
+        return sample_native.draw(x, temperature, top_p, drop, u, top)
     return _draw_group_torch(x, temperature, top_p, drop, u)
 
 

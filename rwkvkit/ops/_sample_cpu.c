@@ -18,7 +18,7 @@
  *   4. the sequential float32 sums run down the sorted values until one reaches tp.
  *
  * Draw: the kept tokens (p >= cutoff, and not in the optional drop mask of top-k) in index order get
- * weights exp((x - max(x)) * inv_t) (float32 subtraction and product as torch's ops do; exp through
+ * weights exp((x - max(x)) * inv_t) (max(x) given) (float32 subtraction and product as torch's ops do; exp through
  * double, close to correctly rounded: it can differ from torch.exp by an ulp, so the one-row path
  * uses this kernel too); the CDF is torch.cumsum's (a double running sum rounded to float32 at every
  * token), the target u * cdf[last] in float32, the token the first whose CDF exceeds it
@@ -272,10 +272,57 @@ static void exp_inplace(float *z, long n) {
     else exp_portable(z, n);
 }
 
+/* ---- the draw: the first of the k weights w whose CDF exceeds u * CDF[k - 1] (k when none) ---------
+   The CDF is torch.cumsum's on the CPU: a double running sum, rounded to float32 at every token. When
+   every weight is >= 2^-16 (multiples of 2^-39) and k <= 2^14 (sums < 2^14), every double sum is exact:
+   any order gives the same sums, so the total and 16-token blocks are summed in vector lanes and
+   only the block that crosses the target is walked. Otherwise the running sum is kept token by token. */
+static long first_above(const float *w, long k, float u, float *cdf) {
+    uint32_t least = 0xffffffffu;
+    for (long j = 0; j < k; j++) least = bits_of(w[j]) < least ? bits_of(w[j]) : least;
+    if (k <= 16384 && least >= 0x37800000u) {
+        double lane[8] = {0};
+        long j = 0;
+        for (; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) lane[l] += w[j + l];
+        double total = 0.0;
+        for (; j < k; j++) total += w[j];
+        for (int l = 0; l < 8; l++) total += lane[l];
+        const float target = u * (float)total;
+        double acc = 0.0;
+        for (j = 0; j + 16 <= k; j += 16) {
+            double t[8];
+            for (int l = 0; l < 8; l++) t[l] = (double)w[j + l] + (double)w[j + 8 + l];
+            const double block = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+            if ((float)(acc + block) > target) break;
+            acc += block;
+        }
+        for (; j < k; j++) {
+            acc += w[j];
+            if ((float)acc > target) return j;
+        }
+        return k;
+    }
+    double acc = 0.0;
+    for (long j = 0; j < k; j++) {
+        acc += w[j];
+        cdf[j] = (float)acc;
+    }
+    const float target = u * (k ? cdf[k - 1] : 0.0f);
+    long lo = 0, hi = k;
+    while (lo < hi) { /* the first CDF value > target: searchsorted(right=True) */
+        const long mid = (lo + hi) / 2;
+        if (cdf[mid] > target) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
 /* ---- the draw ------------------------------------------------------------------------------------- */
 typedef struct {
     long b, V;
-    const float *x, *probs;  /* logits [b, V] (finite), probabilities [b, V] (NULL: no top-p) */
+    const float *x, *top;    /* logits [b, V] (finite) and their row maxima [b] */
+    const float *probs;      /* probabilities [b, V] (NULL: no top-p) */
     const uint8_t *drop;     /* [b, V] nonzero: left out by top-k (NULL: none) */
     const float *u;          /* [b] uniforms in [0, 1) */
     float lb, tp;            /* candidate bound, the float32 prefix sums' target */
@@ -304,14 +351,7 @@ static void run_row(const job_t *a, long r) {
     if (!a->x) return;
     const float *x = a->x + r * V;
     const uint8_t *drop = a->drop ? a->drop + r * V : NULL;
-    float part[16]; /* max(x) in 16 lanes (x is finite: any order gives the same maximum) */
-    for (int l = 0; l < 16; l++) part[l] = x[0];
-    long i = 0;
-    for (; i + 16 <= V; i += 16)
-        for (int l = 0; l < 16; l++) part[l] = x[i + l] > part[l] ? x[i + l] : part[l];
-    float m = x[0];
-    for (; i < V; i++) m = x[i] > m ? x[i] : m;
-    for (int l = 0; l < 16; l++) m = part[l] > m ? part[l] : m;
+    const float m = a->top[r]; /* max(x): the caller's (exact in any order) */
     long k = 0; /* the kept tokens, in index order, with their scaled logits */
     if (p) { /* the candidates' bits are at hand: p >= cutoff is bits >= cutoff's bits */
         const uint32_t c = bits_of(cutoff);
@@ -340,18 +380,7 @@ static void run_row(const job_t *a, long r) {
     else
         for (long j = 0; j < k; j++) s->z[j] = (x[s->kept[j]] - m) * inv_t;
     exp_inplace(s->z, k);
-    double acc = 0.0; /* torch.cumsum of float32 on the CPU: a double running sum, rounded per token */
-    for (long j = 0; j < k; j++) {
-        acc += s->z[j];
-        s->cdf[j] = (float)acc;
-    }
-    const float target = a->u[r] * (k ? s->cdf[k - 1] : 0.0f);
-    long lo = 0, hi = k; /* the first CDF value > target */
-    while (lo < hi) {
-        const long mid = (lo + hi) / 2;
-        if (s->cdf[mid] > target) hi = mid;
-        else lo = mid + 1;
-    }
+    const long lo = first_above(s->z, k, a->u[r], s->cdf);
     a->tokens[r] = lo < k ? s->kept[lo] : V - 1;
 }
 
@@ -360,7 +389,8 @@ static PyObject *draw_rows(PyObject *self, PyObject *args, PyObject *kw) {
     long threads;
     memset(&a, 0, sizeof a);
     const named_arg spec[] = {
-        {"b", ARG_LONG, &a.b}, {"V", ARG_LONG, &a.V}, {"x", ARG_OPT_PTR, &a.x}, {"probs", ARG_OPT_PTR, &a.probs},
+        {"b", ARG_LONG, &a.b}, {"V", ARG_LONG, &a.V}, {"x", ARG_OPT_PTR, &a.x}, {"top", ARG_OPT_PTR, &a.top},
+        {"probs", ARG_OPT_PTR, &a.probs},
         {"drop", ARG_OPT_PTR, &a.drop}, {"u", ARG_OPT_PTR, &a.u}, {"lb", ARG_FLOAT, &a.lb},
         {"tp", ARG_FLOAT, &a.tp}, {"inv_t", ARG_FLOAT, &a.inv_t},
         {"tokens", ARG_OPT_PTR, &a.tokens}, {"cutoffs", ARG_OPT_PTR, &a.cutoffs}, {"status", ARG_PTR, &a.status},
@@ -371,8 +401,8 @@ static PyObject *draw_rows(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "draw_rows: b and V must be positive (V < 2**31 - 16)");
         return NULL;
     }
-    if (a.x ? !(a.u && a.tokens) : !(a.probs && a.cutoffs)) {
-        PyErr_SetString(PyExc_ValueError, "draw_rows: give x, u and tokens, or probs and cutoffs alone");
+    if (a.x ? !(a.top && a.u && a.tokens) : !(a.probs && a.cutoffs)) {
+        PyErr_SetString(PyExc_ValueError, "draw_rows: give x, top, u and tokens, or probs and cutoffs alone");
         return NULL;
     }
     if (threads > a.b) threads = a.b;
@@ -390,7 +420,7 @@ static PyObject *draw_rows(PyObject *self, PyObject *args, PyObject *kw) {
 
 static PyMethodDef methods[] = {
     {"draw_rows", (PyCFunction)(void (*)(void))draw_rows, METH_VARARGS | METH_KEYWORDS,
-     "draw_rows(*, b, V, x, probs, drop, u, lb, tp, inv_t, tokens, cutoffs, status, threads): one token "
+     "draw_rows(*, b, V, x, top, probs, drop, u, lb, tp, inv_t, tokens, cutoffs, status, threads): one token "
      "(or with x=None only the top-p cutoff) per row; status[r] is 0, -1 (probs not probabilities) or -2 (no "
      "memory)."},
     {NULL, NULL, 0, NULL},
