@@ -176,3 +176,49 @@ def test_one_row_and_batched_draws_agree_and_the_fallback_draws_the_same(
     assert batched() == fast
     with pytest.raises(RuntimeError, match="not built"):
         sample_native.top_p_cutoffs(torch.softmax(x, 1), 0.5)
+
+
+def test_the_portable_loops_give_what_the_avx512_ones_give() -> None:
+    """Both ISAs' loops (compaction, selection, exp) on the same rows: the same cutoffs and tokens (on a
+    CPU without AVX-512 both runs take the portable loops)."""
+    x = torch.cat([_rows(kind, 2, 5000, seed=4) for kind in ("flat", "very flat", "peaked", "zeros")])
+    p, u = torch.softmax(x, 1), torch.rand(8, generator=torch.Generator().manual_seed(2))
+    native = sample_native._sample_cpu
+    runs = []
+    try:
+        for avx512 in (True, False):
+            native.use_avx512(avx512)
+            runs.append(
+                (
+                    sample_native.top_p_cutoffs(p, 0.9).tolist(),
+                    sample_native.draw(x, 0.01, 1.0, None, u),  # weights down to subnormals: the slow CDF
+                    [sample_native.draw(x, t, 0.85, None, u) for t in (1.0, 0.6)],
+                )
+            )
+    finally:
+        native.use_avx512(True)
+    assert runs[0] == runs[1]
+
+
+def test_threads_that_draw_and_end_leave_the_kernel_working() -> None:
+    """Each thread keeps its own scratch buffers (freed when it ends): draws from short-lived threads
+    equal the main thread's."""
+    import threading
+
+    x = _rows("flat", 4, 3000, seed=8)
+    u = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    want = sample_native.draw(x, 1.0, 0.85, None, u)
+    got: list[list[int]] = []
+    for _ in range(3):
+        t = threading.Thread(target=lambda: got.append(sample_native.draw(x, 1.0, 0.85, None, u)))
+        t.start()
+        t.join()
+    assert got == [want] * 3
+
+
+def test_bench_sampling_prints_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    from rwkvkit.bench.sampling import main
+
+    assert main(["--vocab", "3000", "--rows", "1,2", "--threads", "1", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("draw_rows tensor path") == 4 and "flat randn*2    rows   2" in out

@@ -26,8 +26,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define HAVE_X86 1
+#endif
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,19 +50,40 @@ typedef struct {
     float *z, *cdf;                       /* kept tokens' scaled logits, then weights; their CDF */
 } scratch_t;
 
-static __thread scratch_t tls; /* per thread, grown to the largest vocabulary seen, kept for reuse */
+/* per thread, grown to the largest vocabulary seen and kept for the next call; freed when the thread
+   ends (a pthread key's destructor: threads that come and go leave nothing behind) */
+static pthread_key_t scratch_key;
+
+static void scratch_release(scratch_t *s) {
+    free(s->bits), free(s->sorted), free(s->tmp), free(s->hist), free(s->low), free(s->idx), free(s->kept);
+    free(s->z), free(s->cdf);
+    memset(s, 0, sizeof *s);
+}
+
+static void scratch_free(void *p) {
+    scratch_release(p);
+    free(p);
+}
 
 static scratch_t *scratch(long V) {
-    scratch_t *s = &tls;
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        if (pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
     if (s->cap >= V) return s;
-    free(s->bits), free(s->sorted), free(s->tmp), free(s->hist), free(s->low), free(s->idx), free(s->kept), free(s->z);
-    free(s->cdf);
-    memset(s, 0, sizeof *s);
+    scratch_release(s);
     const size_t n = (size_t)V + 16; /* compress stores write up to 16 past the count */
     s->bits = malloc(n * 4), s->sorted = malloc(n * 4), s->tmp = malloc(n * 4), s->idx = malloc(n * 4);
     s->kept = malloc(n * 4), s->z = malloc(n * 4), s->cdf = malloc(n * 4);
     s->hist = malloc(((size_t)NBUCKET + 1) * 4), s->low = malloc(((size_t)1 << FINE) * 4);
-    if (!s->low || !s->bits || !s->sorted || !s->tmp || !s->idx || !s->kept || !s->z || !s->cdf || !s->hist) return NULL;
+    if (!s->low || !s->bits || !s->sorted || !s->tmp || !s->idx || !s->kept || !s->z || !s->cdf || !s->hist) {
+        scratch_release(s);
+        return NULL;
+    }
     s->cap = V;
     return s;
 }
@@ -78,6 +103,7 @@ static inline float float_of(uint32_t u) {
 /* ---- 1. compaction: bits and indices of the tokens whose bits are >= t, in index order ------------- */
 static int use_avx512;
 
+#ifdef HAVE_X86
 __attribute__((target("avx512f"))) static long compact_avx512(const uint32_t *b, long V, uint32_t t,
                                                                uint32_t *ob, int32_t *oi, uint32_t *max_bits) {
     const __m512i vt = _mm512_set1_epi32((int)t);
@@ -137,8 +163,12 @@ __attribute__((target("avx512f"))) static long select_idx_avx512(const uint32_t 
     return m;
 }
 
+#endif
+
 static long compact(const uint32_t *b, long V, uint32_t t, uint32_t *ob, int32_t *oi, uint32_t *max_bits) {
+#ifdef HAVE_X86
     if (use_avx512) return compact_avx512(b, V, t, ob, oi, max_bits);
+#endif
     uint32_t worst = 0;
     long n = 0;
     for (long i = 0; i < V; i++) { /* branch-free: write always, advance when kept */
@@ -185,14 +215,14 @@ static int row_cutoff(const float *p, long V, uint32_t lb, float tp, scratch_t *
         const uint32_t from = (uint32_t)b0 << FINE;
         long off = 0;
         uint32_t *a = s->tmp, *o = s->sorted;
-        if (use_avx512) {
-            off = select_avx512(s->bits, n, from, a);
-        } else {
+#ifdef HAVE_X86
+        if (use_avx512) off = select_avx512(s->bits, n, from, a);
+        else
+#endif
             for (long j = 0; j < n; j++) { /* branch-free selection */
                 a[off] = s->bits[j];
                 off += s->bits[j] >= from;
             }
-        }
         if (off <= SMALL_SORT) {
             for (long i = 1; i < off; i++) {
                 const uint32_t v = a[i];
@@ -259,17 +289,24 @@ static inline __attribute__((always_inline)) float exp_weight(float z) {
     return (float)(q * scale);
 }
 
+#ifdef HAVE_X86
 __attribute__((target("avx512f,avx512dq"))) static void exp_avx512(float *restrict z, long n) {
     for (long j = 0; j < n; j++) z[j] = exp_weight(z[j]);
 }
+#endif
 
 static void exp_portable(float *restrict z, long n) {
     for (long j = 0; j < n; j++) z[j] = exp_weight(z[j]);
 }
 
 static void exp_inplace(float *z, long n) {
-    if (use_avx512) exp_avx512(z, n);
-    else exp_portable(z, n);
+#ifdef HAVE_X86
+    if (use_avx512) {
+        exp_avx512(z, n);
+        return;
+    }
+#endif
+    exp_portable(z, n);
 }
 
 /* ---- the draw: the first of the k weights w whose CDF exceeds u * CDF[k - 1] (k when none) ---------
@@ -361,8 +398,10 @@ static void run_row(const job_t *a, long r) {
                 s->kept[k] = i;
                 k += s->bits[j] >= c && !drop[i];
             }
+#ifdef HAVE_X86
         else if (use_avx512)
             k = select_idx_avx512(s->bits, s->idx, n, c, s->kept);
+#endif
         else
             for (long j = 0; j < n; j++) {
                 s->kept[k] = s->idx[j];
@@ -418,11 +457,24 @@ static PyObject *draw_rows(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+static int have_avx512; /* what the CPU supports; use_avx512 is what runs */
+
+/* use_avx512(flag): run the AVX-512 loops (when the CPU has them) or the portable ones, which give
+   the same results (tests compare them); returns whether AVX-512 loops run now. */
+static PyObject *set_avx512(PyObject *self, PyObject *arg) {
+    const int want = PyObject_IsTrue(arg);
+    if (want < 0) return NULL;
+    use_avx512 = want && have_avx512;
+    return PyBool_FromLong(use_avx512);
+}
+
 static PyMethodDef methods[] = {
     {"draw_rows", (PyCFunction)(void (*)(void))draw_rows, METH_VARARGS | METH_KEYWORDS,
      "draw_rows(*, b, V, x, top, probs, drop, u, lb, tp, inv_t, tokens, cutoffs, status, threads): one token "
      "(or with x=None only the top-p cutoff) per row; status[r] is 0, -1 (probs not probabilities) or -2 (no "
      "memory)."},
+    {"use_avx512", set_avx512, METH_O,
+     "use_avx512(flag): the AVX-512 loops (if the CPU has them) or the portable ones; returns which run."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -430,7 +482,13 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_sample_cpu",
                                     "Top-p cutoffs and draws of the batched sampler on the CPU.", -1, methods};
 
 PyMODINIT_FUNC PyInit__sample_cpu(void) {
+    if (pthread_key_create(&scratch_key, scratch_free) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "_sample_cpu: no thread-local storage key");
+        return NULL;
+    }
+#ifdef HAVE_X86
     __builtin_cpu_init();
-    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    have_avx512 = use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#endif
     return PyModule_Create(&module);
 }
