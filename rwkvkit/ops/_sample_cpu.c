@@ -104,8 +104,8 @@ static inline float float_of(uint32_t u) {
 static int use_avx512;
 
 #ifdef HAVE_X86
-__attribute__((target("avx512f"))) static long compact_avx512(const uint32_t *b, long V, uint32_t t,
-                                                               uint32_t *ob, int32_t *oi, uint32_t *max_bits) {
+__attribute__((target("avx512f"))) static long compact_avx512(const uint32_t *b, long V, uint32_t t, uint32_t *ob,
+                                                               int32_t *oi, uint32_t *max_bits, const float *ahead) {
     const __m512i vt = _mm512_set1_epi32((int)t);
     __m512i top = _mm512_setzero_si512();
     __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -114,6 +114,7 @@ __attribute__((target("avx512f"))) static long compact_avx512(const uint32_t *b,
     for (; i + 16 <= V; i += 16, lane = _mm512_add_epi32(lane, step)) {
         const __m512i v = _mm512_loadu_si512(b + i);
         const __mmask16 m = _mm512_cmpge_epu32_mask(v, vt);
+        if (ahead) __builtin_prefetch(ahead + i); /* the logits the draw gathers, one line a step */
         top = _mm512_max_epu32(top, v);
         /* compress in registers, then a full store (the memory form is slow on some cores) */
         _mm512_storeu_si512(ob + n, _mm512_maskz_compress_epi32(m, v));
@@ -165,13 +166,15 @@ __attribute__((target("avx512f"))) static long select_idx_avx512(const uint32_t 
 
 #endif
 
-static long compact(const uint32_t *b, long V, uint32_t t, uint32_t *ob, int32_t *oi, uint32_t *max_bits) {
+static long compact(const uint32_t *b, long V, uint32_t t, uint32_t *ob, int32_t *oi, uint32_t *max_bits,
+                    const float *ahead) {
 #ifdef HAVE_X86
-    if (use_avx512) return compact_avx512(b, V, t, ob, oi, max_bits);
+    if (use_avx512) return compact_avx512(b, V, t, ob, oi, max_bits, ahead);
 #endif
     uint32_t worst = 0;
     long n = 0;
     for (long i = 0; i < V; i++) { /* branch-free: write always, advance when kept */
+        if (ahead && (i & 15) == 0) __builtin_prefetch(ahead + i);
         ob[n] = b[i], oi[n] = (int32_t)i;
         n += b[i] >= t;
         worst = b[i] > worst ? b[i] : worst;
@@ -183,12 +186,13 @@ static long compact(const uint32_t *b, long V, uint32_t t, uint32_t *ob, int32_t
 /* The top-p cutoff of one row of probabilities (module comment). Returns 0, or -1 when the row holds a
    value that is not a probability (negative, NaN, above 1). The candidates are left in s->bits / s->idx
    in index order (every token >= the cutoff is among them), *n_used their number. */
-static int row_cutoff(const float *p, long V, uint32_t lb, float tp, scratch_t *s, float *cutoff, long *n_used) {
+static int row_cutoff(const float *p, long V, uint32_t lb, float tp, scratch_t *s, float *cutoff, long *n_used,
+                      const float *x) {
     const uint32_t *b = (const uint32_t *)p;
     uint32_t t = lb;
     for (;;) {
         uint32_t max_bits;
-        const long n = compact(b, V, t, s->bits, s->idx, &max_bits);
+        const long n = compact(b, V, t, s->bits, s->idx, &max_bits, x); /* x: prefetched */
         if (max_bits > ONE_BITS) return -1;
         if (n == 0) { /* no candidate: the reference sorts the whole row */
             t = 0;
@@ -379,7 +383,7 @@ static void run_row(const job_t *a, long r) {
     const float *p = a->probs ? a->probs + r * V : NULL;
     float cutoff = 0.0f;
     long n = V;
-    if (p && row_cutoff(p, V, bits_of(a->lb), a->tp, s, &cutoff, &n) != 0) {
+    if (p && row_cutoff(p, V, bits_of(a->lb), a->tp, s, &cutoff, &n, a->x ? a->x + r * V : NULL) != 0) {
         a->status[r] = -1;
         return;
     }
