@@ -1,5 +1,5 @@
 """Build script for rwkvkit's optional native parts (the tokenizer core, the CPU WKV kernels
-(v5/v6 and v7), the one-token decode step, the fused element-wise CPU kernels, the AMX bf16 matmul).
+(v5/v6 and v7), the one-token decode step, the fused element-wise CPU kernels, the AMX bf16 matmul, the batched sampler's per-row work).
 
 Everything else is declared in pyproject.toml. The extension is optional: if the C compiler is
 missing the build still succeeds and rwkvkit falls back to its pure-Python twins.
@@ -82,6 +82,16 @@ setup(
             # no FMA contraction: a*b + c rounds twice, as torch's element-wise ops do
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp", "-lm"],  # libgomp.so.1: resolves to the one torch has loaded
+            optional=True,
+        ),
+        Extension(  # the batched sampler's top-p cutoffs and draws; OpenMP: PyTorch's libgomp
+            "rwkvkit.ops._sample_cpu",
+            ["rwkvkit/ops/_sample_cpu.c"],
+            depends=["rwkvkit/ops/_args.h"],
+            # no FMA contraction: the same weights from the AVX-512 and the portable exp; no trapping
+            # math (values unchanged): the exp loop's clamp vectorises
+            extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         ),
         Extension(  # AMX tile code through target attributes; without AMX it loads and says so

@@ -26,10 +26,13 @@ float cumsum can fall short of 1.0 and then silently turns sampling greedy).
 The pure functions work on a 1-D ``[V]`` tensor for one sequence. ``sample_rows`` draws for a batch
 ``[B, V]`` of rows, each with its own ``Sampler`` (parameters, penalty counts, generator): penalties
 and bans are applied per row (to the few tokens they touch), then the rows that share temperature,
-top-p and top-k are filtered, exponentiated and drawn together with one tensor operation per step
-over the whole group (the per-row cost of a decode step at B = 16 was as large as the model's step).
-Each row gets exactly the token it would get alone: the same operations on the same values, and one
-draw from its own generator. ``Sampler.__call__`` is ``sample_rows`` on one row.
+top-p and top-k are filtered, exponentiated and drawn together: by the C kernel of
+``ops.sample_native`` when it is built (the exact top-p cutoff without sorting the nucleus, rows on
+OpenMP threads), else with one tensor operation per step over the whole group. Each row gets exactly
+the token it would get alone: the same operations on the same values, and one draw from its own
+generator; ``sample_logits`` and ``Sampler`` draw through the same path (the C kernel's exp can
+differ from ``torch.exp``, which ``sampling_weights`` uses, by an ulp). ``Sampler.__call__`` is
+``sample_rows`` on one row.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+from .ops import sample_native
 
 SEED_RANGE = 1 << 64  # torch generators take seeds in [0, 2**64)
 
@@ -236,7 +241,8 @@ def sample_logits(
     logits = ban_tokens(logits, params.token_ban)
     if params.greedy:
         return int(torch.argmax(finite_logits(logits)))
-    return draw(sampling_weights(logits, params), generator)
+    x = finite_logits(logits).cpu().reshape(1, -1).contiguous()  # the batched rows' path: the same token
+    return _draw_group(x, params.temperature, params.top_p, params.top_k, [generator])[0]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
@@ -334,41 +340,56 @@ def draw_rows(logits: torch.Tensor, samplers: Sequence[Sampler], *, inplace: boo
     x = logits.detach() if ok else logits.detach().to("cpu", torch.float32, copy=True).contiguous()
     for i, s in enumerate(samplers):
         s.penalize_(x[i])
-    bad = (~torch.isfinite(x.amax(1))).nonzero().flatten().tolist()  # NaN, +inf or all -inf rows
+    top = x.amax(1)  # each row's largest logit, which the draws scale from
+    bad = (~torch.isfinite(top)).nonzero().flatten().tolist()  # NaN, +inf or all -inf rows
     for i in bad:
         x[i] = finite_logits(x[i])
+        top[i] = x[i].max()
     groups: dict[tuple | None, list[int]] = {}
     for i, s in enumerate(samplers):
         p = s.params
         groups.setdefault(None if p.greedy else (p.temperature, p.top_p, p.top_k), []).append(i)
     tokens = [0] * len(samplers)
     for key, rows in groups.items():
-        sub = x if len(rows) == len(samplers) else x[rows]
+        whole = len(rows) == len(samplers)
+        sub, sub_top = (x, top) if whole else (x[rows], top[rows])
         if key is None:
             got = sub.argmax(1).tolist()
         else:
-            got = _draw_group(sub, *key, [samplers[i].generator for i in rows])
+            got = _draw_group(sub, *key, [samplers[i].generator for i in rows], sub_top)
         for i, t in zip(rows, got):
             tokens[i] = t
     return tokens
 
 
 def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generators: Sequence[torch.Generator]) -> list[int]:  # fmt: skip
-    """``draw(sampling_weights(row))`` for every row of finite float32 logits [b, V], as tensor ops on the
-    whole group (the same operations, row by row, as the one-row functions: the same tokens)."""
-    V = x.shape[1]
-    drop = None  # the tokens top-p and top-k leave out
-    if top_p < 1.0:
-        probs = torch.softmax(x, dim=1)  # finite rows: no NaN, so "< cutoff" is "not >= cutoff"
-        drop = probs < torch.from_numpy(top_p_cutoffs(probs.numpy(), top_p)).unsqueeze(1)
-        del probs
-    if 0 < top_k < V:
-        k = torch.ones(x.shape, dtype=torch.bool)
-        k.scatter_(1, torch.topk(x, top_k, dim=1).indices, False)
-        drop = k if drop is None else drop.logical_or_(k)
+                generators: Sequence[torch.Generator | None], top: torch.Tensor | None = None) -> list[int]:  # fmt: skip
+    """``draw(sampling_weights(row))`` for every row of finite float32 CPU logits [b, V] (contiguous):
+    the top-k mask and one uniform per row's generator here, the rest in C (``ops.sample_native``)
+    when it is built, else ``_draw_group_torch``. ``top`` [b]: ``x.amax(1)`` if the caller has it."""
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 here (0 is the greedy path), got {temperature!r}")
+    V = x.shape[1]
+    drop = None  # the tokens top-k leaves out
+    if 0 < top_k < V:
+        drop = torch.ones(x.shape, dtype=torch.bool)
+        drop.scatter_(1, torch.topk(x, top_k, dim=1).indices, False)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
+    if sample_native.available():
+        return sample_native.draw(x, temperature, top_p, drop, u, top)
+    return _draw_group_torch(x, temperature, top_p, drop, u)
+
+
+def _draw_group_torch(x: torch.Tensor, temperature: float, top_p: float, drop: torch.Tensor | None,
+                      u: torch.Tensor) -> list[int]:  # fmt: skip
+    """``_draw_group`` as tensor ops on the whole group (the same operations, row by row, as the one-row
+    functions ``draw(sampling_weights(row))``: the same tokens)."""
+    V = x.shape[1]
+    if top_p < 1.0:
+        probs = torch.softmax(x, dim=1)  # finite rows: no NaN, so "< cutoff" is "not >= cutoff"
+        p_drop = probs < torch.from_numpy(top_p_cutoffs(probs.numpy(), top_p)).unsqueeze(1)
+        drop = p_drop if drop is None else p_drop.logical_or_(drop)
+        del probs
     w = x - x.amax(1, keepdim=True)
     if temperature != 1.0:
         w.mul_(min(1.0 / temperature, _INV_T_MAX))
@@ -376,7 +397,6 @@ def _draw_group(x: torch.Tensor, temperature: float, top_p: float, top_k: int,
     if drop is not None:
         w.masked_fill_(drop, 0.0)
     cdf = torch.cumsum(w, 1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float32) for g in generators])
     u = (u * cdf[:, -1]).unsqueeze(1)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=V - 1).tolist()
 
@@ -406,21 +426,11 @@ def top_p_cutoffs(probs: np.ndarray, top_p: float) -> np.ndarray:
     enough = est >= (top_p + _SLACK) * est[:, -1:]  # probabilities sum to 1 (others may fall back)
     first = enough.argmax(axis=1)
     t = np.where(enough.any(axis=1), sub[np.arange(b), first], 0.0).astype(np.float32)
-    keep = p2 >= np.maximum(t, _lowest_at_least((1.0 - top_p) / V))[:, None]
+    keep = p2 >= np.maximum(t, np.float32(sample_native.lowest_at_least((1.0 - top_p) / V)))[:, None]
     out = np.empty(b, dtype=np.float32)
     for i, p in enumerate(p2):
         out[i] = _cutoff_above(p, top_p, keep[i])
     return out
-
-
-def _lowest_at_least(bound: float) -> np.float32:
-    """The smallest float32 ``x`` for which NumPy's ``float32 array >= bound`` holds (the reference's
-    candidate test, whatever precision NumPy compares a Python float in)."""
-    f = np.float32(bound)
-    for x in (np.nextafter(f, np.float32(0.0)), f):
-        if (np.array([x], dtype=np.float32) >= bound)[0]:
-            return x
-    return np.nextafter(f, np.float32(np.inf))
 
 
 def _cutoff_above(p: np.ndarray, top_p: float, keep: np.ndarray) -> float:
