@@ -86,8 +86,8 @@ setup(
         ),
         Extension(  # the batched sampler's top-p cutoffs and draws; OpenMP: PyTorch's libgomp
             "rwkvkit.ops._sample_cpu",
-            ["rwkvkit/ops/_sample_cpu.c"],
-            depends=["rwkvkit/ops/_args.h"],
+            ["rwkvkit/ops/_sample_cpu.c", "rwkvkit/ops/_sample_cutoff.c"],
+            depends=["rwkvkit/ops/_args.h", "rwkvkit/ops/_sample.h"],
             # no FMA contraction: the same weights from the AVX-512 and the portable exp; no trapping
             # math (values unchanged): the exp loop's clamp vectorises
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"],
