@@ -4,8 +4,8 @@
  * and the head inside one OpenMP parallel region, matrix-vector products split over the team (rows
  * claimed in chunks), the LoRAs split by columns, the per-head work (kk, the WKV-7 step of
  * _wkv7_step.h, GroupNorm, the bonus, the gate) split over (row, head) pairs, the rest on thread 0
- * between barriers. The matrix kernels are _decode_matvec.c's (fp32, bf16 widened exactly, int8 Q8_0;
- * activations fp32 throughout), compiled into this module too; _decode.h declares them.
+ * between barriers. The matrix kernels are _decode_matvec.c's and _decode_rows1.c's (fp32, bf16, fp16,
+ * int8 Q8_0; activations fp32 throughout), compiled into this module too; _decode.h declares them.
  *
  * It computes what rwkvkit/models/rwkv7.py computes (checked against the reference there), up to
  * summation order and, for bf16 / int8 models, without rounding activations to bf16 between
@@ -33,6 +33,7 @@ typedef struct {
 
 typedef struct {
     int64_t version, n_layer, C, H, N, F, V, Dw, Da, Dv, Dg;
+    int64_t rescale; /* fp16 models: x halved after every rescale-th block (0: never) */
     int64_t ln_out_w, ln_out_b;
     mat_t head;
     layer7_t layers[];
@@ -213,8 +214,10 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             mats_claim(jobs, 1, B, claims + 3);
         }
         SYNC();
-        if (tid == 0)
-            for (int64_t i = 0; i < B * C; i++) x[i] += fv[i];
+        if (tid == 0) { /* residual (fp16 models: halved after every rescale-th block, as their weights) */
+            const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
+            for (int64_t i = 0; i < B * C; i++) x[i] = (x[i] + fv[i]) * keep;
+        }
         SYNC();
     }
     /* head */
@@ -268,7 +271,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     const int n_threads = threads_at_least_1(nt);
-    use_avx512 = !portable && cpu_avx512(); /* _decode_matvec.c's kernels, in this module */
+    matvec_configure(portable, 1); /* _decode_matvec.c's kernels, in this module */
     a.wkv_avx512 = use_avx512;
     float *buf = malloc(sizeof(float) * (size_t)scratch7(P, a.B, n_threads));
     atomic_long *claims = calloc((size_t)(CLAIMS7 * P->n_layer + 1), sizeof(atomic_long));
