@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
     "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),
-    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score"),
+    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score | matvec"),
     "experiment": ("rwkvkit.experiments.cli:main", "the paper's experiments: mqar | long-context | speed"),
 }
 
@@ -33,6 +33,7 @@ BENCHES: dict[str, str] = {
     "train": "rwkvkit.bench.train:main",
     "ops": "rwkvkit.bench.ops:main",
     "score": "rwkvkit.bench.score:main",
+    "matvec": "rwkvkit.bench.matvec:main",
 }
 
 

@@ -157,3 +157,20 @@ def test_fp16_models_take_the_native_step(deep, version):
     assert (got - fp32).abs().mean().item() <= (torch16 - fp32).abs().mean().item() * 1.1 + 1e-4
     assert (got - torch16).abs().mean().item() <= 0.01 * spread
     assert (got - torch16).abs().max().item() <= 0.1 * spread
+
+
+@pytest.mark.parametrize("version", [6, 7])
+def test_fp16_step_on_the_portable_kernels(deep, version):
+    """The plain C kernels (CPUs without AVX-512) take fp16 matrices and LoRAs too: same logits up to
+    the order of sums."""
+    fp16 = rwkvkit.load(deep[version], dtype=torch.float16)
+    tokens = torch.randint(0, 500, (1, 4), generator=torch.Generator().manual_seed(3))
+    fast = _steps(fp16, tokens)
+    before = kernels.PORTABLE
+    try:
+        kernels.set_portable(True)
+        plain = _steps(fp16, tokens)
+    finally:
+        kernels.set_portable(before)
+    assert fp16.native_step() is not None
+    assert (plain - fast).abs().max().item() <= 5e-5 * max(1.0, fast.abs().max().item())

@@ -1,10 +1,12 @@
 /* rwkvkit/ops/_decode_rows1.c: the one-row (B = 1) matrix-vector kernels of bf16, fp16 and int8 weights:
  * y[n] = sum_i W[n, i] x[i] for n in [r0, r1), float32 x, float32 sums.
  *
- * One row reads every weight once and does two FLOPs with it, so these loops are bound by how many
- * bytes of weights are in flight; the fewer instructions per byte, the more the core keeps in flight.
- * Widening each weight to fp32 costs 2-3 instructions per 16 weights before the FMA (bf16: zero-extend
- * and shift; int8: sign-extend, convert, and a scale per block); here the weights are used as stored:
+ * One row reads every weight once and does two FLOPs with it, so these loops should run at the memory's
+ * streaming rate. Two things kept the widening kernels of _decode_matvec.c below it for 2-byte and 1-byte
+ * weights: they read four weight rows at once (four streams 1.5 KB apart, which the hardware prefetcher
+ * follows poorly; one row at a time reads the matrix as one sequential stream, see PF_BYTES), and they
+ * spend 2-3 instructions per 16 weights widening them to fp32 before the FMA (bf16: zero-extend and
+ * shift; int8: sign-extend, convert, and a scale per block). Here the weights are used as stored:
  *
  *   MK_BF16, AVX512_BF16: x is split once per matrix into x = xh + xl, two bf16 numbers (xh = x rounded
  *     to bf16, xl = the remainder rounded to bf16: about 16 bits of x), and each 32 weights cost two
