@@ -44,6 +44,8 @@ setup(
             [
                 "rwkvkit/ops/_decode_cpu.c",
                 "rwkvkit/ops/_decode_matvec.c",
+                "rwkvkit/ops/_decode_rows1.c",
+                "rwkvkit/ops/_decode_lora.c",
                 "rwkvkit/ops/_decode_bf16.c",
                 "rwkvkit/ops/_decode_step.c",
                 "rwkvkit/ops/_decode_probe.c",
@@ -63,7 +65,13 @@ setup(
         ),
         Extension(  # RWKV-7's one-token step, with the matrix kernels of _decode_matvec.c / _decode_bf16.c compiled in
             "rwkvkit.ops._decode_v7",
-            ["rwkvkit/ops/_decode_v7.c", "rwkvkit/ops/_decode_matvec.c", "rwkvkit/ops/_decode_bf16.c"],
+            [
+                "rwkvkit/ops/_decode_v7.c",
+                "rwkvkit/ops/_decode_matvec.c",
+                "rwkvkit/ops/_decode_rows1.c",
+                "rwkvkit/ops/_decode_lora.c",
+                "rwkvkit/ops/_decode_bf16.c",
+            ],
             depends=["rwkvkit/ops/_decode.h", "rwkvkit/ops/_args.h", "rwkvkit/ops/_cpu_math.h", "rwkvkit/ops/_wkv7_step.h"],
             extra_compile_args=["-O3", "-std=gnu99", "-Wall", "-fopenmp"],
             extra_link_args=["-fopenmp", "-lm"],

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("rwkvkit.data.tokenize_corpus:main", "text/jsonl files -> binidx token files for training"),
     "train": ("rwkvkit.train.cli:main", "train or fine-tune a model from a YAML config"),
     "eval": ("rwkvkit.eval.cli:main", "lm-evaluation-harness tasks | perplexity FILE... (text files)"),
-    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score | sampling"),
+    "bench": ("", "benchmarks: forward | tokenizer | serve | train | ops | score | sampling | matvec"),
     "experiment": ("rwkvkit.experiments.cli:main", "the paper's experiments: mqar | long-context | speed"),
 }
 
@@ -34,6 +34,7 @@ BENCHES: dict[str, str] = {
     "ops": "rwkvkit.bench.ops:main",
     "score": "rwkvkit.bench.score:main",
     "sampling": "rwkvkit.bench.sampling:main",
+    "matvec": "rwkvkit.bench.matvec:main",
 }
 
 

@@ -135,7 +135,10 @@ def test_batched_step_equals_one_row_steps(paths, version, quant):
     tokens = _tokens(6, 8, seed=3)
     alone = torch.cat([_steps(model, tokens[b : b + 1])[0] for b in range(6)])
     fp32_act, _ = _steps(model.set_kernels(batch_bf16=False), tokens)
-    assert (fp32_act - alone).abs().max().item() <= 5e-5
+    # one row alone takes _decode_rows1.c's dot kernels where the CPU has them: x kept to ~16 bits
+    # (two bf16 parts; int8: two 8-bit digits per block of 32), not fp32's 24 (tests/test_native_rows1.py)
+    dot = native._decode_cpu.dot_vnni if quant == "int8" else native._decode_cpu.dot_bf16
+    assert (fp32_act - alone).abs().max().item() <= ((3e-3 if quant == "int8" else 3e-4) if dot else 5e-5)
     got, _ = _steps(model.set_kernels(batch_bf16=True), tokens)
     err = (got - alone).abs()
     assert err.max().item() > 0  # the bf16 path really ran

@@ -1,13 +1,14 @@
 """The one-call decode step: one token per row, on the CPU, for the versions that declare one.
 
 ``RWKV.forward`` hands a T == 1 call here when it can (CPU, no gradient wanted, a version with a
-native step, fp32, bf16 or int8 matrices, backend "auto" or "native"): the native step
+native step, fp32, bf16, fp16 or int8 matrices, backend "auto" or "native"): the native step
 (``rwkvkit/ops/_decode_cpu.c``) then runs every layer and the head in one C call, reading the weights
 where the model keeps them. This module builds the plan (a flat int64 array of addresses and sizes,
 the layout of the C structs: the generic header here, each layer's record by the version's
 ``native_layer``) and checks, at every call, that the model still holds the tensors the plan points
-to; anything it cannot take (fp16 with its rescaling, a version without a native step, tensors on
-another device) stays on the PyTorch path.
+to; anything it cannot take (a version without a native step, tensors on another device) stays on
+the PyTorch path. fp16 models' layer rescaling (x halved after every ``rescale_every``-th block) is
+part of the plan; their activations are float32 in the step, as every model's.
 
 Whether the step is wanted is the model's choice (``Kernels.native_step``, ``rwkvkit.kernels``); with
 it off the PyTorch modules run, which is how the tests compare the two.
@@ -85,7 +86,9 @@ class PlanBuilder:
         w = self.own(layer, "weight")
         kind = native.matrix_kind(w)
         if kind is None:
-            raise Unsupported(f"a {w.dtype} matrix on {w.device} (the native step takes fp32, bf16 or int8)")
+            raise Unsupported(
+                f"a {w.dtype} matrix on {w.device} (the native step takes fp32, bf16, fp16 or int8)"
+            )
         self.ints += [kind, w.shape[0], w.shape[1]]
         self.ptr(w, w.dtype)
         self.ints.append(0)
@@ -138,11 +141,10 @@ class NativeStep(PlannedStep):
         if len(spec.recurrent) != 1:
             raise AssertionError("the native step carries one recurrent tensor per layer")
         self.recurrent = spec.recurrent[0].name
-        if getattr(model, "rescale_every", 0):
-            raise Unsupported("fp16 models use the PyTorch path (their layer rescaling)")
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         b = PlanBuilder()
         b.ints += [cfg.version, cfg.n_layer, C, H, N, cfg.ffn_dim, cfg.vocab_size, *extra]
+        b.ints.append(getattr(model, "rescale_every", 0))  # fp16: x halved after every n-th block
         b.vec(b.own(model, "ln_out"), "weight", C)
         b.vec(model.ln_out, "bias", C)
         b.matrix(model, "head")

@@ -127,13 +127,34 @@ def _step(model: nn.Module, cpu: bool) -> tuple[str, str]:
         model.config.spec.native_step(model)
     except engine.Unsupported as e:
         return modules, f"native step: {e}"
-    kernel = model.config.spec.native_step_kernel()
+    kernel = model.config.spec.native_step_kernel() + _one_row(model)
     if _quantisation(model) == "none" and _block_dtype(model) != torch.bfloat16:
         return kernel, ""  # fp32 matrices: float32 activations for any number of rows
     if not model.kernels.batch_bf16:
         return kernel, "several rows keep float32 activations (kernels.batch_bf16=False)"
     dp = "VDPBF16PS" if decode.bf16dp() else "fp32 FMAs on bf16 values (no AVX512_BF16)"
     return f"{kernel}; several rows: bf16 activations ({dp})", ""
+
+
+def _one_row(model: nn.Module) -> str:
+    """One row's matrix kernel for the model's weights (``_decode_rows1.c``), as the CPU allows."""
+    ext = decode._decode_cpu
+    if ext is None or not ext.avx512:
+        return ""
+    if _quantisation(model) != "none":
+        how = (
+            "VPDPBUSD on x as two 8-bit digits of 16 bits"
+            if ext.dot_vnni
+            else "widened to fp32 (no AVX512_VNNI)"
+        )
+        return f"; one row of int8: {how}"
+    dt = _block_dtype(model)
+    if dt == torch.bfloat16:
+        how = "VDPBF16PS on x as two bf16 parts" if ext.dot_bf16 else "widened to fp32 (no AVX512_BF16)"
+        return f"; one row of bf16: {how}"
+    if dt == torch.float16:
+        return "; one row of fp16: VCVTPH2PS and fp32 FMAs"
+    return ""
 
 
 def _head(model: nn.Module, cpu: bool) -> tuple[str, str]:

@@ -60,14 +60,13 @@ class NativeStep7(PlannedStep):
     def __init__(self, model: nn.Module) -> None:
         if not decode_v7.available():
             raise Unsupported("the _decode_v7 extension is not built")
-        if getattr(model, "rescale_every", 0):
-            raise Unsupported("fp16 models use the PyTorch path (their layer rescaling)")
         cfg = model.config
         C = cfg.n_embd
         header, per_layer = decode_v7.layout()
         b = PlanBuilder()
         b.ints += [cfg.version, cfg.n_layer, C, cfg.n_head, cfg.head_size, cfg.ffn_dim, cfg.vocab_size]
         b.ints += [cfg.decay_lora, cfg.a_lora, cfg.v_lora, cfg.gate_lora]
+        b.ints.append(getattr(model, "rescale_every", 0))  # fp16: x halved after every n-th block
         b.vec(b.own(model, "ln_out"), "weight", C)
         b.vec(model.ln_out, "bias", C)
         b.matrix(model, "head")

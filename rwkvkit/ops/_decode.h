@@ -1,5 +1,6 @@
 /* rwkvkit/ops/_decode.h: what the parts of the native one-token step and its matrix kernels share
- * (_decode_matvec.c: the matrix-vector and LoRA kernels; _decode_bf16.c: the several-row kernels with
+ * (_decode_matvec.c: the matrix-vector kernels; _decode_rows1.c: the one-row dot kernels of bf16, fp16
+ * and int8; _decode_lora.c: the LoRA kernels; _decode_bf16.c: the several-row kernels with
  * bf16 activations; _decode_step.c: the step itself; _decode_probe.c: the machine's limits;
  * _decode_cpu.c: the Python module): the plan's structs, which engine.py writes as a flat int64 array,
  * the matrix kinds, the team of threads' jobs and barrier, and the functions across the files. */
@@ -23,7 +24,7 @@
 #define HAVE_X86 0
 #endif
 
-enum { MK_F32 = 0, MK_BF16 = 1, MK_Q8 = 2 };
+enum { MK_F32 = 0, MK_BF16 = 1, MK_Q8 = 2, MK_F16 = 3 };
 
 typedef struct {
     int64_t kind, n, k, w, s; /* w, s: addresses */
@@ -42,6 +43,7 @@ typedef struct {
 
 typedef struct {
     int64_t version, n_layer, C, H, N, F, V, D, Dw;
+    int64_t rescale; /* fp16 models: x halved after every rescale-th block (0: never) */
     int64_t ln_out_w, ln_out_b;
     mat_t head;
     layer_t layers[];
@@ -52,6 +54,7 @@ typedef struct {
 
 extern int use_avx512; /* the matrix kernels' AVX-512 paths (configure: the CPU and portable=0) */
 extern int use_bf16dp; /* and VDPBF16PS for bf16 activations (AVX512_BF16, configure) */
+extern int use_dot_bf16, use_dot_vnni; /* the one-row dot kernels of _decode_rows1.c (configure) */
 
 static inline float f16f(uint16_t h) { /* IEEE half -> float, subnormals included */
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
@@ -76,6 +79,12 @@ static inline float f16f(uint16_t h) { /* IEEE half -> float, subnormals include
     return f;
 }
 
+
+#if HAVE_X86
+AVX512 static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
 
 static inline void split(int64_t total, int tid, int nt, int64_t *lo, int64_t *hi) {
     *lo = total * tid / nt;
@@ -119,10 +128,18 @@ typedef struct {
 /* _decode_matvec.c */
 void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt);
 void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next);
-void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
-               int64_t ldy);
 void team_barrier(team_barrier_t *b, int team); /* spins briefly, then yields the core */
 void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out);
+void matvec_configure(int portable, int rowdot); /* use_avx512 and the one-row dot kernels, from the CPU */
+/* _decode_lora.c */
+void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
+               int64_t ldy);
+/* _decode_rows1.c: one-row kernels (rows1_applies: this matrix takes them; prep: x prepared once) */
+int rows1_applies(const mat_t *m);
+int64_t rows1_prep_bytes(const mat_t *m);
+void rows1_prep(const mat_t *m, const float *x, void *prep);
+void rows1(const mat_t *m, int64_t r0, int64_t r1, const float *x, const void *prep, float *y);
+void *rows1_buffer(int64_t bytes);
 /* _decode_bf16.c */
 void to_bf16(const float *x, uint16_t *out, int64_t n);
 void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);

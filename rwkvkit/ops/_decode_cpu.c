@@ -16,8 +16,11 @@
  *   MK_BF16  bfloat16 [n_out, n_in], widened exactly to float32
  *   MK_Q8    int8 [n_out, n_in] with one float16 scale per block of 32 inputs, [n_out, n_in / 32]
  *            (the layout of ggml's Q8_0: w = q * scale)
- * Activations are float32 everywhere (no activation quantisation), sums are float32.
- * The Finch LoRAs are stored input-major ([n_in, n_out], as in the checkpoints) in float32 or bfloat16.
+ *   MK_F16   float16 [n_out, n_in], widened exactly to float32
+ * Activations are float32 everywhere (no 8-bit activations: one row's bf16 and int8 dot kernels carry
+ * x as two bf16 parts or two 8-bit digits of a 16-bit number, _decode_rows1.c), sums are float32.
+ * The Finch LoRAs are stored input-major ([n_in, n_out], as in the checkpoints) in float32, bfloat16 or
+ * float16. fp16 models' layer rescaling (x halved after every `rescale`-th block) is in the plan.
  *
  * The step computes exactly what rwkvkit/models (the PyTorch modules, checked against the reference)
  * compute; its numbers differ from them only by summation order (and, for bf16 / int8 models, by not
@@ -196,24 +199,28 @@ static PyObject *py_layout(PyObject *self, PyObject *args) {
     return Py_BuildValue("(LL)", (long long)PLAN_HEADER_INTS, (long long)LAYER_INTS);
 }
 
-/* configure(*, portable, bf16dp): the matrix kernels' AVX-512 paths on (where the CPU has them and portable
-   is 0) or off, and VDPBF16PS for bf16 activations (where the CPU has it and bf16dp is 1: bf16dp=0 tests
-   the AVX-512F fallback of CPUs without AVX512_BF16); sets the module's avx512 and bf16dp, returns avx512. The Python module calls it at import. */
+/* configure(*, portable, bf16dp, rowdot): the matrix kernels' AVX-512 paths on (where the CPU has them and
+   portable is 0) or off; VDPBF16PS for bf16 activations (where the CPU has it and bf16dp is 1: bf16dp=0 tests
+   the AVX-512F fallback of CPUs without AVX512_BF16); the one-row dot kernels of bf16 (AVX512_BF16) and
+   int8 (AVX512_VNNI) matrices (where the CPU has them and rowdot is 1: rowdot=0 runs the widening kernels
+   of CPUs without them). Sets the module's avx512, bf16dp, dot_bf16 and dot_vnni; returns avx512. The
+   Python module calls it at import. */
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
-    int portable = 0, bf16dp = 1;
-    const named_arg spec[] = {{"portable", ARG_INT, &portable}, {"bf16dp", ARG_INT, &bf16dp}};
+    int portable = 0, bf16dp = 1, rowdot = 1;
+    const named_arg spec[] = {
+        {"portable", ARG_INT, &portable}, {"bf16dp", ARG_INT, &bf16dp}, {"rowdot", ARG_INT, &rowdot},
+    };
     if (!parse_named("configure", args, kw, spec, NARGS(spec))) return NULL;
-    use_avx512 = use_bf16dp = 0;
+    matvec_configure(portable, rowdot);
+    use_bf16dp = 0;
 #if HAVE_X86
-    __builtin_cpu_init();
-    use_avx512 = !portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                 __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
     use_bf16dp = use_avx512 && bf16dp && __builtin_cpu_supports("avx512bf16");
 #endif
-    for (int i = 0; i < 2; i++) {
-        PyObject *flag = PyLong_FromLong(i ? use_bf16dp : use_avx512);
-        const int failed = !flag || PyObject_SetAttrString(self, i ? "bf16dp" : "avx512", flag) < 0;
+    const char *names[4] = {"avx512", "bf16dp", "dot_bf16", "dot_vnni"};
+    const int values[4] = {use_avx512, use_bf16dp, use_dot_bf16, use_dot_vnni};
+    for (int i = 0; i < 4; i++) {
+        PyObject *flag = PyLong_FromLong(values[i]);
+        const int failed = !flag || PyObject_SetAttrString(self, names[i], flag) < 0;
         Py_XDECREF(flag);
         if (failed) return NULL;
     }
@@ -230,8 +237,9 @@ static PyMethodDef methods[] = {
     {"dequantize_q8", KW(py_dequantize_q8), "dequantize_q8(*, q, s, n, k, out, threads): bf16 q * scale"},
     {"probe", KW(py_probe), "probe(*, kind, iters, buf, bytes, threads): the machine's limits (benchmarks)"},
     {"layout", py_layout, METH_NOARGS, "(header ints, ints per layer) of the plan"},
-    {"configure", KW(py_configure), "configure(*, portable, bf16dp): AVX-512 on (portable=0, where available) or off; VDPBF16PS on "
-     "(bf16dp=1, where available) or the bf16 products as fp32 FMAs"},
+    {"configure", KW(py_configure), "configure(*, portable, bf16dp, rowdot): AVX-512 on (portable=0, where available) or off; "
+     "VDPBF16PS on (bf16dp=1, where available) or the bf16 products as fp32 FMAs; the one-row dot kernels of bf16 "
+     "and int8 on (rowdot=1, where available) or the widening kernels"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -239,7 +247,8 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_decode_cpu", NULL, 
 
 PyMODINIT_FUNC PyInit__decode_cpu(void) {
     PyObject *mod = PyModule_Create(&moddef); /* plain C kernels until configure() */
-    if (mod && (PyModule_AddIntConstant(mod, "avx512", 0) < 0 || PyModule_AddIntConstant(mod, "bf16dp", 0) < 0))
-        Py_CLEAR(mod);
+    const char *names[4] = {"avx512", "bf16dp", "dot_bf16", "dot_vnni"};
+    for (int i = 0; mod && i < 4; i++)
+        if (PyModule_AddIntConstant(mod, names[i], 0) < 0) Py_CLEAR(mod);
     return mod;
 }

@@ -1,6 +1,7 @@
 /* rwkvkit/ops/_decode_matvec.c: the step's matrix kernels. y[b, n] = sum_i W[n, i] x[b, i] for a few input
- * rows b (decode) over fp32, bf16 or int8 (Q8_0) weights, rows of W split over the team (evenly, or
- * claimed in chunks), and the input-major LoRA products. Matrix kinds and layouts: _decode_cpu.c. */
+ * rows b (decode) over fp32, bf16, fp16 or int8 (Q8_0) weights, rows of W split over the team (evenly, or
+ * claimed in chunks); one row of bf16 / fp16 / int8 goes to _decode_rows1.c's dot kernels where the CPU
+ * has them, with x prepared once per matrix here. Matrix kinds and layouts: _decode_cpu.c. */
 #include "_decode.h"
 
 int use_avx512 = 0;
@@ -20,6 +21,9 @@ static void rows_generic(const mat_t *m, int64_t r0, int64_t r1, const float *x,
             } else if (m->kind == MK_BF16) {
                 const uint16_t *w = (const uint16_t *)m->w + n * K;
                 for (int64_t i = 0; i < K; i++) acc += bf16_to_f32(w[i]) * xb[i];
+            } else if (m->kind == MK_F16) {
+                const uint16_t *w = (const uint16_t *)m->w + n * K;
+                for (int64_t i = 0; i < K; i++) acc += f16f(w[i]) * xb[i];
             } else {
                 const int8_t *q = (const int8_t *)m->w + n * K;
                 const uint16_t *s = (const uint16_t *)m->s + n * (K / 32);
@@ -37,10 +41,6 @@ static void rows_generic(const mat_t *m, int64_t r0, int64_t r1, const float *x,
 #if HAVE_X86
 /* Up to 4 input rows share each loaded weight row. */
 #define NB_MAX 4
-
-AVX512 static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 AVX512 static inline __m512 load_q8x16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -108,6 +108,7 @@ AVX512 static inline __m512 load_w16(const mat_t *m, int64_t r, int64_t i) {
         return _mm512_mul_ps(load_q8x16((const int8_t *)m->w + r * K + i), _mm512_set1_ps(sc));
     }
     if (m->kind == MK_BF16) return load_bf16x16((const uint16_t *)m->w + r * K + i);
+    if (m->kind == MK_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)m->w + r * K + i)));
     return _mm512_loadu_ps((const float *)m->w + r * K + i);
 }
 
@@ -155,7 +156,7 @@ AVX512 static void rows4_avx512_b4(const mat_t *m, int64_t n, const float *x, in
 AVX512 static void rows_avx512(const mat_t *m, int64_t r0, int64_t r1, const float *x, int64_t B, float *y,
                                int64_t ldy) {
     const int64_t K = m->k;
-    if (B == 1) {
+    if (B == 1 && m->kind != MK_F16) {
         for (; r0 + 4 <= r1; r0 += 4) rows4_avx512_b1(m, r0, x, y);
     } else {
         for (; r0 + 4 <= r1; r0 += 4)
@@ -179,17 +180,9 @@ AVX512 static void rows_avx512(const mat_t *m, int64_t r0, int64_t r1, const flo
                         acc[b] = _mm512_fmadd_ps(p, sc, acc[b]);
                     }
                 }
-            } else if (m->kind == MK_BF16) {
-                const uint16_t *w = (const uint16_t *)m->w + n * K;
+            } else { /* bf16 (widened exactly), fp16 or fp32 */
                 for (int64_t i = 0; i < K; i += 16) {
-                    const __m512 wv = load_bf16x16(w + i);
-                    for (int64_t b = 0; b < nb; b++)
-                        acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + b * K + i), acc[b]);
-                }
-            } else {
-                const float *w = (const float *)m->w + n * K;
-                for (int64_t i = 0; i < K; i += 16) {
-                    const __m512 wv = _mm512_loadu_ps(w + i);
+                    const __m512 wv = load_w16(m, n, i);
                     for (int64_t b = 0; b < nb; b++)
                         acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x0 + b * K + i), acc[b]);
                 }
@@ -200,14 +193,48 @@ AVX512 static void rows_avx512(const mat_t *m, int64_t r0, int64_t r1, const flo
 }
 #endif
 
-static void mat_rows(const job_t *job, int64_t r0, int64_t r1, int64_t B) {
+/* The inputs of one row prepared for _decode_rows1.c's kernels, once per matrix per thread: `prep` holds
+   up to PREP_JOBS jobs' prepared inputs (NULL: none), filled when the thread first takes rows of a job. */
+#define PREP_JOBS 8
+typedef struct {
+    char *buf;
+    int64_t off[PREP_JOBS];
+    int ready[PREP_JOBS];
+} prep_t;
+
+static void prep_init(prep_t *p, const job_t *jobs, int n_jobs, int64_t B) {
+    int64_t total = 0;
+    p->buf = NULL;
+    if (B != 1 || n_jobs > PREP_JOBS) return;
+    for (int j = 0; j < n_jobs; j++) {
+        p->off[j] = total;
+        p->ready[j] = 0;
+        total += (rows1_prep_bytes(jobs[j].m) + 63) / 64 * 64;
+    }
+    if (total) p->buf = rows1_buffer(total);
+}
+
+static void mat_rows(const job_t *job, int64_t r0, int64_t r1, int64_t B, prep_t *p, int j) {
     const mat_t *m = job->m;
     const float *x = job->x;
     float *y = job->y;
     const int64_t ldy = m->n;
-    if (job->xb && m->kind != MK_F32) {
+    if (job->xb && (m->kind == MK_BF16 || m->kind == MK_Q8)) {
         rows_bf16(m, r0, r1, job->xb, B, y, ldy);
         return;
+    }
+    if (B == 1 && rows1_applies(m)) {
+        const int64_t bytes = rows1_prep_bytes(m);
+        if (!bytes) {
+            rows1(m, r0, r1, x, NULL, y);
+            return;
+        }
+        if (p->buf) {
+            if (!p->ready[j]) rows1_prep(m, x, p->buf + p->off[j]);
+            p->ready[j] = 1;
+            rows1(m, r0, r1, x, p->buf + p->off[j], y);
+            return;
+        }
     }
 #if HAVE_X86
     if (use_avx512 && m->k % 32 == 0) {
@@ -222,107 +249,13 @@ void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt) {
     int64_t total = 0;
     for (int j = 0; j < n_jobs; j++) total += jobs[j].m->n;
     int64_t lo, hi, base = 0;
+    prep_t prep;
+    prep_init(&prep, jobs, n_jobs, B);
     split(total, tid, nt, &lo, &hi);
     for (int j = 0; j < n_jobs; j++) {
         const int64_t n = jobs[j].m->n, a = lo > base ? lo - base : 0, e = hi - base < n ? hi - base : n;
-        if (a < e) mat_rows(&jobs[j], a, e, B);
+        if (a < e) mat_rows(&jobs[j], a, e, B, &prep, j);
         base += n;
-    }
-}
-
-/* ---- LoRA (input-major): y[b, n] = sum_i x[b, i] W[i, n] for n in [n0, n1) -----------------------
- * Every output is summed over i in order, one FMA per term (x[b, i] * W[i, n] + y), whatever the tile it
- * falls in: tiles of up to 4 input rows x 4 vectors of 16 outputs keep their sums in registers. */
-
-#if HAVE_X86
-#define LORA_INLINE static inline __attribute__((always_inline))
-
-LORA_INLINE AVX512 void lora_tile(const mat_t *m, int64_t n, const int NC, const float *x, int64_t ldx,
-                                  const int NB, float *y, int64_t ldy, const int BF) {
-    const int64_t K = m->k, N = m->n;
-    __m512 acc[4][4];
-    for (int b = 0; b < NB; b++)
-        for (int c = 0; c < NC; c++) acc[b][c] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < K; i++) {
-        __m512 wv[4];
-        for (int c = 0; c < NC; c++)
-            wv[c] = BF ? load_bf16x16((const uint16_t *)m->w + i * N + n + 16 * c)
-                       : _mm512_loadu_ps((const float *)m->w + i * N + n + 16 * c);
-        for (int b = 0; b < NB; b++) {
-            const __m512 xi = _mm512_set1_ps(x[b * ldx + i]);
-            for (int c = 0; c < NC; c++) acc[b][c] = _mm512_fmadd_ps(xi, wv[c], acc[b][c]);
-        }
-    }
-    for (int b = 0; b < NB; b++)
-        for (int c = 0; c < NC; c++) _mm512_storeu_ps(y + b * ldy + n + 16 * c, acc[b][c]);
-}
-
-typedef void (*lora_fn)(const mat_t *, int64_t, const float *, int64_t, float *, int64_t);
-#define LORA_FN(BF, NB, NC)                                                                                   \
-    AVX512 static void lora_##BF##_##NB##_##NC(const mat_t *m, int64_t n, const float *x, int64_t ldx, float *y, \
-                                                int64_t ldy) {                                                \
-        lora_tile(m, n, NC, x, ldx, NB, y, ldy, BF);                                                          \
-    }
-#define LORA_NB(BF, NB) LORA_FN(BF, NB, 1) LORA_FN(BF, NB, 2) LORA_FN(BF, NB, 3) LORA_FN(BF, NB, 4)
-#define LORA_BF(BF) LORA_NB(BF, 1) LORA_NB(BF, 2) LORA_NB(BF, 3) LORA_NB(BF, 4)
-LORA_BF(0)
-LORA_BF(1)
-#define LORA_ROW(BF, NB) {lora_##BF##_##NB##_1, lora_##BF##_##NB##_2, lora_##BF##_##NB##_3, lora_##BF##_##NB##_4}
-static const lora_fn lora_tiles[2][4][4] = {
-    {LORA_ROW(0, 1), LORA_ROW(0, 2), LORA_ROW(0, 3), LORA_ROW(0, 4)},
-    {LORA_ROW(1, 1), LORA_ROW(1, 2), LORA_ROW(1, 3), LORA_ROW(1, 4)},
-};
-
-AVX512 static void lora_cols_avx512(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx,
-                                    int64_t B, float *y, int64_t ldy) {
-    const int64_t K = m->k, N = m->n, vec_end = n0 + (n1 - n0) / 16 * 16;
-    const int bf = m->kind == MK_BF16;
-    for (int64_t b0 = 0; b0 < B; b0 += 4) {
-        const int nb = B - b0 < 4 ? (int)(B - b0) : 4;
-        for (int64_t n = n0; n < vec_end;) {
-            const int nc = (vec_end - n) / 16 < 4 ? (int)((vec_end - n) / 16) : 4;
-            lora_tiles[bf][nb - 1][nc - 1](m, n, x + b0 * ldx, ldx, y + b0 * ldy, ldy);
-            n += 16 * nc;
-        }
-    }
-    for (int64_t b = 0; b < B; b++) { /* the last columns, fewer than 16 */
-        float *yb = y + b * ldy;
-        for (int64_t n = vec_end; n < n1; n++) yb[n] = 0.f;
-        for (int64_t i = 0; i < K; i++) {
-            if (bf) {
-                const uint16_t *w = (const uint16_t *)m->w + i * N;
-                for (int64_t n = vec_end; n < n1; n++) yb[n] += x[b * ldx + i] * bf16_to_f32(w[n]);
-            } else {
-                const float *w = (const float *)m->w + i * N;
-                for (int64_t n = vec_end; n < n1; n++) yb[n] += x[b * ldx + i] * w[n];
-            }
-        }
-    }
-}
-#endif
-
-void lora_cols(const mat_t *m, int64_t n0, int64_t n1, const float *x, int64_t ldx, int64_t B, float *y,
-               int64_t ldy) {
-#if HAVE_X86
-    if (use_avx512) {
-        lora_cols_avx512(m, n0, n1, x, ldx, B, y, ldy);
-        return;
-    }
-#endif
-    const int64_t K = m->k, N = m->n;
-    for (int64_t b = 0; b < B; b++) {
-        float *yb = y + b * ldy;
-        for (int64_t n = n0; n < n1; n++) yb[n] = 0.f;
-        for (int64_t i = 0; i < K; i++) {
-            const float xi = x[b * ldx + i];
-            if (m->kind == MK_BF16) {
-                const uint16_t *w = (const uint16_t *)m->w + i * N;
-                for (int64_t n = n0; n < n1; n++) yb[n] += xi * bf16_to_f32(w[n]);
-            } else {
-                const float *w = (const float *)m->w + i * N;
-                for (int64_t n = n0; n < n1; n++) yb[n] += xi * w[n];
-            }
-        }
     }
 }
 
@@ -337,6 +270,8 @@ void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next) {
     int64_t ch = (rows / 64) & ~(int64_t)3;
     if (ch < ROW_CHUNK) ch = ROW_CHUNK;
     for (int j = 0; j < n_jobs; j++) total += (jobs[j].m->n + ch - 1) / ch;
+    prep_t prep;
+    prep_init(&prep, jobs, n_jobs, B);
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
         if (c >= total) return;
@@ -344,12 +279,27 @@ void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next) {
             const int64_t n = jobs[j].m->n, chunks = (n + ch - 1) / ch;
             if (c < chunks) {
                 const int64_t r0 = c * ch, r1 = r0 + ch < n ? r0 + ch : n;
-                mat_rows(&jobs[j], r0, r1, B);
+                mat_rows(&jobs[j], r0, r1, B, &prep, j);
                 break;
             }
             c -= chunks;
         }
     }
+}
+
+/* use_avx512 (the kernels' AVX-512 paths: the CPU has them and portable is 0) and the one-row dot
+   kernels (rowdot 1 and the CPU has AVX512_BF16 / AVX512_VNNI; rowdot 0: the widening kernels, as on
+   CPUs without them). Each extension module that compiles these kernels in calls it. */
+void matvec_configure(int portable, int rowdot) {
+    use_avx512 = use_dot_bf16 = use_dot_vnni = 0;
+#if HAVE_X86
+    __builtin_cpu_init();
+    use_avx512 = !portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    use_dot_bf16 = use_avx512 && rowdot && __builtin_cpu_supports("avx512bf16");
+    use_dot_vnni = use_avx512 && rowdot && __builtin_cpu_supports("avx512vnni");
+#endif
 }
 
 /* ---- team synchronisation ------------------------------------------------------------------------

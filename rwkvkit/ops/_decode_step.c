@@ -86,7 +86,7 @@ SYNC();
                 mat_t w2j = L->w2; /* [D, C] slice j of [5, D, C] */
                 w2j.k = D;
                 w2j.n = C;
-                w2j.w += j * D * C * (L->w2.kind == MK_BF16 ? 2 : 4);
+                w2j.w += j * D * C * (L->w2.kind == MK_F32 ? 4 : 2); /* bf16, fp16: 2 bytes */
                 float *out = xj + j * B * C;
                 lora_cols(&w2j, lo, hi, m5 + j * D, 5 * D, B, out, C);
                 const float *maa = F(L->maa[j]);
@@ -186,8 +186,9 @@ SYNC();
             mats_claim(jobs, 1, B, claims + 3);
         }
 SYNC();
-        /* 11. residual */
-        for (int64_t i = b0 * C; i < b1 * C; i++) x[i] += sigmoidf_(fr[i]) * fv[i];
+        /* 11. residual (fp16 models: halved after every rescale-th block, as their weights were at load) */
+        const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
+        for (int64_t i = b0 * C; i < b1 * C; i++) x[i] = (x[i] + sigmoidf_(fr[i]) * fv[i]) * keep;
 SYNC();
     }
     /* head */

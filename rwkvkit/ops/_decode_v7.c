@@ -4,10 +4,11 @@
  * and the head inside one OpenMP parallel region, matrix-vector products split over the team (rows
  * claimed in chunks), the LoRAs split by columns, the per-head work (kk, the WKV-7 step of
  * _wkv7_step.h, GroupNorm, the bonus, the gate) split over (row, head) pairs, the rest on thread 0
- * between barriers. The matrix kernels are _decode_matvec.c's (fp32, bf16 widened exactly, int8 Q8_0;
- * fp32 activations) and, for a step of several rows of a bf16 or int8 model (act_bf16), _decode_bf16.c's
- * (the matrices' inputs rounded to bf16, VDPBF16PS where the CPU has it: one weight read serves every
- * row at half the instructions), as in Finch's step; both are compiled into this module too.
+ * between barriers. The matrix kernels are _decode_matvec.c's and _decode_rows1.c's (fp32, bf16, fp16,
+ * int8 Q8_0; fp32 activations) and, for a step of several rows of a bf16 or int8 model (act_bf16),
+ * _decode_bf16.c's (the matrices' inputs rounded to bf16, VDPBF16PS where the CPU has it: one weight
+ * read serves every row at half the instructions), as in Finch's step; all are compiled into this
+ * module too; _decode.h declares them.
  *
  * It computes what rwkvkit/models/rwkv7.py computes (checked against the reference there), up to
  * summation order and, with act_bf16 = 0, without rounding activations to bf16 between operations. The plan is a flat int64 array written by rwkvkit/models/rwkv7_step.py in the layout of
@@ -36,6 +37,7 @@ typedef struct {
 
 typedef struct {
     int64_t version, n_layer, C, H, N, F, V, Dw, Da, Dv, Dg;
+    int64_t rescale; /* fp16 models: x halved after every rescale-th block (0: never) */
     int64_t ln_out_w, ln_out_b;
     mat_t head;
     layer7_t layers[];
@@ -230,8 +232,10 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             mats_claim(jobs, 1, B, claims + 3);
         }
         SYNC();
-        if (tid == 0)
-            for (int64_t i = 0; i < B * C; i++) x[i] += fv[i];
+        if (tid == 0) { /* residual (fp16 models: halved after every rescale-th block, as their weights) */
+            const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
+            for (int64_t i = 0; i < B * C; i++) x[i] = (x[i] + fv[i]) * keep;
+        }
         SYNC();
     }
     /* head */
@@ -290,7 +294,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     const int n_threads = threads_at_least_1(nt);
-    use_avx512 = !portable && cpu_avx512(); /* _decode_matvec.c's kernels, in this module */
+    matvec_configure(portable, 1); /* _decode_matvec.c's kernels, in this module */
 #if HAVE_X86
     use_bf16dp = use_avx512 && bf16dp && __builtin_cpu_supports("avx512bf16"); /* _decode_bf16.c's */
 #endif

@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the build
     _decode_cpu = None
 
-MK_F32, MK_BF16, MK_Q8 = 0, 1, 2
+MK_F32, MK_BF16, MK_Q8, MK_F16 = 0, 1, 2, 3
 Q8_BLOCK = 32  # inputs per int8 scale, as ggml's Q8_0
 
 
@@ -24,12 +24,15 @@ def available() -> bool:
     return _decode_cpu is not None
 
 
-def configure(portable: bool, *, bf16dp: bool = True) -> None:
+def configure(portable: bool, *, bf16dp: bool = True, rowdot: bool = True) -> None:
     """Portable code only (no AVX-512) or the CPU's best; see ``rwkvkit.kernels.set_portable``.
     ``_decode_cpu.avx512`` says which the kernels use. ``bf16dp=False`` (tests): the bf16-activation
-    kernels use fp32 FMAs even where the CPU has VDPBF16PS, as on AVX-512 CPUs without AVX512_BF16."""
+    kernels use fp32 FMAs even where the CPU has VDPBF16PS, as on AVX-512 CPUs without AVX512_BF16.
+    ``rowdot=False`` (tests, A/B timing): one row of bf16 / int8 weights takes the widening kernels
+    instead of the dot kernels (VDPBF16PS / VPDPBUSD), as on AVX-512 CPUs without AVX512_BF16 / VNNI
+    (``_decode_cpu.dot_bf16`` / ``dot_vnni`` say which run)."""
     if _decode_cpu is not None:
-        _decode_cpu.configure(portable=int(portable), bf16dp=int(bf16dp))
+        _decode_cpu.configure(portable=int(portable), bf16dp=int(bf16dp), rowdot=int(rowdot))
 
 
 configure(kernels.PORTABLE)
@@ -45,13 +48,13 @@ def _ext():
 
 
 def matrix_kind(weight: torch.Tensor) -> int | None:
-    """The kernel kind for a dense weight (fp32 or bf16, contiguous, CPU, a plain tensor: not e.g. an
-    FSDP2 DTensor, whose data pointer is a local shard), or None if unsupported."""
+    """The kernel kind for a dense weight (fp32, bf16 or fp16, contiguous, CPU, a plain tensor: not e.g.
+    an FSDP2 DTensor, whose data pointer is a local shard), or None if unsupported."""
     if type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return None
     if weight.device.type != "cpu" or not weight.is_contiguous():
         return None
-    return {torch.float32: MK_F32, torch.bfloat16: MK_BF16}.get(weight.dtype)
+    return {torch.float32: MK_F32, torch.bfloat16: MK_BF16, torch.float16: MK_F16}.get(weight.dtype)
 
 
 def bf16dp() -> bool:
@@ -87,13 +90,13 @@ def q8_matmul(
 
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor, *, act_bf16: bool = False) -> torch.Tensor:
-    """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32 or bf16 [N, K] (benchmarks, tests);
+    """``x [M, K] @ w^T`` in float32 with the step's kernels, w fp32, bf16 or fp16 [N, K] (benchmarks, tests);
     ``act_bf16`` (bf16 w): x rounded to bf16, as a batched step's products."""
     ext = _ext()
     kind = matrix_kind(w)
     if kind is None:
         raise ValueError(
-            f"dense_matmul takes a contiguous fp32 or bf16 CPU matrix, got {w.dtype} on {w.device}"
+            f"dense_matmul takes a contiguous fp32, bf16 or fp16 CPU matrix, got {w.dtype} on {w.device}"
         )
     x = x.to(torch.float32).contiguous()
     M, K = x.shape
