@@ -63,7 +63,9 @@ def test_trainer_sizes_the_thresholds_to_its_logits():
 
     assert _tune_malloc_for(96 << 20) is True
     faults(), faults()
-    assert faults() < 2000  # 3 x 24576 pages if each block were mapped afresh
+    # 3 x 24576 pages if each block were mapped afresh. The best of three rounds: a mapping another
+    # thread of the test process placed above the heap can make glibc map one block once
+    assert min(faults() for _ in range(3)) < 2000
     assert runtime.tune_malloc() is True  # a later default call does not lower them again
     assert runtime._applied[0] >= 192 << 20
     assert runtime.trim_malloc() is True
