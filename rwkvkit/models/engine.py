@@ -25,6 +25,8 @@ prints how much).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -119,6 +121,29 @@ class PlannedStep:
         self.pointers = [t.data_ptr() for t in b.tensors]
         self.owners = b.owners
 
+    def _run(self, fn: Callable[..., None], x: torch.Tensor, state: State, recurrent: str, **extra: int
+             ) -> tuple[torch.Tensor, State]:  # fmt: skip
+        """One C step ``fn`` for every row: float32 contiguous inputs, fresh outputs (``state`` is not
+        modified), logits [B, V] float32; several rows take bf16 activations when ``Kernels.batch_bf16``."""
+        B = x.shape[0]
+        st = state.tensors
+        f32 = torch.float32
+        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", recurrent)}
+        outs = {k: torch.empty_like(v) for k, v in ins.items()}
+        x = x.to(f32).contiguous()
+        logits = torch.empty((B, self.config.vocab_size), dtype=f32)
+        fn(
+            plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
+            att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
+            ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
+            wkv_in=ins[recurrent].data_ptr(), wkv_out=outs[recurrent].data_ptr(),
+            logits=logits.data_ptr(), threads=torch.get_num_threads(),
+            act_bf16=int(B >= BATCH_BF16_ROWS and kernels.active().batch_bf16), **extra,
+        )  # fmt: skip
+        for k in ("att_shift", "ffn_shift"):
+            outs[k] = outs[k].to(st[k].dtype)
+        return logits, State(self.config.version, outs)
+
     def valid(self) -> bool:
         """Whether the model still holds every module and tensor the plan points to, at the same address
         (a swapped module, a replaced parameter or ``param.data = ...`` all invalidate it)."""
@@ -161,23 +186,4 @@ class NativeStep(PlannedStep):
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x [B, C] float32 embeddings (consumed: the residual is updated in place) -> (logits [B, V], new state)."""
-        cfg = self.config
-        B = x.shape[0]
-        st = state.tensors
-        f32 = torch.float32
-        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", self.recurrent)}
-        outs = {k: torch.empty_like(v) for k, v in ins.items()}
-        x = x.to(f32).contiguous()
-        logits = torch.empty((B, cfg.vocab_size), dtype=f32)
-        rec = self.recurrent
-        act_bf16 = B >= BATCH_BF16_ROWS and kernels.active().batch_bf16
-        native._decode_cpu.step(
-            plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
-            att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
-            ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
-            wkv_in=ins[rec].data_ptr(), wkv_out=outs[rec].data_ptr(),
-            logits=logits.data_ptr(), act_bf16=int(act_bf16), threads=torch.get_num_threads(),
-        )  # fmt: skip
-        for k in ("att_shift", "ffn_shift"):
-            outs[k] = outs[k].to(st[k].dtype)
-        return logits, State(cfg.version, outs)
+        return self._run(native._decode_cpu.step, x, state, self.recurrent)

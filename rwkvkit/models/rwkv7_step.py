@@ -18,7 +18,7 @@ from torch import nn
 from .. import kernels
 from ..ops import decode, decode_v7
 from ..state import State
-from .engine import BATCH_BF16_ROWS, PlanBuilder, PlannedStep, Unsupported
+from .engine import PlanBuilder, PlannedStep, Unsupported
 
 
 def kernel() -> str:
@@ -82,22 +82,6 @@ class NativeStep7(PlannedStep):
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x [B, C] embeddings (consumed) -> (logits [B, V] fp32, new state); ``state`` is not modified."""
-        cfg = self.config
-        B = x.shape[0]
-        st = state.tensors
-        f32 = torch.float32
-        ins = {k: st[k].to(f32).contiguous() for k in ("att_shift", "ffn_shift", "wkv")}
-        outs = {k: torch.empty_like(v) for k, v in ins.items()}
-        x = x.to(f32).contiguous()
-        logits = torch.empty((B, cfg.vocab_size), dtype=f32)
-        decode_v7.step(
-            plan=self.plan.data_ptr(), B=B, x=x.data_ptr(),
-            att_in=ins["att_shift"].data_ptr(), att_out=outs["att_shift"].data_ptr(),
-            ffn_in=ins["ffn_shift"].data_ptr(), ffn_out=outs["ffn_shift"].data_ptr(),
-            wkv_in=ins["wkv"].data_ptr(), wkv_out=outs["wkv"].data_ptr(),
-            logits=logits.data_ptr(), threads=torch.get_num_threads(), portable=int(kernels.PORTABLE),
-            act_bf16=int(B >= BATCH_BF16_ROWS and kernels.active().batch_bf16), bf16dp=int(decode.bf16dp()),
-        )  # fmt: skip
-        for k in ("att_shift", "ffn_shift"):
-            outs[k] = outs[k].to(st[k].dtype)
-        return logits, State(cfg.version, outs)
+        return self._run(
+            decode_v7.step, x, state, "wkv", portable=int(kernels.PORTABLE), bf16dp=int(decode.bf16dp())
+        )

@@ -129,6 +129,8 @@ typedef struct {
 void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt);
 void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next);
 void team_barrier(team_barrier_t *b, int team); /* spins briefly, then yields the core */
+/* team(args, tid, nt) on n_threads OpenMP threads, denormals flushed on each (and on the caller) */
+void team_run(void (*team)(const void *args, int tid, int nt), const void *args, int n_threads);
 void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *out);
 void matvec_configure(int portable, int rowdot); /* use_avx512 and the one-row dot kernels, from the CPU */
 /* _decode_lora.c */

@@ -34,6 +34,8 @@
 
 /* ---- Python entry points (keyword arguments only) ------------------------------------------------ */
 
+static void step_team_of(const void *a, int tid, int nt) { step_team(a, tid, nt); }
+
 /* step(*, plan, B, x, att_in, att_out, ffn_in, ffn_out, wkv_in, wkv_out, logits, act_bf16, threads) */
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     step_args a;
@@ -68,24 +70,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     a.claims = claims;
     const int n_threads = threads_at_least_1(nt);
     Py_BEGIN_ALLOW_THREADS
-#if HAVE_X86
-    const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040); /* flush denormals (decayed states) on this thread; workers set their own */
-#endif
-#pragma omp parallel num_threads(n_threads)
-    {
-#if HAVE_X86
-        const unsigned int wcsr = _mm_getcsr();
-        _mm_setcsr(wcsr | 0x8040);
-#endif
-        step_team(&a, omp_get_thread_num(), omp_get_num_threads());
-#if HAVE_X86
-        _mm_setcsr(wcsr);
-#endif
-    }
-#if HAVE_X86
-    _mm_setcsr(csr);
-#endif
+    team_run(step_team_of, &a, n_threads);
     Py_END_ALLOW_THREADS
     free(buf);
     free(claims);

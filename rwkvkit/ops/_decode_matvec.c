@@ -311,6 +311,27 @@ void matvec_configure(int portable, int rowdot) {
 
 #include <sched.h>
 
+void team_run(void (*team)(const void *args, int tid, int nt), const void *args, int n_threads) {
+#if HAVE_X86
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040); /* flush denormals (decayed states) on this thread; workers set their own */
+#endif
+#pragma omp parallel num_threads(n_threads)
+    {
+#if HAVE_X86
+        const unsigned int wcsr = _mm_getcsr();
+        _mm_setcsr(wcsr | 0x8040);
+#endif
+        team(args, omp_get_thread_num(), omp_get_num_threads());
+#if HAVE_X86
+        _mm_setcsr(wcsr);
+#endif
+    }
+#if HAVE_X86
+    _mm_setcsr(csr);
+#endif
+}
+
 void team_barrier(team_barrier_t *b, int team) {
     if (team == 1) return;
     const int gen = atomic_load_explicit(&b->gen, memory_order_acquire);

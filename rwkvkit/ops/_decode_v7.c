@@ -255,6 +255,8 @@ static void step7_team(const step7_args *a, int tid, int nt) {
 }
 
 /* the step's scratch in floats: the float32 buffers, then the bf16 copies of the matrices' inputs */
+static void step7_team_of(const void *a, int tid, int nt) { step7_team(a, tid, nt); }
+
 static int64_t scratch7(const plan7_t *P, int64_t B, int nt) {
     return B * (20 * P->C + P->F + P->Dw + P->Da + P->Dv + P->Dg) + (int64_t)nt * P->N + (B * (6 * P->C + P->F) + 1) / 2;
 }
@@ -313,17 +315,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kw) {
     a.bar = &bar;
     a.claims = claims;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel num_threads(n_threads)
-    {
-#if HAVE_X86
-        const unsigned int csr = _mm_getcsr();
-        _mm_setcsr(csr | 0x8040); /* flush denormals (decayed states) */
-#endif
-        step7_team(&a, omp_get_thread_num(), omp_get_num_threads());
-#if HAVE_X86
-        _mm_setcsr(csr);
-#endif
-    }
+    team_run(step7_team_of, &a, n_threads);
     Py_END_ALLOW_THREADS
     free(buf);
     free(claims);
