@@ -15,12 +15,7 @@ from rwkvkit.sampling import GREEDY, Sampler, SamplingParams
 V = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[6, 7])

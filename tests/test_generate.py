@@ -27,13 +27,7 @@ V = 65536
 PROMPT = "The quick brown fox jumps over the lazy dog. In 1999, the "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Decode-sized ops are far faster on one thread than on two contended ones (shared CI cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
