@@ -225,12 +225,14 @@ class BatchDecoder:
             self._join(p, p.logits, p.state, finished)
 
     def _rides(self, p: PromptFeed) -> bool:
-        """Whether started prompt ``p`` feeds the rest of its prompt through the decode step."""
+        """Whether prompt ``p`` feeds the rest of its prompt through the decode step (not started yet:
+        whether it may, before the prefix cache says how much of it is left)."""
         row, left = p.row, len(p.row.prompt) - p.done
         return bool(
             self.ride
             and self.rows
-            and 0 < left <= self.ride
+            and (0 < left or not p.started)
+            and left <= self.ride
             and not p.copies
             and not row.echo
             and row.max_tokens > 0
@@ -239,16 +241,15 @@ class BatchDecoder:
     def _board_riders(self, finished: list[Row]) -> None:
         """Let every waiting prompt short enough to ride join the batch (before the slice budget is spent)."""
         for p in list(self.prefilling):
-            row = p.row
-            if p.copies or row.echo or row.max_tokens <= 0 or len(row.prompt) - p.done > self.ride:
+            if not self._rides(p):
                 continue  # (p.done only grows, so a prompt that is too long now may ride later)
             try:
                 if not p.started:
                     self._start(p)
             except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
                 self.prefilling.remove(p)
-                row.finish_reason, row.error = "error", f"{type(e).__name__}: {e}"
-                finished.append(row)
+                p.row.finish_reason, p.row.error = "error", f"{type(e).__name__}: {e}"
+                finished.append(p.row)
                 continue
             if self._rides(p):
                 self.prefilling.remove(p)
