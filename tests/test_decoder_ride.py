@@ -158,3 +158,17 @@ def test_a_cancelled_rider_leaves_and_the_others_go_on(model) -> None:
 def test_ride_needs_positive_bounds(model) -> None:
     with pytest.raises(ValueError, match="ride"):
         BatchDecoder(model, interleave=8, ride=-1)
+
+
+@pytest.mark.parametrize("flag", ["--ride-tokens", "--max-logprobs"])
+def test_serve_refuses_a_negative_bound_naming_it(flag: str, capsys: pytest.CaptureFixture) -> None:
+    from rwkvkit.serve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "unused.pth", flag, "-1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{flag} must be >= 0" in err
+        and ("--max-logprobs" if flag == "--ride-tokens" else "--ride-tokens") not in err
+    )

@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                  "cache_entries", "cache_mb"):  # fmt: skip
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.max_logprobs < 0 or args.ride_tokens < 0:
-        p.error("--max-logprobs and --ride-tokens must be >= 0")
+    for name in ("max_logprobs", "ride_tokens"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
         p.error("--header-timeout and --body-timeout must be positive")
     try:
