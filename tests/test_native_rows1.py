@@ -12,6 +12,7 @@ import torch
 
 import rwkvkit
 from rwkvkit import kernels
+from rwkvkit.models import common, rwkv6, rwkv7
 from rwkvkit.models.quant import Int8Linear
 from rwkvkit.ops import decode as native
 from rwkvkit.testing import random_checkpoint
@@ -174,3 +175,52 @@ def test_fp16_step_on_the_portable_kernels(deep, version):
         kernels.set_portable(before)
     assert fp16.native_step() is not None
     assert (plain - fast).abs().max().item() <= 5e-5 * max(1.0, fast.abs().max().item())
+
+
+@pytest.mark.parametrize("version", [6, 7])
+@pytest.mark.parametrize("T", [5, 40])  # 5: the row kernels; 40: the widened fp32 GEMM
+def test_fp16_prompts_run_as_fp32_products(deep, version, T, monkeypatch):
+    """fp16 prompts on the CPU (matrices and LoRAs) give PyTorch's own fp16 products' logits up to the
+    order of sums: fp16 inputs, fp32 sums, fp16 outputs, without its scalar fp16 GEMM."""
+    fp16 = rwkvkit.load(deep[version], dtype=torch.float16)
+    tokens = torch.randint(0, 500, (2, T), generator=torch.Generator().manual_seed(T))
+    widened = []
+    real = common._widened_linear
+    monkeypatch.setattr(common, "_widened_linear", lambda x, w: widened.append(1) or real(x, w))
+    with torch.no_grad():
+        fast = fp16(tokens)[0].float()
+    assert bool(widened) == (2 * T > 16)  # the path asked for really ran
+    torch_fp16 = lambda x, w: x.to(w.dtype) @ w  # noqa: E731
+    monkeypatch.setattr(common, "_widened_linear", torch.nn.functional.linear)
+    monkeypatch.setattr(common, "_ROW_KERNEL", False)
+    monkeypatch.setattr(rwkv6, "lora_mm", torch_fp16)
+    monkeypatch.setattr(rwkv7, "lora_mm", torch_fp16)
+    with torch.no_grad():
+        slow = fp16(tokens)[0].float()
+    spread = slow.std().item()
+    assert (fast - slow).abs().mean().item() <= 2e-3 * spread
+    assert (fast - slow).abs().max().item() <= 0.05 * spread
+    with torch.no_grad():
+        fp32 = rwkvkit.load(deep[version])(tokens)[0]
+    assert (fast - fp32).abs().mean().item() <= (slow - fp32).abs().mean().item() * 1.1  # as close to fp32
+
+
+@pytest.mark.skipif(not native.available(), reason="native decode kernels not built")
+def test_fp16_rows_widen_every_bit_pattern_exactly() -> None:
+    """The one-row fp16 kernel widens weights with integer ops: every one of the 65536 fp16 patterns
+    (subnormals, inf, NaN included) gives x @ W^T as fp32 products would, also with denormals-are-zero
+    set on the thread, as the native step sets it (the kernel clears it around its multiply)."""
+    bits = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16)
+    w = bits.view(torch.float16).reshape(1024, 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the work on this thread, whose MXCSR set_flush_denormal sets
+    try:
+        for daz in (False, True):
+            assert torch.set_flush_denormal(daz)
+            for i in range(64):
+                x = torch.nn.functional.one_hot(torch.tensor([i]), 64).float()
+                got, want = native.dense_matmul(x, w)[0], (x @ w.float().t())[0]
+                assert bool(((got == want) | (got.isnan() & want.isnan())).all()), (daz, i)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)

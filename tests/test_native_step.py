@@ -33,6 +33,8 @@ def paths(tmp_path_factory):
             p = d / f"v{version}-{tag}.pth"
             random_checkpoint(version, 3, 128, 700, head_size=32, dtype=dt, seed=version, path=p)
             out[version, tag] = p
+    out[6, "odd"] = d / "v6-odd.pth"  # C = 72, F = 252: rows that end in a partial 16-lane vector
+    random_checkpoint(6, 2, 72, 700, head_size=24, seed=9, path=out[6, "odd"])
     return out
 
 
@@ -50,10 +52,10 @@ def _tokens(B: int, T: int, V: int = 700, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version, tag", [(5, "fp32"), (6, "fp32"), (6, "odd")])
 @pytest.mark.parametrize("B", [1, 6])  # 6: the kernels' 4-row input tiles plus a remainder
-def test_native_step_matches_pytorch_modules_fp32(paths, version, B):
-    model = rwkvkit.load(paths[version, "fp32"])
+def test_native_step_matches_pytorch_modules_fp32(paths, version, tag, B):
+    model = rwkvkit.load(paths[version, tag])
     tokens = _tokens(B, 12)
     got, st_got = _steps(model, tokens, "auto")
     assert model.native_step() is not None  # the step really ran

@@ -32,6 +32,8 @@ def paths(tmp_path_factory):
         random_checkpoint(7, 3, 128, V, head_size=32, dtype=dt, seed=7, path=out[tag])
     out["n64"] = d / "v7-n64.pth"  # head size 64: the WKV step's AVX-512 variant
     random_checkpoint(7, 2, 128, V, head_size=64, dtype=torch.float32, seed=8, path=out["n64"])
+    out["odd"] = d / "v7-odd.pth"  # C = 72: rows that end in a partial 16-lane vector
+    random_checkpoint(7, 2, 72, V, head_size=24, dtype=torch.float32, seed=9, path=out["odd"])
     return out
 
 
@@ -52,7 +54,7 @@ def _tokens(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("which", ["fp32", "n64"])
+@pytest.mark.parametrize("which", ["fp32", "n64", "odd"])
 @pytest.mark.parametrize("B", [1, 6])  # 6: the matrix kernels' 4-row input tiles plus a remainder
 def test_native_step_matches_pytorch_modules_fp32(paths, which, B):
     model = rwkvkit.load(paths[which])

@@ -1,6 +1,6 @@
 /* rwkvkit/ops/_amx.h: what the AMX kernels (_fused_cpu.c, _matmul_cpu.c) share: the check that the CPU
  * has AMX-BF16 with the kernel's permission to use it, the tile configuration every kernel uses, and
- * the AVX-512 twins of _cpu_math.h's scalar helpers (bf16 rounding, exp) they apply to tile results.
+ * the AVX-512 twin of _cpu_math.h's bf16 rounding they apply to tile results (fexp16 is _cpu_math.h's).
  * Include after _cpu_math.h. Defines HAVE_AMX (and AMX_TARGET, the target attribute of the kernels)
  * only where the compiler has the AMX intrinsics (gcc >= 12 on x86-64); the including file keeps a
  * fallback for the rest. */
@@ -61,27 +61,7 @@ AMX_INLINE __m256i bf16_pack16(__m512 v) { return _mm512_cvtepi32_epi16(bf16_bit
 /* a value rounded to bf16 and back: bf16 bits -> fp32 */
 AMX_INLINE __m512 bf16_value16(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
 
-/* fexp in 16 lanes: the same steps (each multiply and add rounded, as written there), so the same
-   values */
-AMX_INLINE __m512 fexp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.37f);
-    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi), magic = _mm512_set1_ps(12582912.0f);
-    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
-    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, under, _mm512_setzero_ps()), over,
-                              _mm512_set1_ps(__builtin_inff()));
-}
+/* fexp16: _cpu_math.h */
 #endif
 
 #endif

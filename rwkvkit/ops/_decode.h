@@ -1,7 +1,7 @@
 /* rwkvkit/ops/_decode.h: what the parts of the native one-token step and its matrix kernels share
  * (_decode_matvec.c: the matrix-vector kernels; _decode_rows1.c: the one-row dot kernels of bf16, fp16
  * and int8; _decode_lora.c: the LoRA kernels; _decode_bf16.c: the several-row kernels with
- * bf16 activations; _decode_step.c: the step itself; _decode_probe.c: the machine's limits;
+ * bf16 activations; _decode_step.c: the step itself; _decode_ew.c: its element-wise pieces; _decode_probe.c: the machine's limits;
  * _decode_cpu.c: the Python module): the plan's structs, which engine.py writes as a flat int64 array,
  * the matrix kinds, the team of threads' jobs and barrier, and the functions across the files. */
 #ifndef RWKVKIT_DECODE_H
@@ -145,6 +145,13 @@ void *rows1_buffer(int64_t bytes);
 /* _decode_bf16.c */
 void to_bf16(const float *x, uint16_t *out, int64_t n);
 void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);
+/* _decode_ew.c: the step's element-wise pieces */
+void ew_shift_mix(int64_t n, const float *prev, const float *xn, const float *m, float *d, float *out);
+void ew_lora_mix(int64_t n, const float *xn, const float *d, const float *maa, float *out);
+void ew_add(int64_t n, float *x, const float *o);
+void ew_relu_sq(int64_t n, float *x);
+void ew_silu_gate(int64_t n, float *y, const float *g);
+void ew_gated_residual(int64_t n, float *x, const float *r, const float *v, float keep);
 /* _decode_step.c */
 void step_team(const step_args *a, int tid, int nt);
 /* _decode_probe.c (benchmarks: the machine's limits) */

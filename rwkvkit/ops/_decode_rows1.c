@@ -19,7 +19,8 @@
  *     sum w xq of each 4 inputs. That is scaled by the weight block's scale times sx and summed in fp32.
  *     64 weights cost two dot instructions and a few integer ops; x keeps ~16 bits (the activations are
  *     not quantised to 8 bits: that costs visible quality, see rwkvkit bench forward).
- *   MK_F16 (AVX-512F): VCVTPH2PS and an fp32 FMA per 16 weights, the fp32 kernel's shape.
+ *   MK_F16 (AVX-512F): the weights widened exactly by integer ops (load_f16) and an fp32 FMA per 16
+ *     weights, the fp32 kernel's shape, without software prefetch (it cost 15-20% here).
  *
  * Without AVX512_BF16 / AVX512_VNNI (or with the dot kernels switched off by configure(rowdot=0): tests,
  * A/B timing) bf16 and int8 go through _decode_matvec.c's widening kernels; the portable C path handles
@@ -178,17 +179,34 @@ VNNI static void rows_q8vnni(const mat_t *m, int64_t r0, int64_t r1, const void 
 
 /* ---- fp16 ---------------------------------------------------------------------------------------- */
 
-#define LOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+/* 16 fp16 weights widened to fp32 with integer ops and one multiply, exactly: the exponent and mantissa
+   bits moved into place (an fp32 number 2^-112 times the value, subnormal for fp16 subnormals) times
+   2^112; fp16 inf / NaN (exponent 31) get the all-ones exponent; the sign is copied. Read from memory,
+   VCVTPH2PS with its load left these loops at 19-22 GB/s where this reaches 30-36 (bench matvec, 2
+   threads, the 65536 x 768 head; streaming read 25-37). The multiply needs fp32 subnormal inputs: the
+   caller clears MXCSR.DAZ around it (the step sets it). */
+AVX512 static inline __m512 load_f16(const uint16_t *p) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i a = _mm512_and_si512(h, _mm512_set1_epi32(0x7fff));
+    __m512 f = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 13)), _mm512_set1_ps(0x1p112f));
+    const __mmask16 special = _mm512_cmpge_epu32_mask(a, _mm512_set1_epi32(0x7c00));
+    f = _mm512_castsi512_ps(_mm512_mask_or_epi32(_mm512_castps_si512(f), special, _mm512_castps_si512(f),
+                                                 _mm512_set1_epi32(0x7f800000)));
+    /* sign | magnitude: bit 31 from h << 16, the rest from f */
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_set1_epi32(INT32_MIN), _mm512_slli_epi32(h, 16),
+                                                         _mm512_castps_si512(f), 0xca));
+}
+#define LOAD_F16(p) load_f16(p)
 
 AVX512 static void rows_f16(const mat_t *m, int64_t r0, int64_t r1, const float *x, float *y) {
     const int64_t K = m->k;
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x40u); /* no DAZ: fp16 subnormals pass through fp32 subnormals (load_f16) */
     for (int64_t n = r0; n < r1; n++) {
         const uint16_t *w = (const uint16_t *)m->w + n * K;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t i = 0;
         for (; i + 64 <= K; i += 64) {
-            PF(w + i);
-            PF(w + i + 32);
             a0 = _mm512_fmadd_ps(LOAD_F16(w + i), _mm512_loadu_ps(x + i), a0);
             a1 = _mm512_fmadd_ps(LOAD_F16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
             a2 = _mm512_fmadd_ps(LOAD_F16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -200,6 +218,7 @@ AVX512 static void rows_f16(const mat_t *m, int64_t r0, int64_t r1, const float 
         }
         y[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
     }
+    _mm_setcsr(csr);
 }
 #undef LOAD_F16
 #endif

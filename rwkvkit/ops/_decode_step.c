@@ -4,8 +4,6 @@
 
 /* ---- element-wise pieces (one row of C) --------------------------------------------------------- */
 
-static inline float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
-
 /* One head of the WKV step: y[j] = sum_i r_i (S_ij + u_i k_i v_j); S'_ij = w_i S_ij + k_i v_j. */
 static void wkv_head(int64_t N, const float *restrict r, const float *restrict k, const float *restrict v,
                      const float *restrict w, const float *restrict u, const float *restrict S,
@@ -89,7 +87,7 @@ void step_team(const step_args *a, int tid, int nt) {
     uint16_t *xjb = (uint16_t *)(fv + B * C), *yb = xjb + 4 * B * C, *fkb = yb + B * C, *xnb = fkb + B * Fd;
     uint16_t *xkb = xjb, *xvb = xjb + B * C, *xrb = xjb + 2 * B * C, *xgb = xjb + 3 * B * C;
     int64_t lo, hi, b0, b1;
-    split(B, tid, nt, &b0, &b1); /* the rows of the per-row phases (one row: all on thread 0) */
+    split(B, tid, nt, &b0, &b1); /* the rows of the per-row phases (one row: on one thread) */
 #define SYNC() team_barrier(a->bar, nt)
 #define BF(p) (hb ? (p) : NULL)
 
@@ -106,11 +104,10 @@ void step_team(const step_args *a, int tid, int nt) {
             float *xnb = xn + b * C, *db = d + b * C;
             layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
             memcpy(att_out + b * C, xnb, C * sizeof(float));
-            for (int64_t c = 0; c < C; c++) db[c] = att_in[b * C + c] - xnb[c];
-            if (finch) { /* the first LoRA's input, kept in xw until the LoRA has read it */
-                const float *mx = F(L->maa_x);
-                for (int64_t c = 0; c < C; c++) xw[b * C + c] = xnb[c] + db[c] * mx[c];
+            if (finch) { /* d, and the first LoRA's input, kept in xw until the LoRA has read it */
+                ew_shift_mix(C, att_in + b * C, xnb, F(L->maa_x), db, xw + b * C);
             } else { /* x * mix + prev * (1 - mix), as the reference */
+                for (int64_t c = 0; c < C; c++) db[c] = att_in[b * C + c] - xnb[c];
                 for (int j = 1; j < 5; j++) {
                     const float *mix = F(L->maa[j]);
                     float *out = xj + j * B * C + b * C;
@@ -138,8 +135,7 @@ SYNC();
                 lora_cols(&w2j, lo, hi, m5 + j * D, 5 * D, B, out, C);
                 const float *maa = F(L->maa[j]);
                 for (int64_t b = 0; b < B; b++) {
-                    for (int64_t c = lo; c < hi; c++)
-                        out[b * C + c] = xn[b * C + c] + d[b * C + c] * (maa[c] + out[b * C + c]);
+                    ew_lora_mix(hi - lo, xn + b * C + lo, d + b * C + lo, maa + lo, out + b * C + lo);
                     if (hb && j > 0) to_bf16(out + b * C + lo, xjb + (j - 1) * B * C + b * C + lo, hi - lo);
                 }
             }
@@ -175,10 +171,7 @@ SYNC();
             float *yh = y + off;
             wkv_head_any(N, r + off, k + off, v + off, dec + off, F(L->u) + h * N, S + bh * N * N, So + bh * N * N, yh);
             layer_norm(yh, F(L->lnx_w) + h * N, F(L->lnx_b) + h * N, 64e-5f, N, yh);
-            for (int64_t j = 0; j < N; j++) {
-                const float gj = g[off + j];
-                yh[j] *= gj * sigmoidf_(gj);
-            }
+            ew_silu_gate(N, yh, g + off);
             if (hb) to_bf16(yh, yb + off, N);
         }
 SYNC();
@@ -193,16 +186,15 @@ SYNC();
             const float *mk = F(L->fmix_k), *mr = F(L->fmix_r);
             for (int64_t b = b0; b < b1; b++) {
                 float *xb = x + b * C, *xnb = xn + b * C;
-                for (int64_t c = 0; c < C; c++) xb[c] += o[b * C + c];
+                ew_add(C, xb, o + b * C);
                 layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
                 memcpy(ffn_out + b * C, xnb, C * sizeof(float));
-                for (int64_t c = 0; c < C; c++) {
-                    const float p = ffn_in[b * C + c];
-                    if (finch) {
-                        const float dd = p - xnb[c];
-                        xk[b * C + c] = xnb[c] + dd * mk[c];
-                        xr[b * C + c] = xnb[c] + dd * mr[c];
-                    } else {
+                if (finch) {
+                    ew_shift_mix(C, ffn_in + b * C, xnb, mk, NULL, xk + b * C);
+                    ew_shift_mix(C, ffn_in + b * C, xnb, mr, NULL, xr + b * C);
+                } else {
+                    for (int64_t c = 0; c < C; c++) {
+                        const float p = ffn_in[b * C + c];
                         xk[b * C + c] = xnb[c] * mk[c] + p * (1.f - mk[c]);
                         xr[b * C + c] = xnb[c] * mr[c] + p * (1.f - mr[c]);
                     }
@@ -221,10 +213,7 @@ SYNC();
         }
 SYNC();
         split16(B * Fd, tid, nt, &lo, &hi);
-        for (int64_t i = lo; i < hi; i++) {
-            const float z = fk[i] > 0.f ? fk[i] : 0.f;
-            fk[i] = z * z;
-        }
+        ew_relu_sq(hi - lo, fk + lo);
         if (hb) to_bf16(fk + lo, fkb + lo, hi - lo);
 SYNC();
         /* 10. value */
@@ -235,7 +224,7 @@ SYNC();
 SYNC();
         /* 11. residual (fp16 models: halved after every rescale-th block, as their weights were at load) */
         const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
-        for (int64_t i = b0 * C; i < b1 * C; i++) x[i] = (x[i] + sigmoidf_(fr[i]) * fv[i]) * keep;
+        ew_gated_residual((b1 - b0) * C, x + b0 * C, fr + b0 * C, fv + b0 * C, keep);
 SYNC();
     }
     /* head */

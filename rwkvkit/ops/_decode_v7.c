@@ -3,8 +3,8 @@
  * The twin of _decode_cpu.c's step for Eagle and Finch, with Goose's own plan and layer: every layer
  * and the head inside one OpenMP parallel region, matrix-vector products split over the team (rows
  * claimed in chunks), the LoRAs split by columns, the per-head work (kk, the WKV-7 step of
- * _wkv7_step.h, GroupNorm, the bonus, the gate) split over (row, head) pairs, the rest on thread 0
- * between barriers. The matrix kernels are _decode_matvec.c's and _decode_rows1.c's (fp32, bf16, fp16,
+ * _wkv7_step.h, GroupNorm, the bonus, the gate) split over (row, head) pairs, the per-row pieces
+ * (norms, token shifts: _decode_ew.c's vector code) split over rows, between barriers. The matrix kernels are _decode_matvec.c's and _decode_rows1.c's (fp32, bf16, fp16,
  * int8 Q8_0; fp32 activations) and, for a step of several rows of a bf16 or int8 model (act_bf16),
  * _decode_bf16.c's (the matrices' inputs rounded to bf16, VDPBF16PS where the CPU has it: one weight
  * read serves every row at half the instructions), as in Finch's step; all are compiled into this
@@ -97,14 +97,16 @@ static void head7(const step7_args *a, const layer7_t *L, int first, float *cons
             v[j] = v[j] + (vf[j] - v[j]) * vg[j];
         bonus += r[j] * k[j] * r_k[j];
     }
-    memcpy(S_out, S_in, sizeof(float) * N * N);
     const wkv7_vecs_t t = {r, dec, k, v, kk, bb};
 #ifdef WKV7_HAVE_N64_AVX512
     if (a->wkv_avx512 && N == 64)
-        wkv7_head_n64(S_out, &t, y);
+        wkv7_head_n64(S_in, S_out, &t, y);
     else
 #endif
+    {
+        memcpy(S_out, S_in, sizeof(float) * N * N);
         wkv7_head_generic(S_out, &t, y, dr, N);
+    }
     layer_norm(y, F(L->lnx_w) + h * N, F(L->lnx_b) + h * N, 64e-5f, N, y);
     for (int64_t j = 0; j < N; j++) y[j] = (y[j] + bonus * v[j]) * g[j];
 }
@@ -126,7 +128,8 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     const int hb = a->act_bf16;
     uint16_t *xrb = (uint16_t *)(tg + B * P->Dg + (int64_t)nt * N), *xkb = xrb + B * C, *xvb = xkb + B * C;
     uint16_t *yb = xvb + B * C, *fxb = yb + B * C, *fkb = fxb + B * C, *xnb = fkb + B * Fd;
-    int64_t lo, hi;
+    int64_t lo, hi, b0, b1;
+    split(B, tid, nt, &b0, &b1); /* the rows of the per-row phases (one row: on one thread) */
 #define SYNC() team_barrier(a->bar, nt)
 #define BF(p) (hb ? (p) : NULL)
     for (int64_t l = 0; l < P->n_layer; l++) {
@@ -137,23 +140,19 @@ static void step7_team(const step7_args *a, int tid, int nt) {
         const float *S_in = a->wkv_in + l * B * H * N * N;
         float *S_out = a->wkv_out + l * B * H * N * N;
         atomic_long *claims = a->claims + CLAIMS7 * l;
-        /* 1. ln1 and the six token-shift mixes x + (prev - x) * mix_j */
-        if (tid == 0)
-            for (int64_t b = 0; b < B; b++) {
-                float *xnb = xn + b * C;
-                layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
-                memcpy(att_out + b * C, xnb, C * sizeof(float));
-                for (int j = 0; j < 6; j++) {
-                    const float *mix = F(L->mix[j]);
-                    float *out = xj + j * B * C + b * C;
-                    for (int64_t c = 0; c < C; c++) out[c] = xnb[c] + (att_in[b * C + c] - xnb[c]) * mix[c];
-                }
-                if (hb) {
-                    to_bf16(xr + b * C, xrb + b * C, C);
-                    to_bf16(xk + b * C, xkb + b * C, C);
-                    to_bf16(xv + b * C, xvb + b * C, C);
-                }
+        /* 1. ln1 and the six token-shift mixes x + (prev - x) * mix_j (rows split) */
+        for (int64_t b = b0; b < b1; b++) {
+            float *xnb = xn + b * C;
+            layer_norm(x + b * C, F(L->ln1_w), F(L->ln1_b), 1e-5f, C, xnb);
+            memcpy(att_out + b * C, xnb, C * sizeof(float));
+            for (int j = 0; j < 6; j++)
+                ew_shift_mix(C, att_in + b * C, xnb, F(L->mix[j]), NULL, xj + j * B * C + b * C);
+            if (hb) {
+                to_bf16(xr + b * C, xrb + b * C, C);
+                to_bf16(xk + b * C, xkb + b * C, C);
+                to_bf16(xv + b * C, xvb + b * C, C);
             }
+        }
         SYNC();
         /* 2. the LoRAs' first matrices (columns split), then r, k, v (rows claimed) */
         lora_part(&L->w1, B, xw, tw, tid, nt);
@@ -201,17 +200,14 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             mats_claim(jobs, 1, B, claims + 1);
         }
         SYNC();
-        /* 6. residual, ln2, the channel-mix's token shift */
-        if (tid == 0) {
-            const float *mk = F(L->fmix_k);
-            for (int64_t b = 0; b < B; b++) {
-                float *xb = x + b * C, *xnb = xn + b * C;
-                for (int64_t c = 0; c < C; c++) xb[c] += o[b * C + c];
-                layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
-                memcpy(ffn_out + b * C, xnb, C * sizeof(float));
-                for (int64_t c = 0; c < C; c++) xk[b * C + c] = xnb[c] + (ffn_in[b * C + c] - xnb[c]) * mk[c];
-                if (hb) to_bf16(xk + b * C, fxb + b * C, C);
-            }
+        /* 6. residual, ln2, the channel-mix's token shift (rows split) */
+        for (int64_t b = b0; b < b1; b++) {
+            float *xb = x + b * C, *xnb = xn + b * C;
+            ew_add(C, xb, o + b * C);
+            layer_norm(xb, F(L->ln2_w), F(L->ln2_b), 1e-5f, C, xnb);
+            memcpy(ffn_out + b * C, xnb, C * sizeof(float));
+            ew_shift_mix(C, ffn_in + b * C, xnb, F(L->fmix_k), NULL, xk + b * C);
+            if (hb) to_bf16(xk + b * C, fxb + b * C, C);
         }
         SYNC();
         /* 7. key, relu^2, value, residual */
@@ -221,10 +217,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
         }
         SYNC();
         split16(B * Fd, tid, nt, &lo, &hi);
-        for (int64_t i = lo; i < hi; i++) {
-            const float z = fk[i] > 0.f ? fk[i] : 0.f;
-            fk[i] = z * z;
-        }
+        ew_relu_sq(hi - lo, fk + lo);
         if (hb && lo < hi) to_bf16(fk + lo, fkb + lo, hi - lo);
         SYNC();
         {
@@ -232,15 +225,14 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             mats_claim(jobs, 1, B, claims + 3);
         }
         SYNC();
-        if (tid == 0) { /* residual (fp16 models: halved after every rescale-th block, as their weights) */
+        { /* residual (fp16 models: halved after every rescale-th block, as their weights; rows split) */
             const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
-            for (int64_t i = 0; i < B * C; i++) x[i] = (x[i] + fv[i]) * keep;
+            for (int64_t i = b0 * C; i < b1 * C; i++) x[i] = (x[i] + fv[i]) * keep;
         }
         SYNC();
     }
     /* head */
-    if (tid == 0)
-        for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = b0; b < b1; b++) {
             layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
             if (hb) to_bf16(xn + b * C, xnb + b * C, C);
         }
