@@ -10,7 +10,10 @@ measures (``--measure``, comma-separated):
   first client's first token to the last client's last token), so the first prompt's prefill is left
   out but the later arrivals' are in. Beside it, the sum of the clients' own decode rates (each
   client's tokens over its own first-to-last-token span: what the streams see once running). Batching
-  turns N clients into one [N, 1] forward per step.
+  turns N clients into one [N, 1] forward per step. The levels run ``--repeat`` rounds, interleaved
+  (1, 16, 1, 16, ...), so that every level sees the same load on a shared machine; each figure is
+  the median over the rounds, and the ratio of the top level to one client is the median of the
+  rounds' own ratios (each round's printed beside it).
 - ``chat``: time to first token of a chat whose history is ``--chat-history`` tokens (turn 1, a
   history the server has never seen), then of its turn 2 (turn 1's messages + the reply + a new
   question): the server keeps the state after each reply, so turn 2 prefills only its new tokens.
@@ -39,6 +42,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--measure", default="throughput", help=f"comma-separated: {', '.join(MEASURES)}")
     p.add_argument("--clients", default="1,4,16", help="throughput: comma-separated concurrency levels")
     p.add_argument("--tokens", type=int, default=64, help="throughput: tokens each client asks for")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="throughput: interleaved rounds of the levels (median kept)"
+    )
     p.add_argument("--long-prompts", type=int, default=4, help="gap: long prompts sent at once")
     p.add_argument("--long-tokens", type=int, default=8192, help="gap: tokens in each long prompt")
     p.add_argument("--gap-stream-tokens", type=int, default=100000, help="gap: budget of the running stream")
@@ -102,6 +109,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if not args.levels or min(args.levels) <= 0:
         p.error("--clients needs positive integers")
+    if args.repeat <= 0:
+        p.error("--repeat needs a positive integer")
     if not args.measures or any(m not in MEASURES for m in args.measures):
         p.error(f"--measure takes {', '.join(MEASURES)}")
     return args
@@ -176,15 +185,7 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
     try:
         run_level(url, 1, 8, args)  # warm-up
         if "throughput" in args.measures:
-            speed, streams = {}, {}
-            for n in args.levels:
-                speed[n], streams[n] = run_level(url, n, args.tokens, args, pid)
-                print(f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client); "
-                      f"sum of the streams' own rates {streams[n]:8.1f}", flush=True)  # fmt: skip
-            if 1 in speed and len(speed) > 1:
-                top = max(speed)
-                print(f"{top} clients vs 1: {speed[top] / speed[1]:.1f}x aggregate, "
-                      f"{streams[top] / streams[1]:.1f}x the streams' own rates")  # fmt: skip
+            speed, streams = _throughput(url, pid, args)
             results["throughput"] = speed
             results["throughput_streams"] = streams
         if "chat" in args.measures:
@@ -219,6 +220,31 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
         print(f"benchmark request failed: {e}")
         return 1, results
     return 0, results
+
+
+def _throughput(url: str, pid: int, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each level ``args.repeat`` times, interleaved; prints every round and the medians; returns the
+    median (aggregate, streams' own) tokens/s per level."""
+    rounds: list[dict[int, tuple[float, float]]] = []
+    for r in range(args.repeat):
+        tag = f"Round {r + 1}. " if r else ""  # prompts new to the prefix cache in every round
+        got = {n: run_level(url, n, args.tokens, args, pid, tag) for n in args.levels}
+        rounds.append(got)
+        line = ", ".join(f"{n} clients {a:.1f} ({s:.1f})" for n, (a, s) in got.items())
+        print(f"  round {r + 1}: tokens/s aggregate (streams' own): {line}", flush=True)
+    speed = {n: statistics.median(g[n][0] for g in rounds) for n in args.levels}
+    streams = {n: statistics.median(g[n][1] for g in rounds) for n in args.levels}
+    for n in args.levels:
+        print(f"{n:3d} clients: {speed[n]:8.1f} decode tokens/s aggregate ({speed[n] / n:6.1f} per client); "
+              f"sum of the streams' own rates {streams[n]:8.1f}", flush=True)  # fmt: skip
+    top = max(args.levels)
+    if 1 in speed and top > 1:
+        ratios = [(g[top][0] / g[1][0], g[top][1] / g[1][1]) for g in rounds]
+        each = ", ".join(f"{a:.1f}x/{s:.1f}x" for a, s in ratios)
+        print(f"{top} clients vs 1 (median of {len(rounds)} rounds' ratios): "
+              f"{statistics.median(a for a, _ in ratios):.1f}x aggregate, "
+              f"{statistics.median(s for _, s in ratios):.1f}x the streams' own rates  (rounds: {each})")  # fmt: skip
+    return speed, streams
 
 
 if __name__ == "__main__":

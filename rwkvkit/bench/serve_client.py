@@ -91,13 +91,14 @@ def _client_run(url: str, prompt: str, n: int, barrier: threading.Barrier, args:
 
 
 def run_level(
-    url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0
+    url: str, clients: int, n_tokens: int, args: argparse.Namespace, pid: int = 0, tag: str = ""
 ) -> tuple[float, float]:
     """(aggregate decode tokens/s of ``clients`` streaming clients over the whole window, the sum of
     their own decode rates); with ``--measure profile`` also prints the server's time per decode step,
-    part by part, during the run."""
+    part by part, during the run. ``tag`` starts every prompt: a new tag, prompts the server's prefix
+    cache has not seen."""
     barrier = threading.Barrier(clients)
-    prompts = [f"Client {i} says: hello, " + "and " * (i % 7) for i in range(clients)]
+    prompts = [f"{tag}Client {i} says: hello, " + "and " * (i % 7) for i in range(clients)]
     before = get_json(url + "/health").get("timings")  # None from a server without timings
     t0, c0 = time.perf_counter(), cpu_seconds(pid) if pid else 0.0
     with ThreadPoolExecutor(clients) as ex:
