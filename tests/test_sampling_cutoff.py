@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from rwkvkit import sampling
+from rwkvkit import sampling_group
 from rwkvkit.sampling import Sampler, SamplingParams, draw_rows, top_p_cutoff, top_p_cutoffs
+from tests.cutoff_rows import cutoff_rows
 
 
 def _rows(kind: str, b: int, V: int, seed: int) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_only_the_nucleus_is_sorted(monkeypatch: pytest.MonkeyPatch) -> None:
         sorted_sizes.append(a.size)
         return real_sort(a, *args, **kw)
 
-    monkeypatch.setattr(sampling.np, "sort", counting_sort)
+    monkeypatch.setattr(sampling_group.np, "sort", counting_sort)
     got = top_p_cutoffs(p, 0.85)
     nucleus = int((p[0] >= got[0]).sum())
     biggest = max(sorted_sizes[1:])  # after the one 2-D sort of the sample
@@ -66,22 +66,9 @@ def test_only_the_nucleus_is_sorted(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    head=st.lists(st.floats(min_value=0.0, max_value=1.0, width=32), min_size=1, max_size=40),
-    repeat=st.integers(min_value=1, max_value=4),
-    tail=st.floats(min_value=0.0, max_value=2.0**-10, width=32),
-    tail_len=st.integers(min_value=2048, max_value=3000),
-    top_p=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
-    normalise=st.booleans(),
-    seed=st.integers(min_value=0, max_value=2**32 - 1),
-)
-def test_cutoffs_equal_the_reference_on_any_row(
-    head: list[float], repeat: int, tail: float, tail_len: int, top_p: float, normalise: bool, seed: int
-) -> None:
-    p = np.concatenate([np.array(head * repeat, dtype=np.float32), np.full(tail_len, tail, np.float32)])
-    p = np.random.default_rng(seed).permutation(p)  # repeats and the tail: ties, anywhere in the row
-    if normalise and p.sum() > 0:
-        p = (p / p.sum()).astype(np.float32)
+@given(row=cutoff_rows(min_tail=2048))
+def test_cutoffs_equal_the_reference_on_any_row(row: tuple[np.ndarray, float]) -> None:
+    p, top_p = row
     assert top_p_cutoffs(p[None], top_p)[0] == top_p_cutoff(p, top_p)
 
 
@@ -93,6 +80,7 @@ def test_batched_sampler_draws_what_the_reference_cutoff_draws(monkeypatch: pyte
         samplers = [Sampler(params.with_(seed=i), 3000) for i in range(8)]
         return [draw_rows(x, samplers) for _ in range(20)]
 
+    monkeypatch.setattr(sampling_group.sample_native, "available", lambda: False)  # the tensor path
     fast = draw_all()
-    monkeypatch.setattr(sampling, "top_p_cutoffs", _reference)
+    monkeypatch.setattr(sampling_group, "top_p_cutoffs", _reference)
     assert draw_all() == fast

@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from rwkvkit import sampling
 from rwkvkit.ops import sample_native
-from rwkvkit.sampling import (
-    Sampler,
-    SamplingParams,
-    _draw_group_torch,
-    draw_rows,
-    sample_logits,
-    top_p_cutoff,
-)
+from rwkvkit.sampling import Sampler, SamplingParams, draw_rows, sample_logits, top_p_cutoff
+from rwkvkit.sampling_group import _draw_group_torch
+from tests.cutoff_rows import cutoff_rows
 
 pytestmark = pytest.mark.skipif(not sample_native.available(), reason="the C sampler is not built")
 
@@ -68,22 +62,9 @@ def test_cutoffs_of_rows_that_never_reach_top_p_or_have_no_candidate() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    head=st.lists(st.floats(min_value=0.0, max_value=1.0, width=32), min_size=1, max_size=40),
-    repeat=st.integers(min_value=1, max_value=4),
-    tail=st.floats(min_value=0.0, max_value=2.0**-10, width=32),
-    tail_len=st.integers(min_value=0, max_value=3000),
-    top_p=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
-    normalise=st.booleans(),
-    seed=st.integers(min_value=0, max_value=2**32 - 1),
-)
-def test_cutoffs_equal_the_reference_on_any_row(
-    head: list[float], repeat: int, tail: float, tail_len: int, top_p: float, normalise: bool, seed: int
-) -> None:
-    p = np.concatenate([np.array(head * repeat, dtype=np.float32), np.full(tail_len, tail, np.float32)])
-    p = np.random.default_rng(seed).permutation(p)  # repeats and the tail: ties, anywhere in the row
-    if normalise and p.sum() > 0:
-        p = np.minimum(p / p.sum(), 1).astype(np.float32)
+@given(row=cutoff_rows())
+def test_cutoffs_equal_the_reference_on_any_row(row: tuple[np.ndarray, float]) -> None:
+    p, top_p = row
     assert sample_native.top_p_cutoffs(torch.from_numpy(p)[None], top_p)[0] == top_p_cutoff(p, top_p)
 
 

@@ -1,6 +1,6 @@
 """The batched sampler's per-row work in C (``rwkvkit.ops._sample_cpu``): top-p cutoffs and draws.
 
-``rwkvkit.sampling._draw_group`` calls ``draw`` when the extension is built (``available()``) and its
+``rwkvkit.sampling_group.draw_group`` calls ``draw`` when the extension is built (``available()``) and its
 tensor form otherwise. The cutoff is exactly the reference's (``sampling.top_p_cutoff``) from
 ``torch.softmax``'s probabilities, found without a comparison sort (the C file's comment says how);
 the draw gives the tensor form's token except where the C exp of a kept token's weight differs from
