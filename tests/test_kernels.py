@@ -37,6 +37,7 @@ def test_describe_names_every_part_and_why_not_faster(paths):
         text, "one-token step"
     )
     assert "AMX matmul: it takes bf16, this model is fp16" in _line(text, "prompt matmuls")
+    assert "fp32 products of the widened fp16 weights" in _line(text, "prompt matmuls")
     v4 = rwkvkit.load(paths[4]).describe()
     assert "RWKV-4 has no native one-token step" in _line(v4, "one-token step")
     assert "no native WKV kernel for RWKV-4" in _line(v4, "WKV")

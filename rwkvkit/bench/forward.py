@@ -9,7 +9,9 @@ released ones):
   the JIT off, each in its own process: ``rwkvkit.bench.reference``) and for rwkvkit in fp32, bf16,
   fp16, int8; the ratios to the reference are taken against its fastest row;
 - the limits measured in the same run: matmul FLOP/s per dtype (prefill limit = FLOP/s over the
-  FLOPs per token; measured again after every timed prefill, and every row held to the run's best) and
+  FLOPs per token, of the products the prompt runs: fp16 prompts run as fp32 products of the widened
+  weights, PyTorch's fp16 GEMM being a scalar loop on CPUs, int8 as bf16 ones; measured again after
+  every timed prefill, and every row held to the run's best) and
   memory bandwidth, the higher of a streaming read of the model's weight bytes and the best
   matrix-vector kernel's (decode limit = bandwidth over weight bytes per token);
 - the quality cost of every reduced-precision path against fp32 (max and mean |logit error| and top-1
@@ -246,13 +248,15 @@ def _bench_version(version: int, args: argparse.Namespace, flops: dict, bw: dict
     decode_quality: dict[str, str] = {}
     limit_of: dict[str, tuple[str, float]] = {}  # row -> (limit dtype, FLOPs per token)
     paired: dict[str, float] = {}  # row -> median over (prefill, limit measured right after) pairs
+    # (row, load arguments, decode bandwidth key, prefill matmul key: the products a prompt runs, fp16
+    # ones as fp32 products of the widened weights, int8 ones as bf16 products of the dequantised matrix)
     variants = [
-        ("fp32", dict(dtype=torch.float32), "fp32"),
-        ("bf16", dict(dtype=torch.bfloat16), "bf16"),
-        ("fp16", dict(dtype=torch.float16), "fp16"),
-        ("int8", dict(quantize="int8", dtype=torch.bfloat16), "int8"),  # bf16: LoRAs, embedding
+        ("fp32", dict(dtype=torch.float32), "fp32", "fp32"),
+        ("bf16", dict(dtype=torch.bfloat16), "bf16", "bf16"),
+        ("fp16", dict(dtype=torch.float16), "fp16", "fp32"),
+        ("int8", dict(quantize="int8", dtype=torch.bfloat16), "int8", "bf16"),  # bf16: LoRAs, embedding
     ]
-    for name, kw, lim in variants:
+    for name, kw, lim, key in variants:
         model = rwkvkit.load(path, **kw)
         cfg = model.config
         with torch.no_grad():
@@ -262,8 +266,7 @@ def _bench_version(version: int, args: argparse.Namespace, flops: dict, bw: dict
             # the limit measured right after a prefill over that prefill's speed)
             t_pre = float("inf")
             model(prompt, last_only=True)
-            mdt = torch.float32 if lim == "fp32" else (torch.float16 if lim == "fp16" else torch.bfloat16)
-            key = "bf16" if lim == "int8" else lim
+            mdt = torch.float32 if key == "fp32" else torch.bfloat16
             pair_ratios = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
@@ -301,8 +304,8 @@ def _bench_version(version: int, args: argparse.Namespace, flops: dict, bw: dict
             b.numel() for n, b in model.named_buffers() if n.startswith("blocks.") and "int8" in n
         )
         flop_tok = 2 * block_params + 4 * cfg.n_embd * cfg.head_size  # + WKV state products
-        pre_limit = flops["bf16" if lim == "int8" else lim] / flop_tok
-        limit_of[f"rwkvkit {name}"] = ("bf16" if lim == "int8" else lim, flop_tok)
+        pre_limit = flops[key] / flop_tok
+        limit_of[f"rwkvkit {name}"] = (key, flop_tok)
         paired[f"rwkvkit {name}"] = statistics.median(pair_ratios) / flop_tok
         dec_limit = bw[lim] / weight_bytes_per_token(model)
         rows.append((f"rwkvkit {name}", args.prompt / t_pre, pre_limit, 1 / t_dec, dec_limit, q))

@@ -31,12 +31,19 @@ _FEW_ROWS = 4  # up to this many rows, bf16 products take them (measured: faster
 # already, so the products are exact and the sums fp32, as oneDNN's (measured, 1 thread, the 0.1B
 # shapes: 1.3-2.2x faster than F.linear for 5-16 rows, slower from 24)
 _SMALL_ROWS = 16
+# fp16 prompts on the CPU: PyTorch's fp16 GEMM there is a scalar dot-product loop (~3 GFLOP/s on an
+# AVX-512 CPU without AVX512-FP16; a 0.1B model prefilled ~160 tok/s). Blocks of the weight rows are
+# widened to fp32 (exactly) and multiplied by oneDNN's fp32 GEMM instead, a block at a time so that the
+# widened copy stays small (_WIDEN_BYTES); the output is rounded to fp16 as before.
+_WIDEN_BYTES = 8 << 20
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
 
-    bf16 on the CPU without gradients: up to 16 rows take the native step's kernels (``torch.mv`` for
+    fp16 on the CPU without gradients: up to 16 rows the native step's fp16 kernels, more: fp32 products
+    of the widened weights (``_widened_linear``); both with fp32 sums of the fp16 inputs, rounded to fp16
+    as PyTorch's fp16 GEMM (a scalar loop on CPUs: ~3 GFLOP/s). bf16 on the CPU without gradients: up to 16 rows take the native step's kernels (``torch.mv`` for
     one row without them), 32 rows or more (a prompt) the AMX
     kernel of ``rwkvkit.ops.matmul`` when it applies (built, AMX-BF16, N and K multiples of 32, chosen:
     ``Kernels.amx_matmul``); everything else F.linear.
@@ -80,6 +87,12 @@ class Linear(nn.Linear):
                 return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if self._amx(x):
             return matmul.linear(x, w)
+        if w.dtype == torch.float16 and x.device.type == "cpu" and rows > 0:
+            if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+                if rows <= _SMALL_ROWS and _ROW_KERNEL and decode.matrix_kind(w) is not None:
+                    y = decode.dense_matmul(x.reshape(rows, -1), w).to(w.dtype)  # fp16 x, exact in fp32
+                    return y.view(*x.shape[:-1], w.shape[0])
+                return _widened_linear(x, w)
         return F.linear(x, w)
 
     def forward_relu2(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +112,27 @@ class Linear(nn.Linear):
         if r.dtype == torch.bfloat16 and self._amx(x):
             return matmul.gated_residual_(res, x, self.weight, r)
         return fused.sigmoid_mul_add_(res, r, self(x))
+
+
+def _widened_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for fp16 ``x`` and ``w`` on the CPU, as fp32 products of blocks of ``w``'s rows
+    widened to fp32 (exact), rounded to fp16 at the end: fp32 sums, as PyTorch's own fp16 GEMM."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    block = max(16, _WIDEN_BYTES // (4 * w.shape[1]))
+    parts = [F.linear(x2, w[n : n + block].float()) for n in range(0, w.shape[0], block)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return y.to(torch.float16).view(*x.shape[:-1], w.shape[0])
+
+
+def lora_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x.to(w.dtype) @ w``: a LoRA's product (``w`` [in, out]). fp16 on the CPU without gradients runs
+    as fp32 products of the widened operands (exact widenings, fp32 sums as PyTorch's own fp16 GEMM,
+    which is a scalar loop there), rounded back to fp16."""
+    x = x.to(w.dtype)
+    if w.dtype == torch.float16 and x.device.type == "cpu":
+        if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            return (x.float() @ w.float()).to(torch.float16)
+    return x @ w
 
 
 class LayerNorm(nn.LayerNorm):

@@ -91,6 +91,9 @@ def _prompt_matmuls(model: nn.Module, cpu: bool) -> tuple[str, str]:
     if cpu and decode.available() and (int8 or _block_dtype(model) == torch.bfloat16):
         few = "32 rows: the int8 kernels of the native step" if int8 else "16 rows: the native step's kernels"
         return f"up to {few}; more rows: {kernel}", why
+    if cpu and not int8 and _block_dtype(model) == torch.float16:  # common.Linear, common.lora_mm
+        few = "up to 16 rows: the native step's fp16 kernels; " if decode.available() else ""
+        return f"{few}more rows and the LoRAs: fp32 products of the widened fp16 weights (F.linear)", why
     return kernel, why
 
 
@@ -165,6 +168,8 @@ def _head(model: nn.Module, cpu: bool) -> tuple[str, str]:
         kernel = "the int8 matrix-vector kernel" if decode.available() and cpu else "dequantise + F.linear"
         return f"{where}{kernel} (last positions), bf16 matmul beyond 32 rows", ""
     dt = head.weight.dtype
-    if cpu and dt == torch.bfloat16 and decode.available():
+    if cpu and dt in (torch.bfloat16, torch.float16) and decode.available():
         return f"{where}the step's kernels for up to 16 rows, else as the prompt matmuls", ""
+    if cpu and dt == torch.float16:
+        return f"{where}as the prompt matmuls", ""
     return f"{where}F.linear ({name_of(dt)})", ""

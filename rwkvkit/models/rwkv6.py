@@ -37,6 +37,7 @@ from .common import (
     group_norm,
     heads_from_faaaa,
     ln_x_init,
+    lora_mm,
     make_ln_x,
     native_wkv_kernel,
     token_shift,
@@ -104,7 +105,7 @@ class TimeMix6(nn.Module):
             return y, x[:, -1], (s,)
         d = token_shift(x, shift) - x
         w1 = self.time_maa_w1
-        m = torch.tanh(torch.addcmul(x, d, self.time_maa_x).to(w1.dtype) @ w1).float()  # [B, T, 5D]
+        m = torch.tanh(lora_mm(torch.addcmul(x, d, self.time_maa_x), w1)).float()  # [B, T, 5D]
         # the five branch mixes at once: maa_j + m_j @ w2_j (one baddbmm, fp32: CPU bf16 bmm at K=32 is slow),
         # then x + d * (maa_j + m_j), cast once for the five matrices that read them
         mix = torch.baddbmm(
@@ -117,7 +118,7 @@ class TimeMix6(nn.Module):
         v = self.value(xv).view(B, T, H, N)
         g = F.silu(self.gate(xg))
         dw1, dw2 = self.time_decay_w1, self.time_decay_w2
-        ww = self.time_decay.float() + (torch.tanh(xw.to(dw1.dtype) @ dw1) @ dw2).float()
+        ww = self.time_decay.float() + lora_mm(torch.tanh(lora_mm(xw, dw1)), dw2).float()
         w = -torch.exp(ww).view(B, T, H, N)  # log decay, per token and channel
         y, s = wkv6(r, k, v, w, self.time_faaaa.float(), state, backend=backend)
         y = group_norm(y.reshape(B, T, C), H, self.ln_x)

@@ -42,7 +42,7 @@ from torch import nn
 from ..config import CheckpointError, ModelConfig
 from ..ops import decode_v7, fused, wkv7_fused, wkv7_native
 from ..ops.wkv7 import wkv7
-from .common import Linear, compute_dtype, fusable, group_norm, ln_x_init, make_ln_x, token_shift
+from .common import Linear, compute_dtype, fusable, group_norm, ln_x_init, lora_mm, make_ln_x, token_shift
 from .spec import CHUNKED, StateSlot, TimeStateLayout, Uniform, Version, per_head_matrix, rwkv_lm_ramps
 
 MIXES = "rwkvag"  # the order of the time-mix's token-shift mixes x_r .. x_g
@@ -115,10 +115,10 @@ class TimeMix7(nn.Module):
         r = self.receptance(xr)
         k = self.key(xk).float()
         v = self.value(xv).float()
-        z = self.w0.float() + (torch.tanh(xw.to(self.w1.dtype) @ self.w1) @ self.w2).float()
+        z = self.w0.float() + lora_mm(torch.tanh(lora_mm(xw, self.w1)), self.w2).float()
         w = torch.sigmoid(z) * -_DECAY_SCALE  # log decay, fp32
-        a = torch.sigmoid(self.a0.float() + ((xa.to(self.a1.dtype) @ self.a1) @ self.a2).float())
-        g = torch.sigmoid(xg.to(self.g1.dtype) @ self.g1) @ self.g2
+        a = torch.sigmoid(self.a0.float() + lora_mm(lora_mm(xa, self.a1), self.a2).float())
+        g = lora_mm(torch.sigmoid(lora_mm(xg, self.g1)), self.g2)
         kk = F.normalize((k * self.k_k.float()).view(B, T, H, N), dim=-1, p=2.0)
         k = k * (1 + (a - 1) * self.k_a.float())
         v = self._value_residual(v, xv, carry)
@@ -152,10 +152,10 @@ class TimeMix7(nn.Module):
         """``forward`` from the mixes on, with every element-wise step in one C pass per (row, head)."""
         xr, xw, xk, xv, xa, xg = mixed.unbind(0)
         mats = {"r": self.receptance(xr), "k": self.key(xk), "v": self.value(xv)}
-        mats["zw"] = torch.tanh(xw.to(self.w1.dtype) @ self.w1) @ self.w2
-        mats["za"] = (xa.to(self.a1.dtype) @ self.a1) @ self.a2
-        mats["zv"] = None if self.first else (xv.to(self.v1.dtype) @ self.v1) @ self.v2
-        mats["g"] = torch.sigmoid(xg.to(self.g1.dtype) @ self.g1) @ self.g2
+        mats["zw"] = lora_mm(torch.tanh(lora_mm(xw, self.w1)), self.w2)
+        mats["za"] = lora_mm(lora_mm(xa, self.a1), self.a2)
+        mats["zv"] = None if self.first else lora_mm(lora_mm(xv, self.v1), self.v2)
+        mats["g"] = lora_mm(torch.sigmoid(lora_mm(xg, self.g1)), self.g2)
         params = {name: getattr(self, name) for name in ("w0", "a0", "v0", "k_k", "k_a", "r_k")}
         params |= {"lnx_w": self.ln_x.weight, "lnx_b": self.ln_x.bias}
         if not self.first and carry.get("v_first") is None:
@@ -177,7 +177,7 @@ class TimeMix7(nn.Module):
         v_first = carry.get("v_first")
         if v_first is None:
             raise ValueError("RWKV-7: a later layer ran before layer 0 set the value residual")
-        gate = torch.sigmoid(self.v0.float() + ((xv.to(self.v1.dtype) @ self.v1) @ self.v2).float())
+        gate = torch.sigmoid(self.v0.float() + lora_mm(lora_mm(xv, self.v1), self.v2).float())
         return torch.addcmul(v, v_first - v, gate)
 
 
