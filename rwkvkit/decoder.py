@@ -16,14 +16,8 @@ prefill; with nothing decoding a step prefills ``chunk_len`` tokens. ``add(row, 
 prefills one prompt once for several rows (n choices of one prompt): each copy joins the batch with
 its own copy of the state.
 
-Riding (``ride=R``, with ``interleave``): while rows are decoding, a prompt with at most ``R`` tokens
-left to feed (a short prompt, the new message of a cached chat, or the tail of a sliced long one)
-joins the batch at once and feeds one prompt token per step through the same ``[B, 1]`` forward,
-sampling nothing until its last prompt token is in. A separate prefill call reads every weight for a
-handful of tokens (a 10-token prompt costs about two single-row steps), and every decoding row waits
-for it; a riding row costs the step about one more row's compute. Its first token comes after as many
-steps as it had prompt tokens left. Prompts with ``echo`` (which need every position's scores) or
-copies (``n`` > 1) do not ride.
+How waiting prompts enter the batch (slices of prefill, prompts fed together on an idle decoder,
+riding the decode step) is ``rwkvkit.admission``'s part of ``BatchDecoder``.
 
 Scoring while decoding: a row with ``logprobs=k`` records every emitted token's log-probability and
 the ``k`` most probable alternatives; with ``echo`` its prompt is prefilled through
@@ -41,10 +35,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .admission import Admission
 from .prefill import DEFAULT_CHUNK_LEN, PrefixCache, model_device, prefill, prefill_cached
 from .row import PromptFeed, Row, TopN
 from .sampling import draw_rows
-from .scoring import score_logits, token_logprobs
+from .scoring import score_logits
 from .state import State
 
 __all__ = ["DEFAULT_CHUNK_LEN", "TIMINGS", "BatchDecoder", "PrefixCache", "Row", "prefill", "prefill_cached"]
@@ -68,7 +63,7 @@ def _check_tokens(tokens: Sequence[int], vocab_size: int, what: str = "prompt") 
 
 
 # ---- the batched decoder --------------------------------------------------------------------------
-class BatchDecoder:
+class BatchDecoder(Admission):
     """Decode many rows together: one ``[B, 1]`` forward per step over a stacked State."""
 
     def __init__(self, model: torch.nn.Module, *, chunk_len: int = DEFAULT_CHUNK_LEN,
@@ -136,134 +131,6 @@ class BatchDecoder:
             vals = torch.tensor([float(row.logit_bias[t]) for t in ids], dtype=torch.float32)
             row._bias = (torch.tensor(ids, dtype=torch.long), vals)
         row._from_zero = row.state is None
-
-    def _start(self, p: PromptFeed) -> None:
-        """Before the first slice: the start state, or the longest cached prefix (not for echo rows,
-        which need every prompt position's logits)."""
-        row = p.row
-        p.started = True
-        p.state = row.state.clone() if row.state is not None else None
-        if self.cache is not None and row.state is None and not row.echo:
-            p.done, p.state, p.logits = self.cache.lookup(row.prompt)
-            for r in p.rows:
-                r.cached_tokens = p.done
-
-    def _feed(self, p: PromptFeed, n: int) -> None:
-        """Feed the next ``n`` prompt tokens of ``p`` (scoring them for echo rows); when the prompt is
-        complete, store it in the prefix cache."""
-        row = p.row
-        piece = row.prompt[p.done : p.done + n]
-        if row.echo:
-            k = row.logprobs or 0
-            s = token_logprobs(self.model, piece, p.state, p.logits, top_n=k, chunk_len=self.chunk_len)
-            p.lps += s.logprobs
-            p.tops += s.top if s.top is not None else [None if lp is None else [] for lp in s.logprobs]
-            p.logits, p.state = s.logits, s.state
-        else:
-            p.logits, p.state = prefill(self.model, piece, p.state, chunk_len=self.chunk_len)
-        p.done += len(piece)
-        if p.done == len(row.prompt) and self.cache is not None and row.state is None:
-            self.cache.store(row.prompt, p.state, p.logits)
-
-    def _join(self, p: PromptFeed, logits: torch.Tensor, state: State, finished: list[Row]) -> None:
-        """Add the rows of a prefilled prompt to the decoding batch (finished: those that want no tokens)."""
-        lg = logits.reshape(1, -1).to(self._device)
-        joining: list[Row] = []
-        for r in p.rows:
-            if r.echo:
-                r.prompt_logprobs, r.prompt_top_logprobs = p.lps, p.tops
-            if r.cancelled:
-                self._finish(r, "cancelled", None, None)
-                finished.append(r)
-            elif r.max_tokens == 0:
-                self._finish(r, "length", state.clone() if p.copies else state, logits)
-                finished.append(r)
-            else:
-                joining.append(r)
-        if not joining:
-            return
-        self.rows += joining
-        parts = [state] * len(joining)
-        self._state = State.stack(parts if self._state is None else [self._state, *parts])
-        lgs = lg.expand(len(joining), -1)
-        self._logits = lgs.clone() if self._logits is None else torch.cat([self._logits, lgs])
-
-    @torch.no_grad()
-    def _prefill_slice(self, finished: list[Row]) -> None:
-        """Feed waiting prompts, in turn, ``interleave`` tokens in all (``chunk_len`` when no row is
-        decoding): several short prompts, or one slice of a long one. Completed prompts join the batch."""
-        for p in [p for p in self.prefilling if all(r.cancelled for r in p.rows)]:
-            self.prefilling.remove(p)
-            for r in p.rows:
-                self._finish(r, "cancelled", None, None)
-                finished.append(r)
-        budget = self.interleave if self.rows else self.chunk_len
-        if self.ride and self.rows:
-            self._board_riders(finished)
-        while budget > 0 and self.prefilling:
-            p = self.prefilling.pop(0)
-            row = p.row
-            try:
-                if not p.started:
-                    self._start(p)
-                if self._rides(p):
-                    self._board(p)
-                    continue
-                n = min(budget, len(row.prompt) - p.done)
-                if n > 0:
-                    self._feed(p, n)
-                    budget -= n
-            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
-                for r in p.rows:
-                    r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
-                    finished.append(r)
-                continue
-            if p.done < len(row.prompt):
-                self.prefilling.append(p)  # its budget is spent; the next waiting prompt goes first
-                return
-            assert p.logits is not None and p.state is not None
-            self._join(p, p.logits, p.state, finished)
-
-    def _rides(self, p: PromptFeed) -> bool:
-        """Whether prompt ``p`` feeds the rest of its prompt through the decode step (not started yet:
-        whether it may, before the prefix cache says how much of it is left)."""
-        row, left = p.row, len(p.row.prompt) - p.done
-        return bool(
-            self.ride
-            and self.rows
-            and (0 < left or not p.started)
-            and left <= self.ride
-            and not p.copies
-            and not row.echo
-            and row.max_tokens > 0
-        ) and hasattr(self.model, "init_state")
-
-    def _board_riders(self, finished: list[Row]) -> None:
-        """Let every waiting prompt short enough to ride join the batch (before the slice budget is spent)."""
-        for p in list(self.prefilling):
-            if not self._rides(p):
-                continue  # (p.done only grows, so a prompt that is too long now may ride later)
-            try:
-                if not p.started:
-                    self._start(p)
-            except Exception as e:  # noqa: BLE001 - a prompt the model rejects fails alone
-                self.prefilling.remove(p)
-                p.row.finish_reason, p.row.error = "error", f"{type(e).__name__}: {e}"
-                finished.append(p.row)
-                continue
-            if self._rides(p):
-                self.prefilling.remove(p)
-                self._board(p)
-
-    def _board(self, p: PromptFeed) -> None:
-        """Add prompt ``p``'s row to the decoding batch with the prompt tokens it has left to feed."""
-        row = p.row
-        state = p.state if p.state is not None else self.model.init_state(1)
-        row._ride = list(row.prompt[p.done :])
-        self.rows.append(row)
-        assert self._state is not None and self._logits is not None
-        self._state = State.stack([self._state, state])
-        self._logits = torch.cat([self._logits, self._logits.new_zeros(1, self._logits.shape[1])])
 
     def _finish(self, row: Row, reason: str, state: State | None, logits: torch.Tensor | None) -> None:
         """End ``row``; ``state``/``logits`` (when known) are those after its prompt and every emitted token."""

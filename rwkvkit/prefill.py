@@ -6,6 +6,9 @@
   in bytes. A prompt that extends a cached sequence (the next turn of a chat, a shared system
   prompt) only prefills the rest.
 - ``prefill_cached``: ``prefill`` through a ``PrefixCache``.
+- ``prefill_together``: several short prompts through one shared ``[k, T]`` forward, as many tokens
+  each as the shortest has left (the decoder's burst of prompts on an idle engine: one weight read
+  instead of one per prompt).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .row import PromptFeed
 from .state import State
 
 DEFAULT_CHUNK_LEN = 256
@@ -136,3 +140,21 @@ def prefill_cached(
     logits, out_state = prefill(model, tokens[n:], cached_state, chunk_len=chunk_len)
     cache.store(tokens, out_state, logits)
     return logits, out_state
+
+
+@torch.no_grad()
+def prefill_together(model: torch.nn.Module, feeds: Sequence[PromptFeed]) -> None:
+    """Feed every prompt in ``feeds`` the number of tokens the shortest of them has left (at least one,
+    at most a chunk's worth), in one shared ``[k, T]`` forward: one weight read for all of them. Each
+    feed's ``state``, ``logits`` (next-token, fp32) and ``done`` are updated; the shortest are then
+    complete, the others have the rest of their prompt left."""
+    n = min(len(f.row.prompt) - f.done for f in feeds)
+    if n <= 0:
+        raise ValueError("prefill_together needs prompts with tokens left to feed")
+    x = torch.tensor(
+        [f.row.prompt[f.done : f.done + n] for f in feeds], dtype=torch.long, device=model_device(model)
+    )
+    start = State.stack([f.state if f.state is not None else model.init_state(1) for f in feeds])
+    logits, state = model(x, start, last_only=True)
+    for i, f in enumerate(feeds):
+        f.state, f.logits, f.done = state.select(i), logits[i, -1].float(), f.done + n

@@ -1,7 +1,8 @@
 """Riding (``BatchDecoder(ride=R)``): short prompts that arrive while rows decode are fed through the
 decode step a token per step instead of a separate prefill. The rows get the tokens they get with a
 prefill, the prompts are never sent to the model as a [1, T] prefill, they start after as many steps
-as they had tokens left, and they end up in the prefix cache like prefilled prompts."""
+as they had tokens left, and they end up in the prefix cache like prefilled prompts. Together: short
+prompts waiting while nothing decodes share one [k, T] forward, then ride the rest."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def test_ride_needs_positive_bounds(model) -> None:
         BatchDecoder(model, interleave=8, ride=-1)
 
 
-@pytest.mark.parametrize("flag", ["--ride-tokens", "--max-logprobs"])
+@pytest.mark.parametrize("flag", ["--ride-tokens", "--max-logprobs", "--burst-ms"])
 def test_serve_refuses_a_negative_bound_naming_it(flag: str, capsys: pytest.CaptureFixture) -> None:
     from rwkvkit.serve.cli import main
 
@@ -168,5 +169,49 @@ def test_serve_refuses_a_negative_bound_naming_it(flag: str, capsys: pytest.Capt
         main(["--model", "unused.pth", flag, "-1"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # the error line (the usage lists every option)
-    other = "--max-logprobs" if flag == "--ride-tokens" else "--ride-tokens"
-    assert f"{flag} must be >= 0" in err and other not in err
+    others = {"--ride-tokens", "--max-logprobs", "--burst-ms"} - {flag}
+    assert f"{flag} must be >= 0" in err and not any(o in err for o in others)
+
+
+BURST = [[5, 6, 7, 8, 9], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [50, 51, 52, 53]]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_burst_on_an_idle_decoder_is_prefilled_together(model, params: SamplingParams, monkeypatch) -> None:
+    """Short prompts waiting while nothing decodes share one [k, T] forward (T: the shortest's length);
+    the shortest start at once, the others ride the rest; every row gets the tokens it gets alone."""
+    alone = [Row(prompt=list(p), sampler=Sampler(params, V), max_tokens=10) for p in BURST]
+    for r in alone:
+        dec = BatchDecoder(model, interleave=32)
+        dec.add(r)
+        while len(dec):
+            dec.step()
+    shapes = spy(model, monkeypatch)
+    rows = [Row(prompt=list(p), sampler=Sampler(params, V), max_tokens=10) for p in BURST]
+    cache = PrefixCache(16)
+    dec = BatchDecoder(model, interleave=32, ride=16, cache=cache)
+    for r in rows:
+        dec.add(r)
+    first, step = [-1] * len(rows), 0
+    while len(dec):
+        dec.step()
+        step += 1
+        first = [f if f >= 0 or not r.tokens else step for f, r in zip(first, rows)]
+    shortest = min(map(len, BURST))
+    assert shapes[0] == (len(BURST), shortest)  # one shared forward, before any decode step
+    assert [s for s in shapes if s[1] > 1] == [(len(BURST), shortest)]  # no prefill of its own
+    assert first == [1 + len(p) - shortest for p in BURST]
+    for a, b in zip(alone, rows):
+        assert b.finish_reason == a.finish_reason == "length"
+        assert b.tokens == a.tokens
+    for p in BURST:  # in the prefix cache, prefilled together or ridden
+        assert cache.lookup(p)[0] == len(p)
+
+
+def test_a_lone_prompt_or_long_ones_are_not_prefilled_together(model, monkeypatch) -> None:
+    shapes = spy(model, monkeypatch)
+    dec = BatchDecoder(model, interleave=32, ride=4)
+    dec.add(Row(prompt=list(range(1, 9)), sampler=Sampler(GREEDY, V), max_tokens=2))  # 8 > ride
+    dec.add(Row(prompt=[3, 4, 5], sampler=Sampler(GREEDY, V), max_tokens=2))
+    dec.step()
+    assert shapes[0] == (1, 8)  # the usual prefill: the long prompt is not in a group of one short one

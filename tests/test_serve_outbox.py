@@ -13,16 +13,13 @@ from rwkvkit.decoder import Row
 from rwkvkit.generate import TextStream
 from rwkvkit.sampling import GREEDY, Sampler
 from rwkvkit.serve.engine import Engine, Job
-from rwkvkit.testing import random_checkpoint
 
 V = 65536
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
-    path = tmp_path_factory.mktemp("outbox") / "m.pth"
-    random_checkpoint(6, n_layer=2, n_embd=64, vocab_size=V, head_size=32, seed=3, path=path)
-    return rwkvkit.load(path)
+@pytest.fixture
+def model(world_model: torch.nn.Module) -> torch.nn.Module:
+    return world_model
 
 
 def test_one_wake_up_per_step_and_every_event_in_order(model: torch.nn.Module) -> None:

@@ -35,7 +35,7 @@ import torch
 from ..decoder import Row
 from ..generate import TextStream, penalty_weights
 from ..sampling import SEED_RANGE, Sampler, SamplingParams
-from .engine import CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS, Engine, Job, QueueFull
+from .engine import BURST_MS, CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS, Engine, Job, QueueFull
 from .errors import APIError
 from .logprobs import ChoiceLogprobs, TokenStrings, merge
 from .protocol import (
@@ -70,13 +70,14 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
                allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS, cors_origins: Iterable[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
                max_logprobs: int = MAX_LOGPROBS, cache_entries: int = CACHE_ENTRIES,
-               cache_bytes: int | None = CACHE_BYTES) -> Any:  # fmt: skip
+               cache_bytes: int | None = CACHE_BYTES, burst_ms: float = BURST_MS) -> Any:  # fmt: skip
     """The ASGI application (``Guard`` around FastAPI); its engine starts and stops with it.
 
     ``allowed_hosts``: the Host names answered (None: any; see ``security.allowed_hosts_for``).
     ``cors_origins``: browser origins allowed to call the API (none by default). ``prefill_slice``:
     prompt tokens fed per decode step while other requests stream; ``ride_tokens``: prompts with at most
-    this many tokens left feed them through the decode step instead (``rwkvkit.decoder``). ``max_batch`` also bounds ``n``,
+    this many tokens left feed them through the decode step instead (``rwkvkit.decoder``); ``burst_ms``:
+    how long an idle engine keeps admitting a burst (``Engine``). ``max_batch`` also bounds ``n``,
     ``max_queue`` the rows (prompts x n) of one request, ``max_logprobs`` the alternatives per token.
     ``cache_entries`` / ``cache_bytes``: the bounds of the prefix cache of states.
     """
@@ -91,7 +92,8 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
     check_api_key(api_key)
     CompletionRequest, ChatRequest = request_models()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_slice=prefill_slice,
-                    ride_tokens=ride_tokens, cache_entries=cache_entries, cache_bytes=cache_bytes)  # fmt: skip
+                    ride_tokens=ride_tokens, cache_entries=cache_entries, cache_bytes=cache_bytes,
+                    burst_ms=burst_ms)  # fmt: skip
     vocab = int(model.config.vocab_size)
     weights = penalty_weights(tokenizer, vocab)
     strings = TokenStrings(tokenizer)

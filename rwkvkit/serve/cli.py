@@ -16,7 +16,7 @@ import torch
 from ..model_args import add_model_args, load_model_and_tokenizer
 from ..runtime import freeze_gc
 from .app import BODY_TIMEOUT_S, MAX_LOGPROBS, _require_serve_deps, create_app
-from .engine import CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS
+from .engine import BURST_MS, CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS
 from .security import LOOPBACK_HOSTS, allowed_hosts_for, check_api_key, guarded_protocol
 
 HEADER_TIMEOUT_S = 10.0
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ride-tokens", type=int, default=RIDE_TOKENS,
                    help="while requests stream, prompts with at most this many tokens left are fed through the "
                    "decode step, a token per step, instead of a separate prefill (0: never)")  # fmt: skip
+    p.add_argument("--burst-ms", type=float, default=BURST_MS,
+                   help="an idle server woken by a request keeps admitting requests that follow within this "
+                   "many ms (8 gaps at most), to prefill a burst's short prompts together (0: never wait)")  # fmt: skip
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; none by default)")  # fmt: skip
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cache_entries", "cache_mb"):  # fmt: skip
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("max_logprobs", "ride_tokens"):
+    for name in ("max_logprobs", "ride_tokens", "burst_ms"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(model, tok, model_name=args.model_name or path.stem, api_key=args.api_key,
                      max_batch=args.max_batch, max_tokens_limit=args.max_tokens_limit,
                      max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
-                     prefill_slice=args.prefill_slice, ride_tokens=args.ride_tokens, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+                     prefill_slice=args.prefill_slice, ride_tokens=args.ride_tokens, burst_ms=args.burst_ms, allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
                      cors_origins=args.cors_origin, body_timeout=args.body_timeout, max_logprobs=args.max_logprobs,
                      cache_entries=args.cache_entries, cache_bytes=args.cache_mb << 20)  # fmt: skip
     freeze_gc()  # the model and the app live as long as the process (rwkvkit.runtime)

@@ -4,7 +4,9 @@ It admits waiting groups (one prompt's n choices: rows prefilled once, each deco
 ``max_batch`` rows and steps them with ``rwkvkit.decoder.BatchDecoder`` in interleaved mode: each step
 feeds at most ``prefill_slice`` tokens of waiting prompts (waiting prompts take turns), then decodes
 every active row together with one ``[B, 1]`` forward; prompts with at most ``ride_tokens`` tokens left
-ride that forward instead, a token per step (``rwkvkit.decoder``: riding). A long prompt therefore delays the running
+ride that forward instead, a token per step (``rwkvkit.decoder``: riding). Woken from idle by a request,
+it keeps admitting for as long as more follow within ``burst_ms`` (8 gaps at most): a burst's short
+prompts are then prefilled together, in one forward (``rwkvkit.decoder``: together). A long prompt therefore delays the running
 streams by one slice's prefill per token, not by its whole prefill. Rows leave when finished or when
 their client goes (``Row.cancelled``, set from the HTTP side). When the engine runs out of work it
 hands freed heap memory back to the system (``rwkvkit.runtime.trim_malloc``), so the resident size
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -38,6 +41,7 @@ from ..runtime import trim_malloc
 CACHE_ENTRIES = 32
 CACHE_BYTES = 256 << 20
 RIDE_TOKENS = 16  # prompts with at most this many tokens left ride the decode step (decoder.py)
+BURST_MS = 5.0  # an idle engine woken by a request keeps admitting while others follow this close
 
 
 class Job:
@@ -110,10 +114,13 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 16, max_queue: int = 64, chunk_len: int = 256,
                  cache_entries: int = CACHE_ENTRIES, cache_bytes: int | None = CACHE_BYTES,
-                 prefill_slice: int = 32, ride_tokens: int = RIDE_TOKENS) -> None:  # fmt: skip
+                 prefill_slice: int = 32, ride_tokens: int = RIDE_TOKENS, burst_ms: float = BURST_MS) -> None:  # fmt: skip
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.chunk_len, self.prefill_slice, self.ride_tokens = chunk_len, prefill_slice, ride_tokens
+        if burst_ms < 0:
+            raise ValueError(f"burst_ms must be >= 0, got {burst_ms}")
+        self.burst_s = burst_ms / 1000
         self.cache = PrefixCache(cache_entries, cache_bytes)
         self.timings = dict.fromkeys(TIMINGS, 0.0)  # the decoder's (decoder.TIMINGS), kept across decoders
         self.decoder = self._decoder(self.cache)
@@ -181,6 +188,7 @@ class Engine:
                 trim_malloc()  # idle: give the freed activations of the last burst back
                 while not self._waiting and not len(self.decoder) and not self._stop:
                     self._cv.wait()
+                self._gather()
             new, rows = [], len(self.decoder)
             while self._waiting and rows + len(self._waiting[0]) <= self.max_batch:
                 group = self._waiting.popleft()
@@ -188,6 +196,21 @@ class Engine:
                 rows += len(group)
                 self._waiting_rows -= len(group)
             return new
+
+    def _gather(self) -> None:
+        """Woken from idle by a request: keep admitting while more arrive less than ``burst_s`` apart
+        (8 gaps at most), so that a burst of short prompts is prefilled together and starts decoding in
+        the same step (``BatchDecoder``: together). Holds ``_cv``; a lone request waits one gap."""
+        deadline = time.monotonic() + 8 * self.burst_s
+        seen = len(self._waiting)
+        while self.burst_s > 0 and not self._stop and self._waiting_rows < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(timeout=min(self.burst_s, left))
+            if len(self._waiting) == seen:
+                return  # nothing new within a gap
+            seen = len(self._waiting)
 
     def _run(self) -> None:
         with torch.no_grad():
