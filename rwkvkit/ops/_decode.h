@@ -144,7 +144,13 @@ void rows1(const mat_t *m, int64_t r0, int64_t r1, const float *x, const void *p
 void *rows1_buffer(int64_t bytes);
 /* _decode_bf16.c */
 void to_bf16(const float *x, uint16_t *out, int64_t n);
-void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy);
+/* span_t: weights the caller multiplies next (the team's next claim), read into L2 while this call computes */
+typedef struct {
+    const char *p;
+    int64_t bytes;
+} span_t;
+void rows_bf16(const mat_t *m, int64_t r0, int64_t r1, const uint16_t *xb, int64_t B, float *y, int64_t ldy,
+               span_t next);
 /* _decode_ew.c: the step's element-wise pieces */
 void ew_shift_mix(int64_t n, const float *prev, const float *xn, const float *m, float *d, float *out);
 void ew_lora_mix(int64_t n, const float *xn, const float *d, const float *maa, float *out);
@@ -152,6 +158,8 @@ void ew_add(int64_t n, float *x, const float *o);
 void ew_relu_sq(int64_t n, float *x);
 void ew_silu_gate(int64_t n, float *y, const float *g);
 void ew_gated_residual(int64_t n, float *x, const float *r, const float *v, float keep);
+void ew_tanh(int64_t n, float *x);
+void ew_decay(int64_t n, const float *td, float *x);
 /* _decode_step.c */
 void step_team(const step_args *a, int tid, int nt);
 /* _decode_probe.c (benchmarks: the machine's limits) */

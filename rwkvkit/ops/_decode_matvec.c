@@ -214,13 +214,13 @@ static void prep_init(prep_t *p, const job_t *jobs, int n_jobs, int64_t B) {
     if (total) p->buf = rows1_buffer(total);
 }
 
-static void mat_rows(const job_t *job, int64_t r0, int64_t r1, int64_t B, prep_t *p, int j) {
+static void mat_rows(const job_t *job, int64_t r0, int64_t r1, int64_t B, prep_t *p, int j, span_t next) {
     const mat_t *m = job->m;
     const float *x = job->x;
     float *y = job->y;
     const int64_t ldy = m->n;
     if (job->xb && (m->kind == MK_BF16 || m->kind == MK_Q8)) {
-        rows_bf16(m, r0, r1, job->xb, B, y, ldy);
+        rows_bf16(m, r0, r1, job->xb, B, y, ldy, next);
         return;
     }
     if (B == 1 && rows1_applies(m)) {
@@ -254,7 +254,7 @@ void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt) {
     split(total, tid, nt, &lo, &hi);
     for (int j = 0; j < n_jobs; j++) {
         const int64_t n = jobs[j].m->n, a = lo > base ? lo - base : 0, e = hi - base < n ? hi - base : n;
-        if (a < e) mat_rows(&jobs[j], a, e, B, &prep, j);
+        if (a < e) mat_rows(&jobs[j], a, e, B, &prep, j, (span_t){NULL, 0});
         base += n;
     }
 }
@@ -263,27 +263,52 @@ void mats_team(const job_t *jobs, int n_jobs, int64_t B, int tid, int nt) {
 
 /* Several matrices with their own inputs and outputs; the team claims chunks of their rows from *next
  * (zero before the phase, used once). About 64 chunks per phase: enough to balance, few enough that
- * the shared counter costs nothing. */
+ * the shared counter costs nothing. With bf16 activations (several rows) each thread claims one chunk
+ * ahead and reads it into L2 while it multiplies the one before (rows_bf16). */
+typedef struct {
+    const job_t *jobs;
+    int n_jobs;
+    int64_t ch, total;
+} claims_t;
+
+/* Claim c as (job, rows [r0, r1)); 0 past the last. */
+static int claim_rows(const claims_t *cl, int64_t c, int *j, int64_t *r0, int64_t *r1) {
+    if (c >= cl->total) return 0;
+    for (*j = 0; *j < cl->n_jobs; (*j)++) {
+        const int64_t n = cl->jobs[*j].m->n, chunks = (n + cl->ch - 1) / cl->ch;
+        if (c < chunks) {
+            *r0 = c * cl->ch;
+            *r1 = *r0 + cl->ch < n ? *r0 + cl->ch : n;
+            return 1;
+        }
+        c -= chunks;
+    }
+    return 0;
+}
+
 void mats_claim(const job_t *jobs, int n_jobs, int64_t B, atomic_long *next) {
-    int64_t rows = 0, total = 0;
+    int64_t rows = 0;
+    claims_t cl = {jobs, n_jobs, 0, 0};
     for (int j = 0; j < n_jobs; j++) rows += jobs[j].m->n;
-    int64_t ch = (rows / 64) & ~(int64_t)3;
-    if (ch < ROW_CHUNK) ch = ROW_CHUNK;
-    for (int j = 0; j < n_jobs; j++) total += (jobs[j].m->n + ch - 1) / ch;
+    cl.ch = (rows / 64) & ~(int64_t)3;
+    if (cl.ch < ROW_CHUNK) cl.ch = ROW_CHUNK;
+    for (int j = 0; j < n_jobs; j++) cl.total += (jobs[j].m->n + cl.ch - 1) / cl.ch;
+    const int ahead = jobs[0].xb != NULL;
     prep_t prep;
     prep_init(&prep, jobs, n_jobs, B);
-    for (;;) {
-        int64_t c = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
-        if (c >= total) return;
-        for (int j = 0; j < n_jobs; j++) {
-            const int64_t n = jobs[j].m->n, chunks = (n + ch - 1) / ch;
-            if (c < chunks) {
-                const int64_t r0 = c * ch, r1 = r0 + ch < n ? r0 + ch : n;
-                mat_rows(&jobs[j], r0, r1, B, &prep, j);
-                break;
-            }
-            c -= chunks;
+    int64_t c = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+    int j, jn;
+    int64_t r0, r1, n0, n1;
+    while (claim_rows(&cl, c, &j, &r0, &r1)) {
+        const int64_t cn = ahead ? atomic_fetch_add_explicit(next, 1, memory_order_relaxed) : -1;
+        span_t pf = {NULL, 0};
+        if (cn >= 0 && claim_rows(&cl, cn, &jn, &n0, &n1)) {
+            const mat_t *mn = jobs[jn].m;
+            const int64_t row = mn->kind == MK_Q8 ? mn->k : mn->kind == MK_F32 ? 4 * mn->k : 2 * mn->k;
+            pf = (span_t){(const char *)mn->w + n0 * row, (n1 - n0) * row};
         }
+        mat_rows(&jobs[j], r0, r1, B, &prep, j, pf);
+        c = ahead ? cn : atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
     }
 }
 

@@ -121,8 +121,7 @@ SYNC();
             /* 2. m = tanh(xxx @ maa_w1), the five branch LoRA codes [B, 5D] */
             split16(5 * D, tid, nt, &lo, &hi);
             lora_cols(&L->w1, lo, hi, xw, C, B, m5, 5 * D);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t n = lo; n < hi; n++) m5[b * 5 * D + n] = tanhf(m5[b * 5 * D + n]);
+            for (int64_t b = 0; b < B; b++) ew_tanh(hi - lo, m5 + b * 5 * D + lo);
 SYNC();
             /* 3. x_j = x + d * (maa_j + m_j @ maa_w2[j]) for w, k, v, r, g (columns split) */
             split16(C, tid, nt, &lo, &hi);
@@ -143,15 +142,13 @@ SYNC();
             /* 4. the decay LoRA's code: tanh(x_w @ decay_w1) */
             split16(Dw, tid, nt, &lo, &hi);
             lora_cols(&L->dw1, lo, hi, xw, C, B, tw, Dw);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t n = lo; n < hi; n++) tw[b * Dw + n] = tanhf(tw[b * Dw + n]);
+            for (int64_t b = 0; b < B; b++) ew_tanh(hi - lo, tw + b * Dw + lo);
 SYNC();
             /* 5a. decay factor exp(-exp(time_decay + code @ decay_w2)) (columns split) */
             split16(C, tid, nt, &lo, &hi);
             lora_cols(&L->dw2, lo, hi, tw, Dw, B, dec, C);
             const float *td = F(L->decay);
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t c = lo; c < hi; c++) dec[b * C + c] = expf(-expf(td[c] + dec[b * C + c]));
+            for (int64_t b = 0; b < B; b++) ew_decay(hi - lo, td + lo, dec + b * C + lo);
         } else { /* Eagle: one decay per channel */
             const float *td = F(L->decay);
             for (int64_t b = b0; b < b1; b++)
@@ -225,7 +222,7 @@ SYNC();
         /* 11. residual (fp16 models: halved after every rescale-th block, as their weights were at load) */
         const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
         ew_gated_residual((b1 - b0) * C, x + b0 * C, fr + b0 * C, fv + b0 * C, keep);
-SYNC();
+        /* no barrier: the next layer's (or the head's) first phase takes the same rows on each thread */
     }
     /* head */
     for (int64_t b = b0; b < b1; b++) {

@@ -229,7 +229,7 @@ static void step7_team(const step7_args *a, int tid, int nt) {
             const float keep = P->rescale && (l + 1) % P->rescale == 0 ? 0.5f : 1.f;
             for (int64_t i = b0 * C; i < b1 * C; i++) x[i] = (x[i] + fv[i]) * keep;
         }
-        SYNC();
+        /* no barrier: the next layer's (or the head's) first phase takes the same rows on each thread */
     }
     /* head */
     for (int64_t b = b0; b < b1; b++) {

@@ -1,4 +1,4 @@
-/* rwkvkit/ops/_sample_cpu.c: the per-row work of the batched sampler (rwkvkit.sampling._draw_group)
+/* rwkvkit/ops/_sample_cpu.c: the per-row work of the batched sampler (rwkvkit.sampling_group.draw_group)
  * in a few passes per row, rows spread over OpenMP threads (PyTorch's libgomp).
  *
  * Top-p cutoff, exactly the reference's (sampling.top_p_cutoff): probabilities p (torch.softmax's,
