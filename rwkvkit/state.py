@@ -17,6 +17,7 @@ model's compute dtype.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -221,17 +222,25 @@ class State:
         """Raise ValueError if this state does not fit ``config`` (and ``batch_size`` if given)."""
         if self.version != config.version:
             raise ValueError(f"state is for RWKV-{self.version}, model is RWKV-{config.version}")
-        ref = State.zeros(config, 1, device="meta")
-        for k, v in ref.tensors.items():
+        for k, (L, rest) in _layout(config).items():
             t = self.tensors.get(k)
             if t is None:
                 raise ValueError(f"state lacks {k!r}")
-            if t.dim() != v.dim() or t.shape[0] != v.shape[0] or t.shape[2:] != v.shape[2:]:
+            if t.dim() != 2 + len(rest) or t.shape[0] != L or tuple(t.shape[2:]) != rest:
                 raise ValueError(
-                    f"state {k!r} has shape {tuple(t.shape)}, model needs {tuple(v.shape)} (B=any)"
+                    f"state {k!r} has shape {tuple(t.shape)}, model needs {(L, 1, *rest)} (B=any)"
                 )
         if batch_size is not None and self.batch_size != batch_size:
             raise ValueError(f"state has batch size {self.batch_size}, input has {batch_size}")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(config: ModelConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Each state tensor's layers and the shape after the batch dimension, for ``State.check`` (once per
+    config: it runs at every forward, a decode step's included)."""
+    return {
+        k: (v.shape[0], tuple(v.shape[2:])) for k, v in State.zeros(config, 1, device="meta").tensors.items()
+    }
 
 
 def _time_state_layout(version: int):

@@ -242,3 +242,20 @@ def test_state_file_of_random_bytes_or_code(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pickled objects"):
         State.load(tmp_path / "e.state")
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_a_state_that_does_not_fit_the_model_is_refused(finch):
+    model = rwkvkit.load(finch[0])
+    cfg = model.config
+    good = model.init_state(2)
+    model(torch.tensor([[1], [2]]), good)  # any batch size fits
+    wrong = State(cfg.version, {**good.tensors, "att_shift": torch.zeros(cfg.n_layer, 2, cfg.n_embd + 1)})
+    with pytest.raises(
+        ValueError, match=rf"state 'att_shift' has shape .*model needs \({cfg.n_layer}, 1, {cfg.n_embd}\)"
+    ):
+        model(torch.tensor([[1], [2]]), wrong)
+    missing = State(cfg.version, {k: v for k, v in good.tensors.items() if k != "ffn_shift"})
+    with pytest.raises(ValueError, match="state lacks 'ffn_shift'"):
+        model(torch.tensor([[1], [2]]), missing)
+    with pytest.raises(ValueError, match="state has batch size 2, input has 1"):
+        model([1], good)

@@ -135,6 +135,21 @@ def test_plan_follows_changes_to_the_model(paths):
         assert model._native_step is None
 
 
+def test_plan_looks_the_modules_up_again_only_after_a_registration(paths):
+    model = rwkvkit.load(paths[6, "fp32"])
+    with torch.no_grad():
+        model([1])
+    plan = model.native_step()
+    assert plan.valid() and plan.registrations == engine._registrations
+    att = model.blocks[0].att
+    att.key = att.key  # set again, the same module: a registration, nothing changed
+    assert plan.registrations != engine._registrations
+    assert plan.valid() and plan.registrations == engine._registrations
+    model.blocks[1].ffn.key.weight = torch.nn.Parameter(model.blocks[1].ffn.key.weight.detach().clone())
+    assert not plan.valid()  # a new parameter, at a new address: the plan is rebuilt
+    assert model.native_step() is not plan
+
+
 def test_step_stands_aside_when_it_cannot_apply(paths, tmp_path):
     v4 = tmp_path / "v4.pth"
     random_checkpoint(4, 2, 64, 300, head_size=64, path=v4)

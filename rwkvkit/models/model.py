@@ -173,7 +173,7 @@ class RWKV(nn.Module):
             raise ValueError(f"tokens must be integers, got {tokens.dtype}")
         if tokens.shape[1] == 0:
             raise ValueError("tokens is empty: need at least one token per row")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
