@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from .ops import sample_native
-
-_INV_T_MAX = float(torch.finfo(torch.float32).max)
+from .ops.sample_native import _INV_T_MAX
 
 
 def top_p_cutoff(p: np.ndarray, top_p: float) -> float:

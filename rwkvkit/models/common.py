@@ -38,6 +38,11 @@ _SMALL_ROWS = 16
 _WIDEN_BYTES = 8 << 20
 
 
+def _wants_grad(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether autograd would record ``x @ w``: the native and widening paths below run without it."""
+    return torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` without bias whose input is cast to the weight dtype (output in that dtype).
 
@@ -68,7 +73,7 @@ class Linear(nn.Linear):
         w = self.weight
         if x.numel() < 32 * x.shape[-1] or not matmul.applies(x, w):
             return False
-        return not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        return not _wants_grad(x, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         w = self.weight
@@ -79,20 +84,18 @@ class Linear(nn.Linear):
             # prompt, decode outside the native step): the native step's matrix-vector kernels when
             # built (fp32 sums rounded once to bf16, as torch), about 1.3x torch.mv for one row and 2x
             # oneDNN's bf16 matmul for 2-4 rows; torch.mv reads one row twice as fast as F.linear
-            grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
-            if _ROW_KERNEL and not grad and rows > 0 and decode.matrix_kind(w) is not None:
+            if _ROW_KERNEL and not _wants_grad(x, w) and rows > 0 and decode.matrix_kind(w) is not None:
                 y = decode.dense_matmul(x.reshape(rows, -1), w, act_bf16=rows > _FEW_ROWS).to(w.dtype)
                 return y.view(*x.shape[:-1], w.shape[0])
             if rows == 1:
                 return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         if self._amx(x):
             return matmul.linear(x, w)
-        if w.dtype == torch.float16 and x.device.type == "cpu" and rows > 0:
-            if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-                if rows <= _SMALL_ROWS and _ROW_KERNEL and decode.matrix_kind(w) is not None:
-                    y = decode.dense_matmul(x.reshape(rows, -1), w).to(w.dtype)  # fp16 x, exact in fp32
-                    return y.view(*x.shape[:-1], w.shape[0])
-                return _widened_linear(x, w)
+        if w.dtype == torch.float16 and x.device.type == "cpu" and rows > 0 and not _wants_grad(x, w):
+            if rows <= _SMALL_ROWS and _ROW_KERNEL and decode.matrix_kind(w) is not None:
+                y = decode.dense_matmul(x.reshape(rows, -1), w).to(w.dtype)  # fp16 x, exact in fp32
+                return y.view(*x.shape[:-1], w.shape[0])
+            return _widened_linear(x, w)
         return F.linear(x, w)
 
     def forward_relu2(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,9 +132,8 @@ def lora_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     as fp32 products of the widened operands (exact widenings, fp32 sums as PyTorch's own fp16 GEMM,
     which is a scalar loop there), rounded back to fp16."""
     x = x.to(w.dtype)
-    if w.dtype == torch.float16 and x.device.type == "cpu":
-        if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
-            return (x.float() @ w.float()).to(torch.float16)
+    if w.dtype == torch.float16 and x.device.type == "cpu" and not _wants_grad(x, w):
+        return (x.float() @ w.float()).to(torch.float16)
     return x @ w
 
 

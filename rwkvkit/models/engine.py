@@ -37,6 +37,7 @@ from ..state import State
 from .quant import Int8Linear
 
 _HEADER_INTS, _LAYER_INTS = native._decode_cpu.layout() if native.available() else (0, 0)
+BATCH_BF16_ROWS = 2  # steps of at least this many rows take bf16 activations (Kernels.batch_bf16)
 
 # Setting a module, parameter or buffer on any module (``module.x = ...``, ``blocks[i] = ...``) goes
 # through torch's global registration hooks; this count of them lets ``PlannedStep.valid`` skip its
@@ -56,7 +57,6 @@ for _hook in (
     torch.nn.modules.module.register_module_module_registration_hook,
 ):
     _hook(_registered)
-BATCH_BF16_ROWS = 2  # steps of at least this many rows take bf16 activations (Kernels.batch_bf16)
 
 
 class Unsupported(Exception):

@@ -233,9 +233,9 @@ static void step7_team(const step7_args *a, int tid, int nt) {
     }
     /* head */
     for (int64_t b = b0; b < b1; b++) {
-            layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
-            if (hb) to_bf16(xn + b * C, xnb + b * C, C);
-        }
+        layer_norm(x + b * C, F(P->ln_out_w), F(P->ln_out_b), 1e-5f, C, xn + b * C);
+        if (hb) to_bf16(xn + b * C, xnb + b * C, C);
+    }
     SYNC();
     {
         const job_t jobs[1] = {{&P->head, xn, a->logits, BF(xnb)}};
