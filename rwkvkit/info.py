@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import CheckpointError
     from .hub import resolve_model
     from .kernels import Kernels
+    from .model_args import check_device
 
     off = {
         n.replace("-", "_"): False
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "no_" + n.replace("-", "_"))
     }
     try:
+        check_device(args.device)
         model = load(
             resolve_model(args.model),
             device=args.device,

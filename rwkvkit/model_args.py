@@ -95,6 +95,26 @@ def load_tokenizer(model_path: str | Path, vocab_size: int, vocab: str | Path | 
     return tok
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or a ValueError naming why it cannot run a model here (an unknown
+    name, a CUDA device on a build or machine without CUDA, an index past the GPUs there are)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            )
+            raise ValueError(f"--device {device!r}: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: only cpu and cuda devices are supported")
+    return dev
+
+
 def load_model(
     ref: str, device: str = "cpu", dtype: str = "fp32", quantize: str | None = None
 ) -> tuple[torch.nn.Module, Path]:
@@ -103,6 +123,7 @@ def load_model(
     from .hub import resolve_model
 
     torch_dtype = dtype_from_name(dtype)
+    check_device(device)
     path = resolve_model(ref)
     return load(path, device=device, dtype=torch_dtype, quantize=quantize), Path(path)
 

@@ -234,3 +234,31 @@ def test_chat_survives_bad_state_files(
     assert chat_main(["--model", str(ckpt), "--max-tokens", "4", *GREEDY_CLI]) == 0
     out = capsys.readouterr().out
     assert out.count("cannot load") == 5 and out.count("Assistant: ") == 2
+
+
+@pytest.mark.parametrize(
+    "device, says",
+    [("foo", "is not a device name"), ("mps", "only cpu and cuda"), ("cuda", "no CUDA"), ("cuda:64", "CUDA")],
+)
+def test_a_device_that_cannot_run_the_model_is_refused_naming_it(
+    ckpt: Path, capsys: pytest.CaptureFixture, device: str, says: str
+) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert generate_main(["--model", str(ckpt), "--prompt", "x", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device!r}" in err and says in err and "Traceback" not in err
+    from rwkvkit.info import main as info_main
+
+    assert info_main([str(ckpt), "--device", device]) == 1
+    assert f"--device {device!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--port", "99999", "--port must be in 0..65535"),
+                                               ("--threads", "-3", "--threads must be >= 0")])  # fmt: skip
+def test_serve_refuses_an_impossible_port_or_thread_count(flag, value, says, capsys) -> None:
+    from rwkvkit.serve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "unused.pth", flag, value])
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_logprobs", "ride_tokens", "burst_ms"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.threads < 0:
+        p.error("--threads must be >= 0 (0: torch's default)")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in 0..65535, got {args.port}")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
         p.error("--header-timeout and --body-timeout must be positive")
     try:
