@@ -207,7 +207,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded with ``seed`` (a fresh random seed when None)."""
+    """A generator seeded with ``seed`` (a fresh random seed when None). The CPU generator (a Mersenne
+    Twister) keeps 32 bits of it: seeds equal modulo 2**32 draw the same numbers there."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()

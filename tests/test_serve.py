@@ -73,6 +73,10 @@ def test_health_and_models(server) -> None:
     assert after["timings"]["rows"] - before["rows"] == 3 and after["timings"]["model_s"] > before["model_s"]
     assert after["active"] == 0 and set(after["cache"]) == {"entries", "bytes", "hits", "tokens_saved"}
     assert [m.id for m in _client(server).models.list().data] == ["tiny"]
+    assert _client(server).models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        _client(server).models.retrieve("gpt-4")
+    assert httpx.get(server["url"] + "/v1/models/tiny").status_code == 401
 
 
 def test_completion_matches_direct_generation(server) -> None:

@@ -4,6 +4,8 @@ state kept after a chat reply, and what is refused. Log-probabilities must equal
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -158,6 +160,80 @@ def test_streams_carry_logprobs_chunk_by_chunk(srv) -> None:
     _check_offsets(whole.choices[0].text, lp.tokens, lp.text_offset)
 
 
+def test_ids_the_vocabulary_lacks_score_as_the_replacement_character(srv) -> None:
+    """The model has 65536 logits, the World vocabulary 65529 entries: ids 65530..65535 can be prompted
+    and sampled, and their log-probabilities are listed as the text shows them (U+FFFD), not a 500."""
+    c, tok, ids = srv["c"], srv["tok"], [65535, 65530]
+    with pytest.raises(ValueError):
+        tok.token_bytes(65535)
+    kw = dict(model="tiny", prompt=ids, max_tokens=2, temperature=0, logprobs=1, echo=True,
+              logit_bias={"65533": 100})  # fmt: skip
+    r = c.completions.create(**kw).choices[0]
+    assert r.text == "\ufffd" * 4 and r.logprobs.tokens == ["\ufffd"] * 4
+    assert r.logprobs.text_offset == [0, 1, 2, 3] and r.logprobs.token_logprobs[0] is None
+    _close(r.logprobs.token_logprobs[1:2], _offline(srv, ids).logprobs[1:])
+    streamed = [ch for chunk in c.completions.create(stream=True, **kw) for ch in chunk.choices]
+    assert "".join(ch.text for ch in streamed) == r.text
+    assert [t for ch in streamed if ch.logprobs for t in ch.logprobs.tokens] == r.logprobs.tokens
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                     temperature=0, logprobs=True, top_logprobs=1, logit_bias={"65533": 100})  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert [(e.token, e.bytes) for e in content] == [("\ufffd", list("\ufffd".encode()))] * 2
+
+
+def test_a_stream_that_fails_after_its_200_ends_with_an_error_event(srv, monkeypatch, capsys) -> None:
+    """Once a stream's 200 is sent, an internal error cannot become a status: the client gets an
+    OpenAI-shaped error event and the end of the stream, not a connection cut mid-body."""
+    from rwkvkit.serve.logprobs import TokenStrings
+
+    def boom(self, token: int):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(TokenStrings, "get", boom)
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "logprobs": 1, "stream": True}
+    with httpx.stream("POST", srv["url"] + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+    assert errors == [
+        {"message": "internal error: RuntimeError", "type": "server_error", "param": None, "code": None}
+    ]
+    assert "RuntimeError: boom" in capsys.readouterr().err  # and the traceback is in the server's log
+
+
+def test_text_offsets_around_half_characters(srv) -> None:
+    """A byte token left half a character that the next token does not finish: the text shows U+FFFD
+    for it, and the next token's offset is after that character (also across the echo's end)."""
+    tok, c = srv["tok"], srv["c"]
+    a, half, b = tok.encode("A"), tok.encode(b"\xe7"), tok.encode("B")
+    assert len(a) == len(half) == len(b) == 1 and tok.token_bytes(half[0]) == b"\xe7"
+    kw = dict(model="tiny", prompt=a + half + b + half, max_tokens=2, temperature=0, logprobs=0, echo=True,
+              logit_bias={str(b[0]): 100})  # fmt: skip
+    r = c.completions.create(**kw).choices[0]
+    assert r.text == "A\ufffdB\ufffdBB"
+    assert r.logprobs.tokens == ["A", "bytes:\\xe7", "B", "bytes:\\xe7", "B", "B"]
+    assert r.logprobs.text_offset == [0, 1, 2, 3, 4, 5]
+    r = c.completions.create(**{**kw, "echo": False, "prompt": a}).choices[0]
+    assert r.logprobs.text_offset == [0, 1]
+
+
+def test_null_means_the_default(srv) -> None:
+    """OpenAI's API takes null for any optional field (some clients send them all)."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "seed",
+                           "stop", "logit_bias", "stream_options", "top_k", "penalty_decay"])  # fmt: skip
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, **nulls, "echo": None, "logprobs": None}
+    r = httpx.post(srv["url"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **nulls,
+            "logprobs": None, "top_logprobs": None}  # fmt: skip
+    r = httpx.post(srv["url"] + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None
+    assert_error(httpx.post(srv["url"] + "/v1/completions", json={"prompt": None}, timeout=60), 400)
+
+
 def _ids(tok, s: str) -> list[int]:
     if s.startswith("bytes:"):
         return tok.encode(bytes.fromhex(s[6:].replace("\\x", "")))
@@ -225,6 +301,9 @@ def test_chat_turn_two_starts_from_the_state_after_turn_one(srv) -> None:
         ({"prompt": [[1, 2], []], "max_tokens": 1}, "prompt"),
         ({"prompt": [[1, 2], [70000]], "max_tokens": 1}, "prompt"),
         ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"5": 1, " 5": -1}}, "logit_bias"),  # one token, two keys
+        ({"prompt": "hi", "logit_bias": {"05": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"\u0665": 1}}, "logit_bias"),  # ARABIC-INDIC DIGIT FIVE
         ({"prompt": "hi", "logit_bias": {"65536": 1}}, "logit_bias"),
         ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
@@ -247,6 +326,17 @@ def test_chat_refusals(srv) -> None:
     )
     assert "at most 5" in err["message"]
     assert_error(httpx.post(url, json={"messages": msgs, "logprobs": 3}, timeout=30), 400)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+    err = assert_error(httpx.post(url, json={"messages": parts}, timeout=30), 400)
+    assert err["param"] == "messages[0].content" and "'image_url' are not supported" in err["message"]
+    parts = [{"role": "user", "content": [{"type": "text"}]}]
+    assert (
+        "needs its 'text'"
+        in assert_error(httpx.post(url, json={"messages": parts}, timeout=30), 400)["message"]
+    )
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert httpx.post(url, json={"messages": parts, "max_tokens": 1}, timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize(

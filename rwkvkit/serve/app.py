@@ -26,6 +26,7 @@ run time, and ``Request`` is imported inside ``create_app``.)
 
 import asyncio
 import json
+import traceback
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -45,6 +46,7 @@ from .protocol import (
     chat_refusal,
     chat_segments,
     message_text,
+    parse_logit_bias,
     request_models,
 )
 from .security import LOOPBACK_HOSTS, Guard, check_api_key, check_key, read_body
@@ -170,21 +172,6 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
             return [(encode(p, "prompt"), p) for p in prompt]
         return [(list(p), tokenizer.decode(list(p))) for p in prompt]
 
-    def logit_bias(req: Any) -> dict[int, float] | None:
-        if not req.logit_bias:
-            return None
-        out = {}
-        for key, value in req.logit_bias.items():
-            if not key.strip().isdigit() or int(key) >= vocab:
-                raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
-                               param="logit_bias")  # fmt: skip
-            if not -100.0 <= value <= 100.0:
-                raise APIError(
-                    400, f"logit_bias values must be in [-100, 100], got {value!r}", param="logit_bias"
-                )
-            out[int(key)] = float(value)
-        return out
-
     def submit(req: Any, prompts: list[tuple[list[int], str]], stops: list[str], logprobs: int | None,
                echo: bool, cache_end: bool) -> list[Job]:  # fmt: skip
         """One row per choice (``n`` per prompt, prefilled once per prompt), queued all together."""
@@ -209,7 +196,7 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
             raise APIError(
                 400, f"at most {MAX_STOP} stop strings of up to {MAX_STOP_CHARS} characters", param="stop"
             )
-        bias = logit_bias(req)
+        bias = parse_logit_bias(req.logit_bias, vocab)
         try:
             params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -338,6 +325,10 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
                     yield f"data: {json.dumps(r.envelope([chunk], True))}\n\n"
             except APIError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
+            except Exception as e:  # noqa: BLE001 - the 200 is sent: the error goes in the stream (and the log)
+                traceback.print_exc()
+                err = APIError(500, f"internal error: {type(e).__name__}", type_="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
             finally:
                 for job in jobs:
                     job.cancel()  # the client disconnected mid-stream (a no-op when finished)
@@ -359,13 +350,20 @@ def create_app(model: torch.nn.Module, tokenizer: Any, *, model_name: str = "rwk
             return {"status": "ok"}
         return {"status": "ok", **engine.stats()}
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "rwkvkit"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_key(request.headers, api_key)
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "rwkvkit"}],
-        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(request: Request, model_id: str) -> dict:
+        check_key(request.headers, api_key)
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist (this server has {model_name!r})",
+                           param="model", code="model_not_found")  # fmt: skip
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

@@ -13,7 +13,9 @@
 Token strings: a token whose bytes are whole UTF-8 is its text; a token that is not (part of a
 character: the World vocabulary has 486 such byte tokens) is written ``bytes:\\xNN...`` (OpenAI's
 convention in the legacy shape), and its real bytes are in the chat shape's ``bytes`` list. The
-end-of-text token (id 0, no bytes) is ``<|endoftext|>`` with ``bytes`` null.
+end-of-text token (id 0, no bytes) is ``<|endoftext|>`` with ``bytes`` null. An id the model has but
+the vocabulary lacks (a 65536-logit model's 65530..65535 with the World vocabulary's 65529 entries)
+is what the text shows for it: U+FFFD, with that character's bytes.
 
 Streams send each chunk the entries of the tokens generated since the previous chunk, so that text
 held back (half a character, the start of a possible stop string) carries its tokens with it when
@@ -29,6 +31,7 @@ from typing import Any
 from ..decoder import Row
 
 EOT = "<|endoftext|>"
+REPLACEMENT = "\ufffd".encode()  # what the text shows for an id outside the vocabulary
 
 
 class TokenStrings:
@@ -42,7 +45,10 @@ class TokenStrings:
         hit = self._cache.get(token)
         if hit is None:
             fn = getattr(self._tok, "token_bytes", None)
-            b = fn(token) if callable(fn) else self._tok.decode_bytes([token])
+            try:
+                b = fn(token) if callable(fn) else self._tok.decode_bytes([token])
+            except ValueError:  # an id the model has and the vocabulary lacks: the text shows U+FFFD
+                b = REPLACEMENT
             if not b:
                 hit = (EOT, None)
             else:
@@ -57,6 +63,15 @@ class TokenStrings:
         return self.get(token)[0]
 
 
+def _continues(held: bytes, byte: int) -> bool:
+    """Whether ``byte`` can follow ``held`` (the start of a UTF-8 character) in valid UTF-8."""
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(held + bytes([byte]))
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class ChoiceLogprobs:
     """The log-probabilities of one choice, handed out in order: the echoed prompt first (``prompt``),
     then the generated tokens up to a count (``take``). ``kind`` is "completion" or "chat"."""
@@ -68,11 +83,18 @@ class ChoiceLogprobs:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def _advance(self, token: int) -> int:
-        """The current text offset, then move it past ``token``'s characters."""
-        at = self.offset
+        """The offset of ``token``'s first character in the text, then move past its characters. Bytes
+        held from earlier tokens (half a character) that ``token`` does not continue become U+FFFD in
+        the text before it: they count before its offset, not in it."""
         b = self.strings.get(token)[1]
-        if b:
-            self.offset += len(self._utf8.decode(b))
+        if not b:
+            return self.offset
+        held = self._utf8.getstate()[0]
+        if held and not _continues(held, b[0]):
+            self.offset += len(held.decode("utf-8", "replace"))
+            self._utf8.reset()
+        at = self.offset
+        self.offset += len(self._utf8.decode(b))
         return at
 
     def prompt(self) -> dict:
@@ -81,7 +103,7 @@ class ChoiceLogprobs:
         lps = r.prompt_logprobs or [None] * len(r.prompt)
         tops = r.prompt_top_logprobs or [None] * len(r.prompt)
         out = self._legacy(r.prompt, lps, tops)
-        self._utf8.decode(b"", final=True)
+        self.offset += len(self._utf8.decode(b"", final=True))  # the echo's text is decoded on its own
         self._utf8.reset()
         return out
 

@@ -26,6 +26,8 @@ import time
 import uuid
 from typing import Any, Literal
 
+from .errors import APIError
+
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 256
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator can be seeded with (after mod 2**64)
@@ -34,10 +36,25 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias
 
 def request_models() -> tuple[type, type]:
     """(CompletionRequest, ChatRequest) pydantic models."""
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class Common(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _null_is_default(cls, data: Any) -> Any:
+            """OpenAI's API lets a client send ``null`` for any optional field (some clients send every
+            field): null then means the field's default, as if it were left out."""
+            if isinstance(data, dict):
+                fields = cls.model_fields
+                return {
+                    k: v
+                    for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].is_required()
+                }
+            return data
+
         model: str | None = None
         max_tokens: int | None = Field(default=None, ge=0)
         max_completion_tokens: int | None = Field(default=None, ge=0)
@@ -63,8 +80,8 @@ def request_models() -> tuple[type, type]:
 
     class Part(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
-        type: Literal["text"]
-        text: str
+        type: str  # only "text" is served: chat_refusal names any other
+        text: str | None = None
 
     class Message(BaseModel):
         model_config = ConfigDict(strict=True, extra="ignore")
@@ -87,6 +104,25 @@ def request_models() -> tuple[type, type]:
     return CompletionRequest, ChatRequest
 
 
+def parse_logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """A request's ``logit_bias`` as {token id: bias}; APIError (400) for a key that is not a token id
+    in [0, vocab) in plain decimal ("5", not " 5", "05" or another script's digits: no two keys name one
+    token) or a bias outside [-100, 100]."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key) or int(key) >= vocab:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}) in plain decimal, got {key!r}",
+                           param="logit_bias")  # fmt: skip
+        if not -100.0 <= value <= 100.0:
+            raise APIError(
+                400, f"logit_bias values must be in [-100, 100], got {value!r}", param="logit_bias"
+            )
+        out[int(key)] = float(value)
+    return out
+
+
 def chat_refusal(req: Any) -> tuple[str, str] | None:
     """(param, message) for a chat request asking for what this server does not do (function calling,
     a JSON response format, audio), else None: refused with a 400 rather than silently ignored."""
@@ -96,6 +132,15 @@ def chat_refusal(req: Any) -> tuple[str, str] | None:
     for param in ("tool_choice", "function_call"):
         if getattr(req, param) not in (None, "none"):
             return param, f"{param} is not supported (this server does not call functions)"
+    for i, m in enumerate(req.messages):
+        for part in m.content if isinstance(m.content, list) else []:
+            if part.type != "text":
+                return (
+                    f"messages[{i}].content",
+                    f"content parts of type {part.type!r} are not supported (text only)",
+                )
+            if part.text is None:
+                return f"messages[{i}].content", "a text content part needs its 'text'"
     fmt = req.response_format
     kind = fmt.get("type") if isinstance(fmt, dict) else fmt
     if fmt is not None and kind != "text":
