@@ -23,7 +23,7 @@ _LAZY = {
     "CheckpointError": "rwkvkit.config",
     "State": "rwkvkit.state",
     "Tokenizer": "rwkvkit.tokenizer",
-    "generate": "rwkvkit.generate",
+    "generate": "rwkvkit.generation",
     "SamplingParams": "rwkvkit.sampling",
 }
 
@@ -34,4 +34,7 @@ def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'rwkvkit' has no attribute {name!r}")
-    return getattr(importlib.import_module(mod), name)
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value  # found once: later lookups do not come here
+
+    return value

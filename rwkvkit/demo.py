@@ -35,7 +35,7 @@ def _pieces(
 ) -> Iterator[str]:
     """Streamed text: ``rwkvkit.generate`` when available, else a plain sampling loop."""
     try:
-        from rwkvkit.generate import generate
+        from rwkvkit.generation import generate
         from rwkvkit.sampling import SamplingParams
     except ImportError:
         yield from _plain_sampling(model, tokenizer, prompt, max_tokens, temperature, top_p, seed)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .generate import TextGeneration, generate
+from .generation import TextGeneration, generate
 from .io import safe_torch_load
 from .model_args import add_model_args, load_model_and_tokenizer
 from .sampling import SamplingParams

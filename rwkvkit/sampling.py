@@ -242,7 +242,7 @@ class Sampler:
 
     ``weights`` [V] (optional) is the amount a token adds to its own count when generated; the
     reference uses 0 for tokens that decode to whitespace or digits and 1 otherwise (see
-    ``rwkvkit.generate.penalty_weights``). Tokens with weight 0 still get the presence penalty.
+    ``rwkvkit.generation.penalty_weights``). Tokens with weight 0 still get the presence penalty.
     ``seen`` and ``counts`` are kept only when a penalty uses them (both penalties 0: they stay empty).
     """
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import (
+from rwkvkit.generation import (
     BatchDecoder,
     PrefixCache,
     TextStream,
@@ -303,3 +303,15 @@ def test_interleave_budget_covers_several_short_prompts(model6) -> None:
         dec.add(r)
     dec.step()  # 16 tokens of budget: five 3-token prompts fit, and they decode in the same step
     assert len(dec.rows) == 6 and not dec.prefilling and all(len(r.tokens) == 1 for r in short)
+
+
+def test_rwkvkit_generate_stays_the_function() -> None:
+    """``rwkvkit.generate`` is the function however often it is used and whatever was imported before
+    (its module is ``rwkvkit.generation``: a submodule of the same name would take the attribute)."""
+    import importlib
+
+    import rwkvkit
+
+    importlib.import_module("rwkvkit.serve.app")  # imports the generation module first
+    first = rwkvkit.generate
+    assert callable(first) and first is rwkvkit.generate and first.__module__ == "rwkvkit.generation"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import generate, generate_tokens, generate_tokens_batch, prefill
+from rwkvkit.generation import generate, generate_tokens, generate_tokens_batch, prefill
 from rwkvkit.info import main as info_main
 from rwkvkit.run_cli import ChatSession, generate_main, load_state_file
 from rwkvkit.sampling import SamplingParams

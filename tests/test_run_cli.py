@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import generate, prefill
+from rwkvkit.generation import generate, prefill
 from rwkvkit.hub import HubFile, ModelNotFound, parse_hub_ref, resolve_model
 from rwkvkit.run_cli import ChatSession, chat_main, generate_main, load_state_file
 from rwkvkit.sampling import SamplingParams

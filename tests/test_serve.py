@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import generate
+from rwkvkit.generation import generate
 from rwkvkit.sampling import SamplingParams
 from rwkvkit.serve import chat_prompt, create_app, make_server
 from rwkvkit.testing import random_checkpoint

@@ -13,7 +13,7 @@ import torch
 
 import rwkvkit
 from rwkvkit.decoder import Row
-from rwkvkit.generate import TextStream
+from rwkvkit.generation import TextStream
 from rwkvkit.sampling import GREEDY, Sampler
 from rwkvkit.serve.engine import Engine, Job
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import generate
+from rwkvkit.generation import generate
 from rwkvkit.sampling import SamplingParams
 from rwkvkit.serve import create_app
 from rwkvkit.testing import random_checkpoint

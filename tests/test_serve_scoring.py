@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.generate import generate
+from rwkvkit.generation import generate
 from rwkvkit.sampling import SamplingParams
 from rwkvkit.scoring import token_logprobs
 from rwkvkit.serve import create_app

@@ -8,7 +8,7 @@ for float32 ones). Both are measured here with ``_decode_cpu.probe`` (16 indepen
 in registers; a sum over a buffer larger than the caches), not taken from a data sheet. For each model
 (bf16, int8) and B, the step's ms, rows x tokens/s, the ratio to one row, and the fraction of each
 floor it reaches are printed, with ``Kernels.batch_bf16`` on (bf16 activations) and off (float32).
-``time_decoder`` adds what the server's engine does around the step (``rwkvkit.generate.BatchDecoder``:
+``time_decoder`` adds what the server's engine does around the step (``rwkvkit.generation.BatchDecoder``:
 per-row sampling, bookkeeping), without HTTP: rows x tokens/s of the decode loop itself.
 """
 
@@ -155,7 +155,7 @@ def step_logits(model: torch.nn.Module, B: int, steps: int, bf16_act: bool) -> t
 def time_decoder(model: torch.nn.Module, B: int, steps: int, temperature: float, repeat: int) -> float:
     """Seconds per ``BatchDecoder.step`` with B rows decoding (prompts already fed), each row with its own
     sampler (top-p 0.85 at ``temperature``, 0: greedy), as the server's engine steps them."""
-    from ..generate import BatchDecoder, Row
+    from ..generation import BatchDecoder, Row
     from ..sampling import Sampler, SamplingParams
 
     V = model.config.vocab_size

@@ -63,7 +63,7 @@ def profile_decoder(
     import rwkvkit
     from rwkvkit.decoder import TIMINGS, BatchDecoder, Row
     from rwkvkit.dtypes import DTYPES
-    from rwkvkit.generate import TextStream, penalty_weights
+    from rwkvkit.generation import TextStream, penalty_weights
     from rwkvkit.sampling import Sampler, SamplingParams
 
     if args.threads:

@@ -26,7 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .. import scoring
-from ..generate import BatchDecoder, Row, TextStream, penalty_weights
+from ..generation import BatchDecoder, Row, TextStream, penalty_weights
 from ..sampling import GREEDY, Sampler, SamplingParams
 
 EOD = 0  # end of document: what an RWKV model has seen before a document starts

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..decoder import Row
-from ..generate import TextStream, penalty_weights
+from ..generation import TextStream, penalty_weights
 from ..sampling import SEED_RANGE, Sampler, SamplingParams
 from .engine import BURST_MS, CACHE_BYTES, CACHE_ENTRIES, RIDE_TOKENS, Engine, Job, QueueFull
 from .errors import APIError

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..decoder import TIMINGS, BatchDecoder, PrefixCache, Row
-from ..generate import TextStream
+from ..generation import TextStream
 from ..runtime import trim_malloc
 
 CACHE_ENTRIES = 32
