@@ -44,6 +44,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def check_output(path: str | os.PathLike, what: str, *, force: bool = False,
+                 inputs: tuple[str | os.PathLike | None, ...] = (), hint: str = "--force replaces it") -> Path:  # fmt: skip
+    """Where a command may write an output it names ``what`` (e.g. "--save-state"): a ValueError saying
+    why not for a folder, a folder that does not exist, one of the command's own ``inputs`` (never,
+    even with ``force``), or an existing file unless ``force`` (``hint`` says how to force). Checked
+    before the work, so that nothing is computed for a file that cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{what} {str(p)!r}: the folder {str(p.parent)!r} does not exist")
+    for q in inputs:
+        if q is not None and p.exists() and Path(q).exists() and p.samefile(q):
+            raise ValueError(f"{what} {str(p)!r} is one of this command's inputs; write elsewhere")
+    if p.exists() and not force:
+        raise ValueError(f"{what} {str(p)!r} exists; {hint}")
+    return p
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through ``atomic_write``."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -22,14 +22,14 @@ from typing import Any
 import torch
 
 from .generation import TextGeneration, generate
-from .io import safe_torch_load
+from .io import check_output, safe_torch_load
 from .model_args import add_model_args, load_model_and_tokenizer
 from .sampling import SamplingParams
 from .state import State
 
 CHAT_HELP = """commands:
   /reset        forget the conversation (back to the start state)
-  /save FILE    save the conversation state to FILE
+  /save FILE    save the conversation state to FILE (/save! FILE replaces an existing file)
   /load FILE    continue a conversation saved with /save
   /help         this text
   /quit         leave (also Ctrl-D)"""
@@ -52,6 +52,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args: argparse.Namespace, p: argparse.ArgumentParser) -> SamplingParams:
+    if args.max_tokens is not None and args.max_tokens < 0:
+        p.error(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.chunk_len <= 0:
+        p.error(f"--chunk-len must be positive, got {args.chunk_len}")
     try:
         return SamplingParams(
             temperature=args.temperature,
@@ -100,6 +104,17 @@ def load_state_file(path: str, model: torch.nn.Module) -> State:
     return state
 
 
+def _model_input(tokenizer: Any, text: str) -> str | list[int]:
+    """Text typed or piped in, as the model should read it: ``text`` when it is valid Unicode; else
+    (bytes that are not UTF-8, which Python hands over as surrogate escapes) the token ids of the bytes
+    exactly as they were given."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return list(tokenizer.encode(text.encode("utf-8", "surrogateescape")))
+
+
 def _stream(gen: TextGeneration, out: Any, strip_leading: bool = False) -> str:
     first = True
     for piece in gen:
@@ -120,6 +135,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=None, help="the text to continue ('-' reads standard input)")
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     p.add_argument("--save-state", default=None, help="write the state after the generated text to FILE")
+    p.add_argument("--force", action="store_true", help="let --save-state replace an existing file")
     args = p.parse_args(argv)
     if args.prompt is None:
         p.error("--prompt is required ('-' reads it from standard input)")
@@ -127,6 +143,12 @@ def generate_main(argv: list[str] | None = None) -> int:
     if not prompt:
         p.error("the prompt is empty")
     params = _sampling(args, p)
+    if args.save_state:
+        try:
+            check_output(args.save_state, "--save-state", force=args.force, inputs=(args.model, args.state))
+        except ValueError as e:
+            print(f"rwkvkit generate: {e}", file=sys.stderr)
+            return 2
     opened = _open(args, "rwkvkit generate")
     if opened is None:
         return 2
@@ -134,7 +156,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     gen = generate(
         model,
         tok,
-        prompt,
+        _model_input(tok, prompt),
         max_tokens=200 if args.max_tokens is None else args.max_tokens,
         sampling=params,
         stop=args.stop,
@@ -164,7 +186,10 @@ class ChatSession:
         self.state: State | None = self.start.clone() if self.start is not None else None
         self.needs_separator = False  # True when the last reply did not end with '\n\n'
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, force: bool = False, inputs: tuple[str | None, ...] = ()) -> None:
+        """Write the conversation's state to ``path``: ValueError for an existing file (unless
+        ``force``), one of ``inputs``, a folder, or a folder that does not exist."""
+        check_output(path, "/save", force=force, inputs=inputs, hint="'/save! FILE' replaces it")
         state = self.state if self.state is not None else self.model.init_state(1)
         state.save(path)
 
@@ -175,6 +200,7 @@ class ChatSession:
     def reply(self, message: str, out: Any) -> str:
         text = re.sub(r"\n\s*\n", "\n", message.strip())  # '\n\n' ends a turn; keep it out of the message
         prompt = ("\n\n" if self.needs_separator else "") + f"User: {text}\n\nAssistant:"
+        prompt = _model_input(self.tokenizer, prompt)
         gen = generate(self.model, self.tokenizer, prompt, max_tokens=self.max_tokens, sampling=self.params,
                        stop="\n\n", state=self.state, chunk_len=self.chunk_len)  # fmt: skip
         assert isinstance(gen, TextGeneration)
@@ -220,13 +246,13 @@ def chat_main(argv: list[str] | None = None) -> int:
             elif cmd == "/reset":
                 chat.reset()
                 out.write("(conversation reset)\n")
-            elif cmd in ("/save", "/load") and not arg:
+            elif cmd in ("/save", "/save!", "/load") and not arg:
                 out.write(f"usage: {cmd} FILE\n")
-            elif cmd == "/save":
+            elif cmd in ("/save", "/save!"):
                 try:
-                    chat.save(arg)
+                    chat.save(arg, force=cmd == "/save!", inputs=(args.model, args.state))
                     out.write(f"(saved to {arg})\n")
-                except OSError as e:
+                except (OSError, ValueError) as e:
                     out.write(f"cannot save: {e}\n")
             elif cmd == "/load":
                 try:

@@ -193,6 +193,22 @@ def test_lm_eval_end_to_end_on_local_tasks(demo, tmp_path, monkeypatch, offline_
     assert 0 <= res["rwkvkit_gen"]["exact_match,remove_whitespace"] <= 1
 
 
+@pytest.mark.parametrize("args, says", [(["--limit", "2.5"], "--limit: must be a count"),
+                                        (["--limit", "0"], "--limit: must be a count"),
+                                        (["--num-fewshot", "-1"], "--num-fewshot must be >= 0")])  # fmt: skip
+def test_impossible_settings_are_refused(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--tasks", "rwkvkit_mc", *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_an_existing_output_is_kept(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("mine")
+    assert cli.main(["--tasks", "rwkvkit_mc", "--limit", "1", "--output", str(out)]) == 2
+    assert "exists; --force replaces it" in capsys.readouterr().err and out.read_text() == "mine"
+
+
 def test_missing_lm_eval_is_named(monkeypatch, capsys):
     import builtins
 

@@ -79,7 +79,9 @@ def test_command_prints_and_writes_the_figures(tmp_path: Path, demo, capsys):
 
 def test_command_names_bad_input(tmp_path: Path, capsys):
     assert cli_main(["eval", "perplexity", str(tmp_path / "missing.txt")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["eval", "perplexity", str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
     f = tmp_path / "a.txt"
     f.write_text("hello", encoding="utf-8")
     # the World vocabulary (65530 tokens) does not fit the demo model's 8192
@@ -101,3 +103,20 @@ def test_command_runs_the_int8_model(tmp_path: Path) -> None:
     assert got != pytest.approx(
         perplexity.score_file(rwkvkit.load(MODEL), tok, str(f)).nats_per_token, abs=1e-5
     )
+
+
+def test_outputs_keep_what_exists_and_empty_files_give_null_figures(tmp_path: Path, capsys) -> None:
+    f, empty, out = tmp_path / "a.txt", tmp_path / "empty.txt", tmp_path / "out.json"
+    f.write_text("hello", encoding="utf-8")
+    empty.write_text("", encoding="utf-8")
+    assert cli_main(["eval", "perplexity", str(f), "--output", str(f), "--force", "--quiet"]) == 2
+    assert "one of this command's inputs" in capsys.readouterr().err and f.read_text() == "hello"
+    out.write_text("mine")
+    assert cli_main(["eval", "perplexity", str(f), "--output", str(out), "--quiet"]) == 2
+    assert "exists; --force replaces it" in capsys.readouterr().err and out.read_text() == "mine"
+    assert cli_main(["eval", "perplexity", str(empty), "--output", str(out), "--force", "--quiet"]) == 0
+    figures = json.loads(out.read_text())  # strict JSON: no NaN
+    assert figures["files"][0]["tokens"] == 0 and figures["files"][0]["perplexity"] is None
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "perplexity", str(f), "--threads", "-1"])
+    assert "--threads: must be >= 0" in capsys.readouterr().err

@@ -262,3 +262,58 @@ def test_serve_refuses_an_impossible_port_or_thread_count(flag, value, says, cap
     with pytest.raises(SystemExit) as e:
         main(["--model", "unused.pth", flag, value])
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_outputs_never_replace_an_input_and_replace_a_file_only_when_asked(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--model", str(ckpt), "--prompt", "x", "--max-tokens", "2", *GREEDY_CLI]
+    keep = tmp_path / "keep.state"
+    keep.write_bytes(b"mine")
+    before = ckpt.read_bytes()
+    for target, extra, says in [
+        (keep, [], "exists; --force replaces it"),
+        (ckpt, ["--force"], "is one of this command's inputs"),
+        (tmp_path, [], "is a folder"),
+        (tmp_path / "no" / "s.state", [], "does not exist"),
+    ]:
+        assert generate_main([*args, "--save-state", str(target), *extra]) == 2
+        err = capsys.readouterr()
+        assert says in err.err and err.out == ""  # refused before generating anything
+    assert keep.read_bytes() == b"mine" and ckpt.read_bytes() == before and not (tmp_path / "no").exists()
+    assert generate_main([*args, "--save-state", str(keep), "--force"]) == 0
+    assert State.load(keep).batch_size == 1
+    lines = f"Hi\n/save {keep}\n/save {ckpt}\n/save! {ckpt}\n/save! {keep}\n/quit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    mtime = keep.stat().st_mtime_ns
+    assert chat_main(["--model", str(ckpt), "--max-tokens", "3", *GREEDY_CLI]) == 0
+    out = capsys.readouterr().out
+    assert "'/save! FILE' replaces it" in out and out.count("is one of this command's inputs") == 2
+    assert out.count("(saved to") == 1 and keep.stat().st_mtime_ns != mtime and ckpt.read_bytes() == before
+
+
+def test_input_that_is_not_utf8_is_read_as_its_bytes(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Python hands over argv and stdin bytes that are not UTF-8 as surrogate escapes: the model reads
+    the bytes as given (no traceback, and chat goes on)."""
+    raw = b"caf\xe9 \xff!"
+    text = raw.decode("utf-8", "surrogateescape")
+    assert generate_main(["--model", str(ckpt), "--prompt", text, "--max-tokens", "5", *GREEDY_CLI]) == 0
+    out = capsys.readouterr().out
+    model, tok = rwkvkit.load(ckpt), rwkvkit.Tokenizer()
+    assert (
+        out == generate(model, tok, list(tok.encode(raw)), max_tokens=5, sampling=GREEDY, stream=False) + "\n"
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{text}\nagain\n/quit\n"))
+    assert chat_main(["--model", str(ckpt), "--max-tokens", "3", *GREEDY_CLI]) == 0
+    assert capsys.readouterr().out.count("Assistant: ") == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--max-tokens", "-1"), ("--chunk-len", "0")])
+def test_generate_and_chat_refuse_impossible_lengths(ckpt: Path, flag: str, value: str, capsys) -> None:
+    for main in (generate_main, chat_main):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(ckpt), "--prompt", "x", flag, value] if main is generate_main else
+                 ["--model", str(ckpt), flag, value])  # fmt: skip
+        assert e.value.code == 2 and f"{flag} must be" in capsys.readouterr().err

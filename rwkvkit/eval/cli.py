@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..io import check_output
 from ..scoring import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK_LEN
 from .common import add_model_args, load_from_args
 
@@ -136,9 +137,11 @@ def _write_json(path: str, results: dict[str, Any]) -> None:
 
 def _limit(v: str) -> float:
     x = float(v)
-    if x <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return int(x) if x >= 1 and x == int(x) else x
+    if not 0 < x < 1 and not (x >= 1 and x == int(x)):
+        raise argparse.ArgumentTypeError(
+            f"must be a count of documents (1, 2, ...) or a fraction in (0, 1), got {v}"
+        )
+    return int(x) if x >= 1 else x
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
+    p.add_argument("--force", action="store_true", help="let --output replace an existing file")
     p.add_argument(
         "--log-samples", action="store_true", help="include every request and response in the JSON"
     )
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size <= 0 or args.chunk_len <= 0 or args.max_gen_toks <= 0:
         p.error("--batch-size, --chunk-len and --max-gen-toks must be positive")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        p.error(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     items = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not items:
         p.error("--tasks is empty")
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     from .harness import RWKVLM
 
     try:
+        if args.output:
+            check_output(args.output, "--output", force=args.force, inputs=(args.model,))
         specs, names = task_specs(items)
         manager = TaskManager(include_defaults=bool(names))
         unknown = [n for n in names if not manager.match_tasks([n])]

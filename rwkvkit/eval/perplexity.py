@@ -21,10 +21,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..io import atomic_write, check_output
 from ..scoring import DEFAULT_CHUNK_LEN, rolling_loglikelihood
 from .common import add_model_args, load_from_args
 
@@ -54,11 +56,12 @@ class FileScore:
         return -self.logprob / math.log(2) / self.bytes if self.bytes else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
+        """The figures for JSON: those an empty file does not have (no tokens, no bytes) are None."""
         d = asdict(self)
         d.update(
             nats_per_token=self.nats_per_token, perplexity=self.perplexity, bits_per_byte=self.bits_per_byte
         )
-        return d
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
 def token_lengths(tokenizer: Any) -> np.ndarray:
@@ -136,17 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(p)
     p.add_argument("--chunk-len", type=int, default=DEFAULT_CHUNK_LEN, help="tokens per model call")
     p.add_argument("--output", default=None, help="also write the figures as JSON to this file")
+    p.add_argument("--force", action="store_true", help="let --output replace an existing file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.chunk_len <= 0:
         p.error("--chunk-len must be positive")
-    missing = [f for f in args.files if not os.path.isfile(f)]
-    if missing:
-        print(f"rwkvkit eval perplexity: no such file: {missing[0]}", file=sys.stderr)
-        return 2
+    for f in args.files:
+        if not os.path.isfile(f):
+            why = "is a folder, not a file" if os.path.isdir(f) else "does not exist"
+            print(f"rwkvkit eval perplexity: {f!r} {why}", file=sys.stderr)
+            return 2
     from ..hub import ModelNotFound
 
     try:
+        if args.output:
+            check_output(args.output, "--output", force=args.force, inputs=(*args.files, args.model))
         model, tokenizer = load_from_args(args)
     except (ModelNotFound, ValueError, FileNotFoundError) as e:
         print(f"rwkvkit eval perplexity: {e}", file=sys.stderr)
@@ -173,10 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{s.bits_per_byte:>9.4f} {rate:>7.0f}"
         )
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(
-                {"model": args.model, "files": [s.as_dict() for s in scores], "total": total.as_dict()},
-                f,
-                indent=2,
-            )
+        figures = {"model": args.model, "files": [s.as_dict() for s in scores], "total": total.as_dict()}
+        atomic_write(
+            args.output, lambda tmp: Path(tmp).write_text(json.dumps(figures, indent=2, allow_nan=False))
+        )
     return 0
