@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CheckpointError, ModelConfig, checkpoint_keys
+from .dtypes import DTYPES
 from .dtypes import NAMES as _DTYPE_NAMES
 from .io import atomic_torch_save, atomic_write, safe_torch_load
 from .kernels import MALLOC_TUNE, Kernels
@@ -119,7 +120,7 @@ def _check_finite(key: str, original: torch.Tensor, loaded: torch.Tensor, path: 
 def load(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     quantize: str | None = None,
     *,
     fold_ln0: bool = True,
@@ -128,7 +129,7 @@ def load(
 ) -> RWKV:
     """Load an official checkpoint of any registered version (RWKV-4, Eagle, Finch, Goose).
 
-    ``dtype`` (fp32, bf16 or fp16) applies to the large matrices; LayerNorms, decays and the WKV state
+    ``dtype`` (fp32, bf16 or fp16: a torch dtype or its name) applies to the large matrices; LayerNorms, decays and the WKV state
     stay fp32. fp16 uses the reference's rescaling (``att.output``/``ffn.value`` halved every 6 layers,
     x halved after every 6th block) so it does not overflow. ``quantize="int8"`` stores the matrices as
     int8 (ggml's Q8_0 layout: an fp16 scale per 32 inputs) for fast CPU decode; ``dtype`` then applies to
@@ -142,8 +143,10 @@ def load(
     shows what runs). ``tune_malloc``: for a CPU model, raise glibc's malloc thresholds for the process
     (``rwkvkit.runtime.tune_malloc``); None means yes unless ``RWKVKIT_MALLOC_TUNE=0``.
     """
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
     if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        raise ValueError(f"dtype must be fp32, bf16 or fp16 (or their torch dtypes), got {dtype!r}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     sd = read_state_dict(path)

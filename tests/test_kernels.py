@@ -77,6 +77,18 @@ def test_info_command(paths, capsys):
     assert "Finch (RWKV-6)" in out and "dtype bf16" in out
     assert "switched off (kernels.fused=False)" in _line(out, "element-wise chains")
     assert info_main([str(paths[6].with_name("missing.pth"))]) == 1
+    assert info_main([str(paths[6]), "--dtype", "bf16", "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "dtype bf16 (embedding and LoRAs; matrices int8;" in out and "quantisation int8" in out
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_dtype_is_the_load_dtype_by_name_or_torch_dtype(paths, quantize):
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert rwkvkit.load(paths[6], dtype=name, quantize=quantize).dtype == dt
+        assert rwkvkit.load(paths[6], dtype=dt, quantize=quantize).dtype == dt
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        rwkvkit.load(paths[6], dtype="fp8")
 
 
 @pytest.mark.skipif(not decode.available(), reason="native decode kernels not built")

@@ -147,7 +147,9 @@ class RWKV(nn.Module):
     # ---- state ----------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype if self.head.weight.is_floating_point() else torch.bfloat16
+        # the embedding is stored in the load dtype in every mode (int8 quantises only the matrices; an
+        # int8 head's ``weight`` is its dequantised copy, float32 and costly to build)
+        return self.emb.weight.dtype
 
     @property
     def device(self) -> torch.device:

@@ -47,7 +47,9 @@ def describe(model: nn.Module) -> str:
     lines = [
         f"{spec.name}: L{cfg.n_layer} C{cfg.n_embd} H{cfg.n_head}x{cfg.head_size} F{cfg.ffn_dim} "
         f"V{cfg.vocab_size}" + "".join(f" {k}={v}" for k, v in cfg.sizes.items()),
-        f"dtype {name_of(model.dtype)} (matrices; norms, decays and the state fp32), "
+        f"dtype {name_of(model.dtype)} ("
+        + ("embedding and LoRAs; matrices int8" if _quantisation(model) != "none" else "matrices")
+        + "; norms, decays and the state fp32), "
         f"quantisation {_quantisation(model)}, device {model.device}"
         + (", fp16 layer rescaling" if getattr(model, "rescale_every", 0) else "")
         + (", ln0 folded" if getattr(model, "ln0_folded", False) else ", trainable (ln0 kept)"),
