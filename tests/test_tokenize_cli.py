@@ -16,6 +16,8 @@ TEXTS = {
     "sub/b.md": "# 标题\n\n你好，世界。こんにちは。",
     "sub/deeper/c.txt": "",
     "sub/skip.bin": "not a text suffix, skipped when walking a directory",
+    "sub/tool.py": "print('not a text suffix either')\n",
+    "sub/deeper/x.py": "x = 1\n",
 }
 JSONL = ["Hello 🎉 world", "", "def f():\n    return 1\n", "Привет"]
 
@@ -47,7 +49,12 @@ def test_tokenize_directory_gives_exact_ids(tmp_path, tok, workers, monkeypatch,
         ["tokenize", str(tmp_path / "in"), "-o", str(out), "--workers", str(workers), "--no-progress"]
     )
     assert rc == 0
-    assert "7 documents" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "7 documents" in captured.out and "; left out 3 files of other types" in captured.out
+    assert captured.err.strip() == (  # said, so a user knows what a directory walk did not take
+        "rwkvkit tokenize: left out 3 files of the input folders that are not text (.md/.rst/.text/.txt) "
+        "or .jsonl: 2 .py, 1 .bin (name a file to take it whatever its extension)"
+    )
     data = BinIdx(out)
     assert [data[i].tolist() for i in range(len(data))] == [tok.encode(d) + [0] for d in docs]
     assert data.n_tokens == sum(len(tok.encode(d)) + 1 for d in docs)

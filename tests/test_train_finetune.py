@@ -124,3 +124,40 @@ def test_state_tuning_refuses_rwkv4(tmp_path):
     random_checkpoint(4, 1, 64, V, path=path)
     with pytest.raises(ValueError, match="Eagle .v5. or Finch"):
         Trainer(tiny_config(tmp_path, version=4, mode="state", load=str(path)))
+
+
+def _vocab(path, size: int):
+    from rwkvkit.train.vocab import subset_vocab, write_vocab
+
+    write_vocab(subset_vocab(["the cat sat on the mat. " * 40], size), path)
+    return path
+
+
+def test_fine_tuning_refuses_a_vocabulary_larger_than_the_model(tmp_path, base_ckpt, capsys):
+    from rwkvkit.train.cli import main
+
+    path, _ = base_ckpt
+    vocab = _vocab(tmp_path / "big.txt", 300)  # the model has 64 ids
+    cfg = tiny_config(tmp_path, load=str(path), vocab=str(vocab), max_steps=1)
+    args = [f"data={cfg.data}", f"out_dir={cfg.out_dir}", f"load={path}", f"vocab={vocab}", "device=cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"rwkvkit train: vocabulary file '{vocab}' has 300 ids, more than the {V} of the model in "
+        f"'{path}': fine-tune with the vocabulary it was trained with"
+    )
+    assert not (tmp_path / "run" / "vocab.txt").exists()
+
+
+def test_a_full_fine_tune_carries_the_base_models_vocabulary(tmp_path, capsys):
+    from rwkvkit.run_cli import generate_main
+
+    base = tmp_path / "base" / "model.pth"
+    base.parent.mkdir()
+    random_checkpoint(6, 1, 32, 300, head_size=32, mix_lora=4, decay_lora=8, path=base)
+    vocab = _vocab(tmp_path / "base" / "model.vocab.txt", 300)  # as find_vocab looks beside a model
+    cfg = tiny_config(tmp_path, load=str(base), max_steps=1, ctx_len=16)
+    out = Trainer(cfg).fit()
+    assert (tmp_path / "run" / "vocab.txt").read_bytes() == vocab.read_bytes()
+    capsys.readouterr()
+    assert generate_main(["--model", str(out["checkpoint"]), "--prompt", "the cat", "--max-tokens", "2"]) == 0

@@ -62,6 +62,25 @@ def test_config_yaml_and_overrides(tmp_path):
         (["ctx_len=0"], "ctx_len must be positive"),
         (["grad_clip=x"], "must be a number"),
         (["oops"], "key=value"),
+        (["lr_init=inf"], "lr_init must be a positive number, got inf"),
+        (["lr_final=.nan"], "lr_final must be a positive number, got nan"),
+        (["lr_init=1.5"], "lr_init 1.5 is above 1: far too large for Adam"),
+        (["log_every=0"], "log_every must be positive, got 0"),
+        (["eval_batches=0"], "eval_batches must be positive, got 0"),
+        (["model.ffn_dim=-4"], "model.ffn_dim must be >= 0, got -4"),
+        (["model.mix_lora=-1"], "model.mix_lora must be >= 0, got -1"),
+        (["weight_decay=-1"], "weight_decay must be a number >= 0, got -1.0"),
+        (["l2wrap=-1"], "l2wrap must be a number >= 0, got -1.0"),
+        (["grad_clip=-1"], "grad_clip must be a number >= 0, got -1.0"),
+        (["max_minutes=-1"], "max_minutes must be a number >= 0, got -1.0"),
+        (["threads=-1"], "threads must be >= 0, got -1"),
+        (["eval_every=-1"], "eval_every must be >= 0, got -1"),
+        (["save_every=-1"], "save_every must be >= 0, got -1"),
+        (["beta2=1"], r"beta2 must be in \[0, 1\), got 1.0"),
+        (
+            ["backend=native"],
+            r"backend must be one of \('auto', 'chunked', 'naive'\) to train \('native' runs",
+        ),
     ],
 )
 def test_config_bad_input_names_the_problem(override, msg):
@@ -255,6 +274,37 @@ def test_read_tokens_formats_and_errors(tmp_path):
         D.TokenDataset(np.array([1, 2, 300, 4, 5] * 10), 4, vocab_size=256)
     with pytest.raises(ValueError, match="fewer than ctx_len"):
         D.TokenDataset(np.array([1, 2, 3]), 4)
+
+
+def test_check_ids_reads_every_block(tmp_path):
+    t = np.zeros(1000, dtype=np.int32)
+    D.check_ids(t, 8, "x")
+    t[997] = 8
+    with pytest.raises(
+        ValueError, match=r"^x holds token id 8 at position 997, outside .* of 8 \(ids 0..7\)$"
+    ):
+        D.check_ids(t, 8, "x", block=100)
+    t[997], t[5] = 0, -1
+    with pytest.raises(ValueError, match="token id -1 at position 5"):
+        D.check_ids(t, 8, "x", block=100)
+    D.check_ids(np.full(10, 65535, dtype=np.uint16), 65536, "x")  # uint16 under 65536 ids: nothing to read
+
+
+def test_memory_mapped_int64_data_gives_no_warning(tmp_path):
+    """torch warns once per process about a read-only (memory-mapped) array: a fresh process shows it."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "t.npy", np.arange(200, dtype=np.int64) % 50)
+    code = (
+        "import sys, warnings; warnings.simplefilter('error'); from rwkvkit.train import data as D; "
+        "t = D.read_tokens(sys.argv[1]); x, y = D.TokenDataset(t, 16).batch(0, 2); "
+        "v = D.val_batches(t, 16, 2, 2); assert x.shape == (2, 16) and v[0][0][0, 0] == 0"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "t.npy")], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and not run.stderr, run.stderr
 
 
 def test_val_split_is_the_tail(tmp_path):

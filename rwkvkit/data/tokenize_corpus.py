@@ -1,10 +1,11 @@
 """``rwkvkit tokenize``: text and jsonl files -> a binidx token corpus for training.
 
 Inputs are files or directories (walked recursively in sorted order; ``.jsonl`` files and text
-files with the extensions in ``TEXT_SUFFIXES`` are taken, anything named explicitly is taken). A text
-file is one document; a ``.jsonl`` file holds one document per non-blank line, ``{"text": ...}``
-(the key is ``--jsonl-key``). Documents keep their order. Each is encoded with the World tokenizer
-and written with id 0 after it (RWKV-LM's layout, see ``binidx.py``).
+files with the extensions in ``TEXT_SUFFIXES`` are taken, the others left out and counted by
+extension on stderr; anything named explicitly is taken). A text file is one document; a
+``.jsonl`` file holds one document per non-blank line, ``{"text": ...}`` (the key is
+``--jsonl-key``). Documents keep their order. Each is encoded with the World tokenizer and written
+with id 0 after it (RWKV-LM's layout, see ``binidx.py``).
 
 Work is split into tasks (a text file, or a block of jsonl lines) that a process pool encodes;
 the main process writes the results in order through the atomic :class:`BinIdxWriter`, so an
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,8 +45,9 @@ class CorpusError(ValueError):
     """An input that cannot be read as a document (bad UTF-8, bad JSON, missing key)."""
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """The files to read, in order: explicit files as given, directories walked sorted."""
+def collect_inputs(inputs: list[str], left_out: list[Path] | None = None) -> list[Path]:
+    """The files to read, in order: explicit files as given, directories walked sorted. The files of
+    a directory that are neither text nor ``.jsonl`` are appended to ``left_out`` when given."""
     files: list[Path] = []
     for name in inputs:
         p = Path(name)
@@ -57,9 +60,27 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
                     q = Path(dirpath) / f
                     if q.suffix == ".jsonl" or q.suffix in TEXT_SUFFIXES:
                         files.append(q)
+                    elif left_out is not None:
+                        left_out.append(q)
         else:
             raise FileNotFoundError(f"input {name!r} does not exist")
     return files
+
+
+def left_out_summary(left_out: list[Path]) -> str:
+    """One line on the files a directory walk left out: how many, of which extensions, and how to
+    take them anyway."""
+    kinds = Counter(p.suffix or "without extension" for p in left_out)
+    each = ", ".join(f"{n} {ext}" for ext, n in kinds.most_common())
+    text = "/".join(sorted(TEXT_SUFFIXES))
+    return (
+        f"left out {_files(len(left_out))} of the input folders that are not text ({text}) or .jsonl: "
+        f"{each} (name a file to take it whatever its extension)"
+    )
+
+
+def _files(n: int) -> str:
+    return f"{n} file" + ("s" if n != 1 else "")
 
 
 def _tasks(files: list[Path]) -> Iterator[Task]:
@@ -159,7 +180,10 @@ def tokenize_files(
     """
     from tqdm import tqdm
 
-    files = collect_inputs(inputs)
+    left_out: list[Path] = []
+    files = collect_inputs(inputs, left_out)
+    if left_out:
+        print(f"rwkvkit tokenize: {left_out_summary(left_out)}", file=sys.stderr)
     if not files:
         raise FileNotFoundError("no input files found (text files, .jsonl, or directories holding them)")
     total = sum(f.stat().st_size for f in files)
@@ -194,7 +218,13 @@ def tokenize_files(
                     writer.add(flat[start : start + s])
                     start += s
                 bar.update(n_bytes)
-        stats = {"docs": len(writer), "tokens": writer.n_tokens, "bytes": total, "skipped": n_skipped}
+        stats = {
+            "docs": len(writer),
+            "tokens": writer.n_tokens,
+            "bytes": total,
+            "skipped": n_skipped,
+            "left_out": len(left_out),
+        }
     finally:
         bar.close()
         if pool is not None:
@@ -241,5 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         f"in {stats['seconds']:.1f} s ({mb / max(stats['seconds'], 1e-9):.1f} MB/s) -> "
         f"{args.output}.bin, {args.output}.idx"
         + (f"; {stats['skipped']} bad inputs skipped" if stats["skipped"] else "")
+        + (f"; left out {_files(int(stats['left_out']))} of other types" if stats["left_out"] else "")
     )
     return 0

@@ -11,7 +11,8 @@
 Overrides are ``key=value`` (after ``--set`` or bare, anywhere on the line), values parsed as YAML;
 every key is a field of ``rwkvkit.train.config.TrainConfig`` (``--help`` lists them with what each
 does); the model's keys live in its section, ``model.<key>`` on the command line. ``--print-config`` shows the resolved config and exits. A problem with the config, the data,
-the vocabulary or the run folder is one line naming it (exit status 2), not a traceback.
+the vocabulary or the run folder is one line naming it (exit status 2), not a traceback; so is a run
+that diverges or cannot write a checkpoint (exit status 1, the checkpoints saved before it intact).
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"rwkvkit train: {e}", file=sys.stderr)
         return 2
-    summary = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    try:  # what can go wrong once training runs: divergence, a checkpoint that cannot be written
+        summary = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    except (FloatingPointError, OSError) as e:
+        print(f"rwkvkit train: {e}", file=sys.stderr)
+        return 1
     if summary.get("checkpoint") is not None:
         print(json.dumps({k: str(v) if k == "checkpoint" else v for k, v in summary.items()}))
     return 0

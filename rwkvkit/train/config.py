@@ -18,6 +18,7 @@ field. Nothing here names a version: what a version has is the registry's to say
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ MODES = ("full", "lora", "state")
 SCHEDULES = ("cosine", "exp", "constant")
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("auto", "fp32", "bf16")
+NO_GRAD_BACKENDS = ("native",)  # WKV backends of inference only (the C kernels take no gradient)
 
 
 @dataclass
@@ -165,7 +167,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {msg}")
 
         if not self.load:  # with a checkpoint its shapes decide
-            need(self.model.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.model.vocab_size!r}")
+            for name, value in self.model.to_dict().items():  # 0: the version's default or the vocab's
+                if name != "version":  # an unknown version is the registry's to name
+                    need(value >= 0, f"model.{name} must be >= 0, got {value!r}")
             try:
                 self.model.build(self.model.vocab_size or 65536)
             except (ValueError, TypeError) as e:
@@ -180,9 +184,29 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         from rwkvkit.models.model import BACKENDS  # the model's WKV backends (GPU kernels add theirs)
 
-        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        trainable = tuple(b for b in BACKENDS if b not in NO_GRAD_BACKENDS)
+        need(
+            self.backend in trainable,
+            f"backend must be one of {trainable} to train"
+            + (f" ({self.backend!r} runs without gradients)" if self.backend in BACKENDS else "")
+            + f", got {self.backend!r}",
+        )
         need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.lr_init > 0 and self.lr_final > 0, "lr_init and lr_final must be positive")
+        for name in ("lr_init", "lr_final"):
+            lr = getattr(self, name)
+            need(math.isfinite(lr) and lr > 0, f"{name} must be a positive number, got {lr!r}")
+            need(lr <= 1, f"{name} {lr:g} is above 1: far too large for Adam (typical: 1e-5 .. 1e-3)")
+        for name in ("weight_decay", "grad_clip", "l2wrap", "max_minutes"):
+            value = getattr(self, name)  # 0 disables each
+            need(math.isfinite(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
+        for name in ("threads", "eval_every", "save_every", "stop_at_step"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("eval_batches", "log_every"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        need(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps!r}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         need(0 <= self.warmup_steps <= self.max_steps, "warmup_steps must be in [0, max_steps]")
         need(self.chunk_len >= 0, "chunk_len must be >= 0")
         need(

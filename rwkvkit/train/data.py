@@ -50,6 +50,23 @@ def read_tokens(path: str | Path) -> np.ndarray:
     return arr
 
 
+def check_ids(tokens: np.ndarray, vocab_size: int, name: str, block: int = 1 << 24) -> None:
+    """Raise ValueError naming ``name``, the position and the id of the first id of ``tokens`` outside
+    ``0 .. vocab_size-1``. Every id is read, ``block`` at a time (a memory-mapped file is never
+    loaded whole); a dtype that cannot hold a bad id (uint16 under 65536 ids) needs no reading."""
+    info = np.iinfo(tokens.dtype)
+    if info.min >= 0 and info.max < vocab_size:
+        return
+    for start in range(0, len(tokens), block):
+        part = np.asarray(tokens[start : start + block])
+        if part.min() < 0 or part.max() >= vocab_size:
+            i = int(np.flatnonzero((part < 0) | (part >= vocab_size))[0])
+            raise ValueError(
+                f"{name} holds token id {int(part[i])} at position {start + i}, outside the model's "
+                f"vocabulary of {vocab_size} (ids 0..{vocab_size - 1})"
+            )
+
+
 def _is_prime(n: int) -> bool:
     if n < 2:
         return False
@@ -78,12 +95,8 @@ class TokenDataset:
             raise ValueError(
                 f"the token stream has {len(tokens)} tokens, fewer than ctx_len + 1 = {ctx_len + 1}"
             )
-        if vocab_size is not None and len(tokens):
-            hi = int(np.max(tokens[: min(len(tokens), 1 << 24)]))
-            if hi >= vocab_size:
-                raise ValueError(
-                    f"the data holds token id {hi}, outside the model's vocabulary of {vocab_size}"
-                )
+        if vocab_size is not None:
+            check_ids(tokens, vocab_size, "the token stream")
         self.tokens, self.ctx_len, self.seed = tokens, ctx_len, seed
         self.n_windows = (len(tokens) - 1) // ctx_len
         self.prime = magic_prime(self.n_windows)
@@ -102,7 +115,8 @@ class TokenDataset:
 
     def sample(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.start(g)
-        chunk = torch.from_numpy(np.asarray(self.tokens[i : i + self.ctx_len + 1], dtype=np.int64))
+        # a copy of the crop only: writable for torch, while a memory-mapped file stays on disk
+        chunk = torch.from_numpy(np.array(self.tokens[i : i + self.ctx_len + 1], dtype=np.int64))
         return chunk[:-1], chunk[1:]
 
     def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +155,7 @@ def val_batches(
     out = []
     for b in range(0, want, micro_bsz):
         rows = [
-            torch.from_numpy(np.asarray(tokens[s : s + ctx_len + 1], dtype=np.int64))
+            torch.from_numpy(np.array(tokens[s : s + ctx_len + 1], dtype=np.int64))
             for s in starts[b : b + micro_bsz]
         ]
         t = torch.stack(rows)

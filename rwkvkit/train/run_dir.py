@@ -11,8 +11,10 @@ It uses the trainer's attributes: ``cfg``, ``ctx`` (the distributed context), ``
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ class RunDir:
     model: Any
     opt: Any
     tuned: Any
+    vocab_file: Path | None
     step: int
     tokens_seen: int
     _prepared: bool | None
@@ -61,15 +64,15 @@ class RunDir:
         sd = self._model_state()
         if not self.ctx.is_main:
             return None
-        if self.tuned is not None:
-            from .state_tune import export_state
+        path = self._export_path(name)
+        with _writing(path):
+            if self.tuned is not None:
+                from .state_tune import export_state
 
-            path, _ = export_state(self.tuned, self.out / f"state-{name}.pth")
-            return path
-        if self.cfg.mode == "lora":
-            sd = _merge_lora_sd(sd)
-        path = self.out / f"rwkv-{name}.pth"
-        save(sd, path, dtype=torch.bfloat16)
+                return export_state(self.tuned, path)[0]
+            if self.cfg.mode == "lora":
+                sd = _merge_lora_sd(sd)
+            save(sd, path, dtype=torch.bfloat16)
         return path
 
     def _export_path(self, name: str) -> Path:
@@ -86,7 +89,7 @@ class RunDir:
         removed = []
         for s in steps[: -self.cfg.keep_last]:
             for p in (self.out / f"{prefix}{s}.pth", self.out / f"{prefix}{s}.state"):
-                if p.is_file():
+                if p.is_file() and not _same_file(p, self.cfg.load):  # never the model it fine-tunes
                     p.unlink()
                     removed.append(p)
         return removed
@@ -108,7 +111,8 @@ class RunDir:
             "torch_rng": torch.get_rng_state(),
             "world": self.ctx.world,
         }
-        atomic_torch_save(payload, self.out / "train_state.pt")
+        with _writing(self.out / "train_state.pt"):
+            atomic_torch_save(payload, self.out / "train_state.pt")
 
     def load_train_state(self) -> bool:
         path = self.out / "train_state.pt"
@@ -145,6 +149,8 @@ class RunDir:
         if not isinstance(saved, dict):
             raise ValueError("the training state has no saved config: it was not written by this trainer")
         saved, now = _flat_config(saved), _flat_config(self.cfg.to_dict())
+        if saved.get("load") or now.get("load"):  # the checkpoint's shapes decide (a changed load is named)
+            saved, now = _without_model(saved), _without_model(now)
         model_keys = {k for k in (*saved, *now) if k.startswith("model.")}  # a size set in one only differs
         changed = {
             k: (saved.get(k), now.get(k))
@@ -187,6 +193,12 @@ class RunDir:
                 )
         else:
             old = _run_files(self.out)
+            if old and overwrite and any(_same_file(p, self.cfg.load) for p in old):
+                raise ValueError(
+                    f"--overwrite would delete {self.cfg.load}, the checkpoint this run loads from: copy it "
+                    f"out of {self.out} first, or pick another out_dir"
+                )
+            old = [p for p in old if not _same_file(p, self.vocab_file)]  # the vocabulary it copies
             if old and not overwrite:
                 names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
                 raise ValueError(
@@ -206,8 +218,8 @@ class RunDir:
                 f"rwkvkit train: resuming from step {self.step} of {self.cfg.max_steps} ({state})",
                 file=sys.stderr,
             )
-        if self.ctx.is_main and self.cfg.vocab:
-            src = Path(self.cfg.vocab)
+        src = self.vocab_file
+        if self.ctx.is_main and src is not None and not _same_file(self.out / "vocab.txt", src):
             atomic_write(self.out / "vocab.txt", lambda tmp: shutil.copyfile(src, tmp))
         if resumed and not self._export_path(str(self.step)).is_file():
             self.export(str(self.step))  # killed between saving the state and exporting this step
@@ -244,16 +256,55 @@ def _flat_config(cfg: dict) -> dict:
     return out | {f"model.{k}": v for k, v in model.items()}
 
 
+def _without_model(cfg: dict) -> dict:
+    """A flat config without its ``model.<key>`` entries (ignored where a run loads a checkpoint)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("model.")}
+
+
 def _run_files(out: Path) -> list[Path]:
-    """The files of a training run in ``out`` (what --overwrite removes)."""
+    """The files of a training run in ``out`` (what --overwrite removes): only names the trainer
+    writes (``rwkv-<step>.pth``, ``rwkv-final.pth``, not a user's ``rwkv-best.pth``), and only where a
+    run saved something (a checkpoint or ``train_state.pt``): the log and vocabulary of a run that
+    failed before its first save are no run, and a fresh start reuses the folder."""
     if not out.is_dir():
         return []
     names = ("train_state.pt", "metrics.jsonl", "loss.png", "vocab.txt")
     files = [out / n for n in names if (out / n).is_file()]
-    for pattern in ("rwkv-*.pth", "state-*.pth", "state-*.state"):
-        files += sorted(out.glob(pattern))
-    # vocab.txt alone is not a run (a user may put the vocabulary there first)
-    return files if any(p.name != "vocab.txt" for p in files) else []
+    for prefix, suffix in (("rwkv-", ".pth"), ("state-", ".pth"), ("state-", ".state")):
+        for p in sorted(out.glob(f"{prefix}*{suffix}")):
+            step = p.name[len(prefix) : -len(suffix)]
+            if step.isdigit() or step == "final":
+                files.append(p)
+    return files if any(p.suffix in (".pt", ".pth", ".state") for p in files) else []
+
+
+def _same_file(p: Path, other: str | Path | None) -> bool:
+    """Whether ``p`` and ``other`` (a path; None or "" for none) are one existing file."""
+    if not other:
+        return False
+    try:
+        return p.samefile(other)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` into an OSError of one line: why (the OS error, or PyTorch's
+    short write, which is how a full disk shows), the space left, and that the files saved before it
+    are intact (every write goes to a temporary file, renamed over the old one once complete)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.strerror:
+            why = e.strerror
+        else:
+            why = f"the write stopped short, is the disk full? (PyTorch: {' '.join(str(e).split())[:160]})"
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise OSError(f"could not write {path}: {why}{free}; the files saved before it are intact") from e
 
 
 def _merge_lora_sd(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

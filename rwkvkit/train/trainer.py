@@ -5,14 +5,17 @@ process. Each crop runs through the chunked parallel WKV; with ``chunk_len > 0``
 chunks that run one after the other, each starting from the previous chunk's final state with its
 gradient cut (infinite-context training: memory depends on ``chunk_len``, not ``ctx_len``). Every
 chunk is backpropagated at once, weighted by its share of the tokens. Then gradients are clipped to
-norm ``grad_clip`` and AdamW steps with RWKV-LM's groups and schedule (``optim.py``). bf16 autocast
-on CUDA (master weights fp32), optional gradient checkpointing of every block.
+norm ``grad_clip`` and AdamW steps with RWKV-LM's groups and schedule (``optim.py``). A step whose
+loss or gradient norm is not finite raises ``Diverged`` before the optimiser runs, so the weights
+and every file saved from them stay finite. bf16 autocast on CUDA (master weights fp32), optional
+gradient checkpointing of every block.
 
 Outputs in ``out_dir``: ``rwkv-<step>.pth`` and ``rwkv-final.pth`` (official layout, bf16, atomic;
 LoRA runs save the merged model, state runs ``state-<step>.pth`` + ``.state``; ``keep_last`` keeps
 only the newest numbered ones), ``vocab.txt`` (a copy of ``vocab``, so every command finds the
-model's vocabulary beside it), ``train_state.pt`` (fp32 weights, optimiser, step, config: what
-``resume`` continues from; read back with ``weights_only=True``), ``metrics.jsonl`` and ``loss.png``.
+model's vocabulary beside it; a fine-tune without ``vocab`` carries the one beside the loaded
+checkpoint), ``train_state.pt`` (fp32 weights, optimiser, step, config: what ``resume`` continues
+from; read back with ``weights_only=True``), ``metrics.jsonl`` and ``loss.png``.
 Data order is a pure function of (seed, step), so a resumed run replays exactly what an
 uninterrupted one would have seen.
 
@@ -35,7 +38,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import TrainConfig
-from .data import TokenDataset, global_index, read_tokens, split_train_val, val_batches
+from .data import TokenDataset, check_ids, global_index, read_tokens, split_train_val, val_batches
 from .optim import L2Wrap, lr_at, make_optimizer, set_lr
 from .run_dir import RunDir
 
@@ -52,6 +55,32 @@ def _vocab_size(cfg: TrainConfig) -> int:
     return given or 65536
 
 
+def run_vocab(cfg: TrainConfig, vocab_size: int) -> Path | None:
+    """The vocabulary file a run copies to ``out_dir/vocab.txt``: ``vocab`` (with ``load``, refused
+    when it has more ids than the loaded model's ``vocab_size``), else the one beside the loaded
+    checkpoint (``<stem>.vocab.txt`` or ``vocab.txt``, as ``rwkvkit.model_args.find_vocab`` looks), else
+    None."""
+    if cfg.vocab:
+        if cfg.load:
+            from rwkvkit.tokenizer.vocab import load_vocab
+
+            n = len(load_vocab(cfg.vocab))
+            if n > vocab_size:
+                raise ValueError(
+                    f"vocabulary file {cfg.vocab!r} has {n} ids, more than the {vocab_size} of the model "
+                    f"in {cfg.load!r}: fine-tune with the vocabulary it was trained with"
+                )
+        return Path(cfg.vocab)
+    if cfg.load:
+        from rwkvkit.model_args import find_vocab
+
+        try:
+            return find_vocab(cfg.load, vocab_size)
+        except ValueError:  # none beside it (generate will ask for --vocab, as for the base model)
+            return None
+    return None
+
+
 def build_model(cfg: TrainConfig) -> nn.Module:
     """A fresh model with RWKV-LM's init, or ``cfg.load`` opened for training (fp32, ln0 kept)."""
     import rwkvkit
@@ -62,6 +91,26 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.load:
         return rwkvkit.load(cfg.load, dtype=torch.float32, fold_ln0=False)
     return init_weights(RWKV(cfg.model.build(_vocab_size(cfg))), seed=cfg.seed)
+
+
+class Diverged(FloatingPointError):
+    """A step whose loss or gradient norm is not finite. ``optimizer_step`` raises it before the
+    optimiser runs, so the weights, and everything saved from them, stay finite; ``fit`` adds the
+    last checkpoint it saved (``last_good``)."""
+
+    def __init__(
+        self, step: int, loss: float, norm: float, lr_init: float, last_good: Path | None = None
+    ) -> None:
+        self.step, self.loss, self.norm, self.lr_init = step, loss, norm, lr_init
+        saved = (
+            f"the last good checkpoint is {last_good} (--resume with a lower lr_init continues from it)"
+            if last_good is not None
+            else "no checkpoint was saved"
+        )
+        super().__init__(
+            f"training diverged at step {step}: loss {loss:.4g}, gradient norm {norm:.4g} (not finite, "
+            f"so the weights were not updated); lower lr_init (now {lr_init:g}); {saved}"
+        )
 
 
 class Trainer(RunDir):
@@ -94,14 +143,17 @@ class Trainer(RunDir):
         self.base = model
         self.model = D.wrap(model, self.ctx)
         self.V = model.config.vocab_size
+        self.vocab_file = run_vocab(cfg, self.V)
         if self.ctx.device.type == "cpu":
             _tune_malloc_for(cfg.micro_bsz * (cfg.chunk_len or cfg.ctx_len) * self.V * 4)
         tokens = read_tokens(cfg.data)
+        check_ids(tokens, self.V, f"token file {cfg.data!r}")  # all of it: the validation tail too
         if cfg.val_data:
             train, val = tokens, read_tokens(cfg.val_data)
+            check_ids(val, self.V, f"validation token file {cfg.val_data!r}")
         else:
             train, val = split_train_val(tokens, cfg.val_fraction, cfg.ctx_len)
-        self.data = TokenDataset(train, cfg.ctx_len, cfg.seed, self.V)
+        self.data = TokenDataset(train, cfg.ctx_len, cfg.seed)  # its ids checked above
         self.val = val_batches(val, cfg.ctx_len, cfg.micro_bsz, cfg.eval_batches) if len(val) else []
         named = list(self.model.named_parameters())
         if self.tuned is not None:
@@ -175,20 +227,25 @@ class Trainer(RunDir):
             losses.append(self.train_micro(x, y, 1.0 / cfg.accum_steps, sync=micro == cfg.accum_steps - 1))
             if self.engine is not None:
                 self.engine.step()  # steps the optimiser only at accumulation boundaries
+        loss = D.all_mean(sum(losses) / len(losses), ctx)
         if self.engine is not None:
             norm = float(self.engine.get_global_grad_norm() or float("nan"))
         else:
-            norm = float("nan")
             if self.tuned is not None:
                 D.average_grads(self.params, ctx)
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0:  # the norm before clipping
                 n = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                norm = float(n.full_tensor() if hasattr(n, "full_tensor") else n)
+            else:
+                n = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            norm = float(n.full_tensor() if hasattr(n, "full_tensor") else n)
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # the same on every process
+                self.opt.zero_grad(set_to_none=True)
+                raise Diverged(self.step + 1, loss, norm, cfg.lr_init)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += cfg.accum_steps * cfg.micro_bsz * cfg.ctx_len * ctx.world
-        return D.all_mean(sum(losses) / len(losses), ctx), norm
+        return loss, norm
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -223,12 +280,16 @@ class Trainer(RunDir):
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
         t0, tok0, last_val = time.time(), self.tokens_seen, None
+        last_good = self._export_path(str(self.step)) if resumed else None
         stop_reason = "max_steps"
         try:
             while self.step < cfg.max_steps:
                 t_step = time.time()
-                loss, norm = self.optimizer_step()
-                if not math.isfinite(loss):
+                try:
+                    loss, norm = self.optimizer_step()
+                except Diverged as e:
+                    raise Diverged(e.step, e.loss, e.norm, e.lr_init, last_good) from None
+                if not math.isfinite(loss):  # DeepSpeed's engine steps by itself: nothing is saved now
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
                 elapsed = time.time() - t0
                 tok_s = (self.tokens_seen - tok0) / max(elapsed, 1e-9)
@@ -259,6 +320,7 @@ class Trainer(RunDir):
                 if cfg.save_every > 0 and self.step % cfg.save_every == 0 or at_end or out_of_time:
                     self.save_train_state()
                     self.export(str(self.step))
+                    last_good = self._export_path(str(self.step))  # the same on every process
                     self.prune_checkpoints()
                     log.plot()
                 if out_of_time and not at_end:
