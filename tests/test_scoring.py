@@ -168,7 +168,7 @@ def test_rolling_equals_the_sum_of_steps_on_a_text_longer_than_any_chunk():
     from rwkvkit.demo import MODEL, VOCAB
 
     model, tok = rwkvkit.load(MODEL), rwkvkit.Tokenizer(VOCAB)
-    text = (Path(__file__).parents[1] / "rwkvkit" / "generate.py").read_text(encoding="utf-8")
+    text = (Path(__file__).parents[1] / "rwkvkit" / "generation.py").read_text(encoding="utf-8")
     tokens = [0] + tok.encode(text)[:320]  # > the demo's training context (128) and any chunk
     seen: list[int] = []
     got = scoring.rolling_loglikelihood(model, iter(tokens), chunk_len=64, progress=seen.append)
