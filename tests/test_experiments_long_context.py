@@ -78,6 +78,7 @@ def test_toy_run_trains_three_models_and_reports_bands(tmp_path):
     assert set(out["books"]["held_out"]) == {"a/two", "b/four"} and "a/two" not in out["books"]["train"]
     for r in out["models"].values():
         assert r["steps"] == preset.max_steps
+        assert r["final_train_loss"] is not None and np.isfinite(r["final_train_loss"])
         assert len(r["bands"]) == len(preset.bands) - 1 and all(np.isfinite(b["loss"]) for b in r["bands"])
     text = lc.table(preset, out)
     assert "Finch (RWKV-6)" in text and "loss @ [1, 8)" in text
@@ -110,3 +111,54 @@ def test_real_held_out_books_are_not_in_training():
     for text in test.values():
         lines = [line for line in text.splitlines() if len(line) > 40]
         assert len(lines) > 5000 and not any(line in train_lines for line in lines)
+
+
+def _no_training(*a, **k):
+    raise AssertionError("the experiment ran before its options were checked")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--models", "finch,finch"], "finch given more than once"),
+        (["--models", ""], "argument --models"),
+        (["--max-windows", "0"], "argument --max-windows"),
+        (["--max-windows", "-1"], "argument --max-windows"),
+        (["--max-eval-len", "0"], "argument --max-eval-len"),
+        (["--max-eval-len", "-5"], "argument --max-eval-len"),
+        (["--max-batch", "0"], "argument --max-batch"),
+        (["--threads", "-2"], "argument --threads"),
+        (["--resume", "--overwrite"], "pick one"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, args, message, monkeypatch, capsys):
+    monkeypatch.setattr(lc, "run", _no_training)
+    with pytest.raises(SystemExit) as e:
+        lc.main(["--preset", "toy", "--out", str(tmp_path), "--work", str(tmp_path / "w"), *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_work_folder_with_a_run_needs_resume_or_overwrite(tmp_path, monkeypatch, capsys):
+    """A second run in the same work folder: one line naming the experiment's flags, and each flag
+    takes it on (the trainings continued or started afresh)."""
+    work = tmp_path / "w"
+    (work / "finch").mkdir(parents=True)
+    (work / "finch" / "train_state.pt").write_bytes(b"x")
+    monkeypatch.setattr(lc, "run", _no_training)
+    base = ["--preset", "toy", "--models", "finch", "--out", str(tmp_path), "--work", str(work)]
+    with pytest.raises(SystemExit) as e:
+        lc.main(base)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--resume continues them, --overwrite starts them afresh" in err
+    seen = {}
+
+    def fake_run(preset, device, seed, work, threads, progress, resume=False, overwrite=False):
+        seen.update(resume=resume, overwrite=overwrite)
+        raise KeyboardInterrupt  # got past the checks: enough
+
+    monkeypatch.setattr(lc, "run", fake_run)
+    for flag in ("--resume", "--overwrite"):
+        with pytest.raises(KeyboardInterrupt):
+            lc.main([*base, flag])
+        assert seen == {"resume": flag == "--resume", "overwrite": flag == "--overwrite"}

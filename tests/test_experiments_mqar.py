@@ -180,3 +180,43 @@ def test_a_stuck_run_is_stopped_and_a_learning_or_nearly_solved_one_is_not():
     near = [0.5, 0.93, 0.95, 0.95, 0.95, 0.95, 0.96]  # slow tail above give_up_below goes on
     assert not mqar.plateaued(_hist(near), spec)
     assert not mqar.plateaued(_hist(stuck), mqar.RunSpec("rwkv4", 64, 3e-3, 1500, 64))  # patience 0: never
+
+
+def _no_training(*a, **k):
+    raise AssertionError("the experiment ran before its options were checked")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-steps", "0"], "argument --max-steps: must be a positive integer, got 0"),
+        (["--max-steps", "-3"], "argument --max-steps"),
+        (["--max-cells", "0"], "argument --max-cells"),
+        (["--max-cells", "-1"], "argument --max-cells"),
+        (["--models", ""], "argument --models"),
+        (["--models", "finch,nope"], "unknown ['nope']"),
+        (["--seed", "-1"], "argument --seed"),
+        (["--device", "bogus"], "argument --device"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(args, message, monkeypatch, capsys):
+    monkeypatch.setattr(mqar, "run", _no_training)
+    with pytest.raises(SystemExit) as e:
+        mqar.main(["--preset", "toy", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_out_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mqar, "run", _no_training)
+    f = tmp_path / "f"
+    f.write_text("hi\n")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            mqar.main(["--preset", "toy", "--out", str(out)])
+        assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "mqar-toy.json").write_text("{}")  # an earlier result: kept unless --overwrite
+    with pytest.raises(SystemExit):
+        mqar.main(["--preset", "toy", "--out", str(tmp_path)])
+    assert "mqar-toy.json' exists; --overwrite replaces it" in capsys.readouterr().err
+    assert (tmp_path / "mqar-toy.json").read_text() == "{}"

@@ -74,3 +74,50 @@ def test_time_call_counts_cpu_seconds_not_waits():
 
     sec, n, cpu = speed.time_call(lambda: time.sleep(0.05), CPU, repeat=2, budget_s=10.0)
     assert n == 2 and sec >= 0.045 and cpu < 0.02  # a sleep takes wall time but no CPU time
+
+
+def test_no_decode_draws_what_was_measured_and_a_second_run_keeps_the_first(tmp_path, capsys):
+    args = ["--preset", "toy", "--threads", "1", "--no-decode", "--ops", "attention", "--max-T", "64"]
+    assert speed.main([*args, "--out", str(tmp_path), "--quiet"]) == 0
+    png, md = tmp_path / "speed-toy.png", tmp_path / "speed-toy.md"
+    assert png.stat().st_size > 1000 and "Decoding" not in md.read_text()
+    before = md.read_text()
+    with pytest.raises(SystemExit) as e:  # the result is there: refused before any measuring
+        speed.main([*args, "--out", str(tmp_path), "--quiet"])
+    assert e.value.code == 2
+    assert "exists; --overwrite replaces it" in capsys.readouterr().err
+    assert md.read_text() == before
+    assert speed.main([*args, "--out", str(tmp_path), "--quiet", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--threads", "-2"], "argument --threads: must be >= 0"),
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device name"),
+        (["--max-T", "0"], "argument --max-T: must be a positive integer, got 0"),
+        (["--max-T", "-1"], "argument --max-T"),
+        (["--max-layers", "0"], "argument --max-layers"),
+        (["--ops", ""], "argument --ops"),
+        (["--ops", "attention,attention"], "attention given more than once"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        speed.main(["--preset", "toy", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        speed.main(["--preset", "toy", "--device", "cuda"])
+    assert e.value.code == 2 and "use --device cpu" in capsys.readouterr().err
+
+
+def test_help_says_the_default_preset(capsys):
+    with pytest.raises(SystemExit):
+        speed.main(["--help"])
+    assert "(default: cpu)" in capsys.readouterr().out

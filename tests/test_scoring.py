@@ -222,3 +222,15 @@ def test_bad_input_is_named(finch):
         scoring.token_logprobs(finch, [])
     empty = scoring.rolling_loglikelihood(finch, [])
     assert empty.tokens == 0 and empty.logprob == 0.0 and empty.state is None
+
+
+def test_token_ids_must_be_integers(tmp_path):
+    """A float id is refused, not truncated (it would score id 1 and report 1.7)."""
+    path = tmp_path / "m.pth"
+    random_checkpoint(6, 1, 64, V, head_size=32, seed=0, path=path)
+    model = rwkvkit.load(path)
+    with pytest.raises(ValueError, match=r"token ids must be integers, got 1\.7"):
+        scoring.token_logprobs(model, [1.7, 2.2])
+    with pytest.raises(ValueError, match=r"got 2\.5"):
+        scoring.rolling_loglikelihood(model, iter([1, 2.5]))
+    assert scoring.token_logprobs(model, torch.tensor([1, 2])).tokens == [1, 2]

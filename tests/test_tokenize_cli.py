@@ -120,3 +120,28 @@ def test_on_error_skip_leaves_out_bad_inputs(tmp_path, tok, capsys):
     assert "a.jsonl:2: not a JSON line" in captured.err and "b.txt: not UTF-8 text" in captured.err
     assert "2 bad inputs skipped" in captured.out
     assert [d.tolist() for d in BinIdx(out)] == [tok.encode(t) + [0] for t in ("one", "two", "three")]
+
+
+@pytest.mark.parametrize("ext", [".bin", ".idx"])
+def test_output_that_is_a_folder_is_refused_first_and_leaves_no_temporary_files(tmp_path, ext, capsys):
+    (tmp_path / "a.txt").write_text("hello\n", encoding="utf-8")
+    (tmp_path / f"d{ext}").mkdir()
+    with pytest.raises(SystemExit) as e:
+        tokenize_corpus.main([str(tmp_path / "a.txt"), "-o", str(tmp_path / "d"), "--no-progress"])
+    assert e.value.code == 2
+    assert f"d{ext}' is a folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a folder"):  # the library call checks too
+        tokenize_corpus.tokenize_files([str(tmp_path / "a.txt")], str(tmp_path / "d"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", f"d{ext}"]
+
+
+def test_a_failure_while_moving_the_files_into_place_leaves_no_temporary_files(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello\n", encoding="utf-8")
+
+    def fail(*a):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("rwkvkit.data.binidx.os.replace", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        tokenize_corpus.tokenize_files([str(tmp_path / "a.txt")], str(tmp_path / "d"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..cli_args import csv_list, non_negative_int, positive_int
 from ..dtypes import dtype_from_name
 from ..testing import random_checkpoint
 
@@ -132,10 +133,20 @@ def stream_bandwidth(nbytes: int) -> float:
 def _versions(value: str) -> list[int]:
     from ..models import registry
 
-    out = [int(v) for v in value.split(",") if v]
-    for v in out:
-        registry.get(v)  # ValueError naming the supported versions
+    try:
+        out = [int(v) for v in csv_list(value)]
+        for v in out:
+            registry.get(v)  # ValueError naming the supported versions
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{e}; rwkvkit supports {registry.supported()}" if "supports" not in str(e) else str(e)
+        ) from None
     return out
+
+
+def _batches(value: str) -> list[int]:
+    """``--batches``: comma-separated positive batch sizes ('' for none)."""
+    return [positive_int(v) for v in csv_list(value)] if value.strip() else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,20 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         default=[6],
         help="RWKV version(s) of the random model, comma-separated (6: Finch, 7: Goose; '6,7': both in one run)",
     )
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--prompt", type=int, default=512, help="prefill length")
-    p.add_argument("--decode", type=int, default=32, help="tokens to decode per measurement")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--layers", type=positive_int, default=12)
+    p.add_argument("--embd", type=positive_int, default=768)
+    p.add_argument("--vocab", type=positive_int, default=65536)
+    p.add_argument("--prompt", type=positive_int, default=512, help="prefill length")
+    p.add_argument("--decode", type=positive_int, default=32, help="tokens to decode per measurement")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
     p.add_argument(
-        "--repeat", type=int, default=5, help="timed runs per figure, best kept (same for every row)"
+        "--repeat", type=positive_int, default=5, help="timed runs per figure, best kept (same for every row)"
     )
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     p.add_argument("--only-batched", action="store_true", help="only the batched decode-step section")
     p.add_argument(
         "--batches",
-        type=lambda v: [int(x) for x in v.split(",") if x],
+        type=_batches,
         default=[1, 4, 16],
         help="batch sizes for the batched decode-step rows (comma-separated; empty to skip)",
     )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..cli_args import csv_choices, non_negative_int, positive_int
 from ..ops import native, wkv4, wkv5, wkv6, wkv7, wkv7_native
 
 
@@ -98,13 +99,25 @@ def run(
     return rows
 
 
+VERSIONS = ("7", "6", "5", "4")  # what --versions takes
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=512, help="tokens per call")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (best is kept)")
+    p = argparse.ArgumentParser(
+        prog="rwkvkit bench ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--T", type=positive_int, default=512, help="tokens per call")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument(
+        "--repeat", type=positive_int, default=5, help="timed calls per measurement (best is kept)"
+    )
     p.add_argument("--no-naive-backward", action="store_true", help="skip the slow naive backward")
-    p.add_argument("--versions", default="7,6,5,4", help="comma-separated WKV versions to time")
+    p.add_argument(
+        "--versions",
+        type=csv_choices(VERSIONS),
+        default="7,6,5,4",
+        help="comma-separated WKV versions to time",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'case':<40} {'naive ms':>10} {'chunked ms':>11} {'speedup':>8} {'native ms':>10} {'speedup':>8}")
     for name, naive, chunked, nat in run(
-        args.T, args.repeat, not args.no_naive_backward, tuple(int(x) for x in args.versions.split(","))
+        args.T, args.repeat, not args.no_naive_backward, tuple(int(x) for x in args.versions)
     ):
         tail = f" {nat:>10.2f} {naive / nat:>7.1f}x" if nat else ""
         print(f"{name:<40} {naive:>10.2f} {chunked:>11.2f} {naive / chunked:>7.1f}x{tail}")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..cli_args import csv_list, non_negative_int, positive_int
 from ..testing import random_checkpoint
 
 Pair = tuple[list[int], list[int]]
@@ -97,24 +98,41 @@ def _time(fn: Callable[[], object], warm: Callable[[], object], repeat: int) -> 
     return best, result
 
 
+def _range(value: str) -> tuple[int, int]:
+    """``min,max``: two positive token counts, min <= max."""
+    parts = csv_list(value)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"needs min,max (two numbers), got {value!r}")
+    lo, hi = (positive_int(v) for v in parts)
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"min {lo} is above max {hi}")
+    return lo, hi
+
+
+_range.__name__ = "range"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rwkvkit bench score", description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--questions", type=int, default=16)
-    p.add_argument("--choices", type=int, default=4)
-    p.add_argument("--ctx", default="100,300", help="context length range, min,max tokens")
-    p.add_argument("--cont", default="5,20", help="continuation length range, min,max tokens")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts prefilled together")
-    p.add_argument("--repeat", type=int, default=1, help="timed passes per row, best kept")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--layers", type=positive_int, default=12)
+    p.add_argument("--embd", type=positive_int, default=768)
+    p.add_argument("--vocab", type=positive_int, default=65536)
+    p.add_argument("--questions", type=positive_int, default=16)
+    p.add_argument("--choices", type=positive_int, default=4)
+    p.add_argument(
+        "--ctx", type=_range, default="100,300", help="context length range, min,max tokens (min >= 1)"
+    )
+    p.add_argument(
+        "--cont", type=_range, default="5,20", help="continuation length range, min,max tokens (min >= 1)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16, help="contexts prefilled together")
+    p.add_argument("--repeat", type=positive_int, default=1, help="timed passes per row, best kept")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = tuple(int(x) for x in args.ctx.split(","))
-    cont = tuple(int(x) for x in args.cont.split(","))
+    ctx, cont = args.ctx, args.cont
 
     import rwkvkit
     from rwkvkit import scoring

@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli_args import non_negative_int, positive_int
 from ..dtypes import DTYPES
 from ..models import registry
 from .serve_client import HTTPError, get_json, measure_chat, measure_gap, measure_rss, run_level
@@ -63,28 +64,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MIN_GAP_STREAM_TOKENS = 64  # the gap measure reads 24 tokens before the prompts arrive, and needs more after
+
+
+def _gap_stream_tokens(v: str) -> int:
+    n = positive_int(v)
+    if n < MIN_GAP_STREAM_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_GAP_STREAM_TOKENS} (the stream must run on while the long prompts arrive), got {n}"
+        )
+    return n
+
+
+def _folder(v: str) -> str:
+    if not Path(v).is_dir():
+        raise argparse.ArgumentTypeError(f"{v!r} is not a folder")
+    return v
+
+
+_folder.__name__ = "folder"
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rwkvkit bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--measure", default="throughput", help=f"comma-separated: {', '.join(MEASURES)}")
     p.add_argument("--clients", default="1,4,16", help="throughput: comma-separated concurrency levels")
-    p.add_argument("--tokens", type=int, default=64, help="throughput: tokens each client asks for")
+    p.add_argument("--tokens", type=positive_int, default=64, help="throughput: tokens each client asks for")
     p.add_argument(
-        "--repeat", type=int, default=3, help="throughput: interleaved rounds of the levels (median kept)"
+        "--repeat",
+        type=positive_int,
+        default=3,
+        help="throughput: interleaved rounds of the levels (median kept)",
     )
-    p.add_argument("--long-prompts", type=int, default=4, help="gap: long prompts sent at once")
-    p.add_argument("--long-tokens", type=int, default=8192, help="gap: tokens in each long prompt")
-    p.add_argument("--gap-stream-tokens", type=int, default=100000, help="gap: budget of the running stream")
-    p.add_argument("--rounds", type=int, default=10, help="rss: rounds of streaming clients")
-    p.add_argument("--rss-clients", type=int, default=64, help="rss: streaming clients per round")
-    p.add_argument("--rss-tokens", type=int, default=32, help="rss: tokens each client asks for")
+    p.add_argument("--long-prompts", type=positive_int, default=4, help="gap: long prompts sent at once")
+    p.add_argument("--long-tokens", type=positive_int, default=8192, help="gap: tokens in each long prompt")
+    p.add_argument(
+        "--gap-stream-tokens",
+        type=_gap_stream_tokens,
+        default=100000,
+        help=f"gap: budget of the running stream (>= {MIN_GAP_STREAM_TOKENS}; it must outlast the long prompts)",
+    )
+    p.add_argument("--rounds", type=positive_int, default=10, help="rss: rounds of streaming clients")
+    p.add_argument("--rss-clients", type=positive_int, default=64, help="rss: streaming clients per round")
+    p.add_argument("--rss-tokens", type=positive_int, default=32, help="rss: tokens each client asks for")
     p.add_argument(
         "--version", type=int, default=6, help="RWKV version of the random model (6: Finch, 7: Goose)"
     )
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--threads", type=int, default=0, help="server torch threads (0 = torch default)")
-    p.add_argument("--chat-history", type=int, default=2000, help="chat: tokens of history before turn 1")
-    p.add_argument("--chat-reply", type=int, default=32, help="chat: tokens of each reply")
+    p.add_argument("--layers", type=positive_int, default=12)
+    p.add_argument("--embd", type=positive_int, default=768)
+    p.add_argument(
+        "--threads", type=non_negative_int, default=0, help="server torch threads (0 = torch default)"
+    )
+    p.add_argument(
+        "--chat-history", type=positive_int, default=2000, help="chat: tokens of history before turn 1"
+    )
+    p.add_argument("--chat-reply", type=positive_int, default=32, help="chat: tokens of each reply")
     p.add_argument("--temperature", type=float, default=1.0, help="throughput, rss: temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.85, help="throughput, rss: top_p (RWKV's default 0.85)")
     p.add_argument(
@@ -95,9 +129,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quantize", default=None, choices=["int8"], help="server matrices as int8")
     p.add_argument(
-        "--prefill-slice", type=int, default=None, help="server --prefill-slice (default: its own)"
+        "--prefill-slice", type=positive_int, default=None, help="server --prefill-slice (default: its own)"
     )
-    p.add_argument("--server-root", default=None, help="run the server from this rwkvkit checkout")
+    p.add_argument(
+        "--server-root", type=_folder, default=None, help="run the server from this rwkvkit checkout"
+    )
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = p.parse_args(argv)
     args.profiles = {}
@@ -202,10 +238,15 @@ def _run(url: str, pid: int, args: argparse.Namespace) -> tuple[int, dict]:
             results["chat"] = {k: {x: y for x, y in v.items() if x != "reply"} for k, v in c.items()}
         if "gap" in args.measures:
             g = measure_gap(url, args)
-            print(f"gap: {args.long_prompts} x {args.long_tokens}-token prompts arrive while a stream runs: worst "
-                  f"inter-token gap {g['worst_gap_s'] * 1e3:.0f} ms (median before {g['normal_gap_s'] * 1e3:.1f} ms, "
-                  f"{g['worst_gap_s'] / g['normal_gap_s']:.1f}x); the prompts took {g['prefill_s']:.1f} s, "
-                  f"the stream got {g['tokens_during']} tokens meanwhile", flush=True)  # fmt: skip
+            if g["worst_gap_s"] is None:
+                print(f"gap: not measured: the running stream ended (its {args.gap_stream_tokens} tokens) "
+                      f"{g['stream_ended_s']:.1f} s into the {g['prefill_s']:.1f} s the prompts took, so the time "
+                      "after its end is no gap; raise --gap-stream-tokens", file=sys.stderr, flush=True)  # fmt: skip
+            else:
+                print(f"gap: {args.long_prompts} x {args.long_tokens}-token prompts arrive while a stream runs: worst "
+                      f"inter-token gap {g['worst_gap_s'] * 1e3:.0f} ms (median before {g['normal_gap_s'] * 1e3:.1f} ms, "
+                      f"{g['worst_gap_s'] / g['normal_gap_s']:.1f}x); the prompts took {g['prefill_s']:.1f} s, "
+                      f"the stream got {g['tokens_during']} tokens meanwhile", flush=True)  # fmt: skip
             results["gap"] = g
         if "rss" in args.measures:
             print(

@@ -133,8 +133,11 @@ def rss_mb(pid: int) -> float:
 
 
 def measure_gap(url: str, args: argparse.Namespace) -> dict:
-    """Worst inter-token gap of one running stream while long prompts arrive (seconds)."""
+    """Worst inter-token gap of one running stream while long prompts arrive (seconds). When the stream
+    ends by itself before the prompts are done, ``worst_gap_s`` is None (the time after its end is no
+    gap) and ``stream_ended_s`` says when it ended, counted from the prompts' arrival."""
     times: list[float] = []
+    ended: list[float] = []  # when the stream ended by itself (its budget spent), not closed by us
     stop = threading.Event()
     failed: list[str] = []
 
@@ -153,6 +156,7 @@ def measure_gap(url: str, args: argparse.Namespace) -> dict:
                 if stop.is_set():
                     events.close()  # closing the stream cancels the row
                     return
+            ended.append(time.perf_counter())
         except HTTPError as e:
             failed.append(str(e))
 
@@ -176,6 +180,9 @@ def measure_gap(url: str, args: argparse.Namespace) -> dict:
     t1 = time.perf_counter()
     stop.set()
     th.join(timeout=60)
+    if ended and ended[0] < t1:
+        return {"normal_gap_s": statistics.median(before), "worst_gap_s": None, "prefill_s": t1 - t0,
+                "tokens_during": sum(t0 <= t <= t1 for t in times), "stream_ended_s": ended[0] - t0}  # fmt: skip
     last_before = max((t for t in times if t < t0), default=t0)
     window = [last_before] + [t for t in times if t0 <= t <= t1]
     after = [t for t in times if t > t1]

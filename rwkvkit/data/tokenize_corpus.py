@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +163,21 @@ def _encode_task(task: Task) -> Result:
     return n_bytes, flat, sizes, skipped
 
 
+def check_outputs(prefix: str, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Before any work: ``prefix.bin`` and ``prefix.idx`` can be written (not a folder, nor under a
+    file, not one of ``inputs``); a ValueError names the problem. An existing corpus is replaced, a
+    missing folder created."""
+    from rwkvkit.cli_args import check_folder
+
+    for ext in (".bin", ".idx"):
+        p = Path(f"{prefix}{ext}")
+        if p.is_dir():
+            raise ValueError(f"output {str(p)!r} is a folder; give another -o prefix")
+        check_folder(p.parent, "the folder of output")
+        if p.exists() and any(Path(q).exists() and p.samefile(q) for q in inputs):
+            raise ValueError(f"output {str(p)!r} is one of this command's inputs; write elsewhere")
+
+
 def tokenize_files(
     inputs: list[str],
     prefix: str,
@@ -186,6 +201,7 @@ def tokenize_files(
         print(f"rwkvkit tokenize: {left_out_summary(left_out)}", file=sys.stderr)
     if not files:
         raise FileNotFoundError("no input files found (text files, .jsonl, or directories holding them)")
+    check_outputs(prefix, files)
     total = sum(f.stat().st_size for f in files)
     n_tasks = sum(1 if f.suffix != ".jsonl" else 1 + f.stat().st_size // BLOCK_BYTES for f in files)
     workers = max(1, min(workers, n_tasks))
@@ -206,7 +222,8 @@ def tokenize_files(
         else:
             _init_worker(vocab, jsonl_key, skip_bad)
             results = map(_encode_task, _tasks(files))
-        with BinIdxWriter(prefix, dtype=np.uint16) as writer:
+        writer = BinIdxWriter(prefix, dtype=np.uint16)
+        try:  # not a ``with``: a failure in close() (moving the files into place) must abort too
             n_skipped = 0
             for n_bytes, flat, sizes, skipped in results:
                 for msg in skipped:
@@ -218,6 +235,10 @@ def tokenize_files(
                     writer.add(flat[start : start + s])
                     start += s
                 bar.update(n_bytes)
+            writer.close()
+        except BaseException:
+            writer.abort()  # no temporary file is left behind
+            raise
         stats = {
             "docs": len(writer),
             "tokens": writer.n_tokens,
@@ -252,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be >= 1")
+    try:
+        check_outputs(args.output, [p for p in args.inputs if Path(p).is_file()])
+    except ValueError as e:
+        ap.error(str(e))
     try:
         stats = tokenize_files(
             args.inputs,

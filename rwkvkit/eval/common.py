@@ -12,20 +12,14 @@ from typing import Any
 import torch
 
 from .. import model_args
+from ..cli_args import non_negative_int
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-finch-L6-C256.pth"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     model_args.add_model_args(p, default_model=str(DEMO_MODEL))
-    p.add_argument("--threads", type=_threads, default=0, help="torch threads (0: leave as is)")
-
-
-def _threads(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: torch's default), got {n}")
-    return n
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
 
 
 def load_model(ref: str, device: str = "cpu", dtype: str = "fp32", quantize: str | None = None) -> Any:

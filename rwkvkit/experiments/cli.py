@@ -15,7 +15,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in EXPERIMENTS:
-        lines = ["usage: rwkvkit experiment <name> --preset cpu|gpu|toy [options]", "", "experiments:"]
+        lines = [
+            "usage: rwkvkit experiment <name> [--preset toy|cpu|gpu (default: cpu, about an hour)] [options]",
+            "",
+            "experiments:",
+        ]
         lines += [f"  {name:<13} {help_}" for name, (_, help_) in EXPERIMENTS.items()]
         lines += ["", "Run 'rwkvkit experiment <name> --help' for its options."]
         print("\n".join(lines), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)

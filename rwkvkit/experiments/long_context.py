@@ -31,8 +31,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.cli_args import csv_choices, positive_int
+
 from .models import LABELS
-from .report import PRESETS, Progress, finish_info, markdown_table, pick_device, run_info, write_results
+from .report import (
+    Progress,
+    add_common_args,
+    check_results,
+    finish_info,
+    markdown_table,
+    run_info,
+    write_results,
+)
 
 VERSIONS = {"rwkv4": 4, "eagle": 5, "finch": 6}
 
@@ -184,8 +194,11 @@ def train_one(
     device: torch.device,
     seed: int,
     threads: int,
+    resume: bool = False,
+    overwrite: bool = False,
 ):
-    """Train one model with rwkvkit's Trainer; returns (the fp32 model, the trainer's summary)."""
+    """Train one model with rwkvkit's Trainer; returns (the fp32 model, the trainer's summary).
+    ``resume`` continues the run saved in ``work/kind`` (when there is one), ``overwrite`` discards it."""
     from rwkvkit.train.config import ModelSection, TrainConfig
     from rwkvkit.train.trainer import Trainer
 
@@ -198,10 +211,10 @@ def train_one(
         micro_bsz=preset.micro_bsz, seed=seed, lr_init=preset.lr_init, lr_final=preset.lr_final,
         warmup_steps=min(preset.warmup_steps, preset.max_steps), max_steps=preset.max_steps,
         device=str(device), precision=preset.precision, threads=threads, out_dir=str(work / kind),
-        save_every=preset.max_steps, eval_every=0, log_every=10, progress=True,
+        save_every=preset.max_steps, eval_every=0, log_every=1, progress=True,
     )  # fmt: skip
     trainer = Trainer(cfg)
-    summary = trainer.fit()
+    summary = trainer.fit(resume=resume and (work / kind / "train_state.pt").is_file(), overwrite=overwrite)
     return trainer.base, summary
 
 
@@ -213,9 +226,12 @@ def run(
     threads: int,
     progress: Progress,
     books: dict[str, str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train every model of the preset and measure its held-out loss by position (``books``: name ->
-    text, default ``read_books()``)."""
+    text, default ``read_books()``; ``resume`` / ``overwrite``: what to do with a training run already
+    in ``work``, see ``train_one``)."""
     books = read_books() if books is None else books
     if not books:
         raise RuntimeError(
@@ -237,7 +253,9 @@ def run(
     results = {}
     for kind in preset.models:
         t0, c0 = time.time(), time.process_time()
-        model, summary = train_one(kind, preset, data, len(vocab), work, device, seed, threads)
+        model, summary = train_one(
+            kind, preset, data, len(vocab), work, device, seed, threads, resume, overwrite
+        )
         t_train, c_train = time.time() - t0, time.process_time() - c0
         curves = [position_losses(model, held[b][s : s + preset.eval_len + 1], device) for b, s in windows]
         curve = np.mean(curves, axis=0)
@@ -310,42 +328,80 @@ def plot(preset: Preset, out: dict, path) -> None:
     plt.close(fig)
 
 
+def check_work(work: Path, models: list[str], resume: bool, overwrite: bool) -> None:
+    """Before any training: ``work`` can be a folder, and a model's folder in it that already holds a
+    training run is continued (``resume``) or discarded (``overwrite``), never silently refused at
+    that model's turn. A ValueError names the problem and the experiment's flags."""
+    from rwkvkit.cli_args import check_folder
+    from rwkvkit.train.run_dir import run_files
+
+    check_folder(work, "--work")
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the trainings in the work folder and --overwrite discards them: pick one"
+        )
+    held = [k for k in models if run_files(work / k)]
+    if held and not (resume or overwrite):
+        raise ValueError(
+            f"the work folder {str(work)!r} already holds training runs of {', '.join(held)}: "
+            "--resume continues them, --overwrite starts them afresh (or pass another --work)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rwkvkit experiment long-context", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=PRESETS, default="cpu")
-    p.add_argument("--out", default="runs/experiments", help="folder for long-context-<preset>.{json,md,png}")
+    add_common_args(
+        p,
+        "long-context",
+        overwrite_help="replace a result already in --out and start the trainings in --work afresh",
+    )
     p.add_argument(
         "--work",
         default="",
         help="folder for token files and checkpoints (default: runs/experiments/long-context-<preset>-work)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    p.add_argument("--models", default="", help="comma-separated subset of " + ",".join(VERSIONS))
-    p.add_argument("--max-steps", type=int, default=0, help="cap the training steps (smoke tests)")
-    p.add_argument("--max-windows", type=int, default=0, help="cap the evaluation windows (smoke tests)")
     p.add_argument(
-        "--max-eval-len", type=int, default=0, help="cap the evaluation window length (smoke tests)"
+        "--resume",
+        action="store_true",
+        help="continue the trainings saved in --work (start the models it has none of) and replace the result",
+    )
+    p.add_argument(
+        "--models", type=csv_choices(list(VERSIONS)), default=None,
+        help="comma-separated subset of " + ",".join(VERSIONS),
+    )  # fmt: skip
+    p.add_argument(
+        "--max-steps", type=positive_int, default=None, help="cap the training steps (smoke tests)"
+    )
+    p.add_argument(
+        "--max-windows", type=positive_int, default=None, help="cap the evaluation windows (smoke tests)"
+    )
+    p.add_argument(
+        "--max-eval-len",
+        type=positive_int,
+        default=None,
+        help="cap the evaluation window length (smoke tests)",
     )
     p.add_argument(
         "--max-batch",
-        type=int,
-        default=0,
+        type=positive_int,
+        default=None,
         help="cap the sequences per step (smoke tests: the gpu preset's 8 x 2048 tokens need ~24 GB on a CPU)",
     )
-    p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     argv = list(argv or [])
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+    name = f"long-context-{a.preset}"
     preset = replace(PRESETS_LC[a.preset])
     if a.models:
-        bad = sorted(set(a.models.split(",")) - set(VERSIONS))
-        if bad:
-            p.error(f"unknown model(s) {bad}; choose from {list(VERSIONS)}")
-        preset.models = a.models.split(",")
+        preset.models = a.models
+    work = Path(a.work or f"runs/experiments/long-context-{a.preset}-work")
+    try:
+        check_results(a.out, name, a.overwrite or a.resume)
+        check_work(work, preset.models, a.resume, a.overwrite)
+    except ValueError as e:
+        p.error(str(e))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = a.device
     if a.max_steps:
         preset.max_steps = min(preset.max_steps, a.max_steps)
     if a.max_batch:
@@ -355,17 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_eval_len and a.max_eval_len < preset.eval_len:
         preset.eval_len = a.max_eval_len
         preset.bands = [b for b in preset.bands if b < a.max_eval_len] + [a.max_eval_len]
-    work = Path(a.work or f"runs/experiments/long-context-{a.preset}-work")
     info = run_info("long-context", argv, a.seed, a.preset, device)
     progress = Progress("long-context", enabled=not a.quiet)
     t0, c0 = time.time(), time.process_time()
-    out = run(preset, device, a.seed, work, a.threads, progress)
+    out = run(preset, device, a.seed, work, a.threads, progress, resume=a.resume, overwrite=a.overwrite)
     finish_info(info, t0, c0)
     text = table(preset, out)
     print(text)
     payload = {"info": info, "preset": asdict(preset), "results": out}
-    paths = write_results(
-        a.out, f"long-context-{a.preset}", payload, text, lambda path: plot(preset, out, path)
-    )
+    paths = write_results(a.out, name, payload, text, lambda path: plot(preset, out, path))
     progress.say("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

@@ -36,9 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.cli_args import csv_choices, positive_int
+
 from .models import KINDS, LABELS, build, n_params
 from .mqar_task import IGNORE, MQARTask, Stream, generate, held_out  # noqa: F401 (generate: re-exported)
-from .report import PRESETS, Progress, finish_info, markdown_table, pick_device, run_info, write_results
+from .report import (
+    Progress,
+    add_common_args,
+    check_results,
+    finish_info,
+    markdown_table,
+    run_info,
+    write_results,
+)
 
 # ---- training -----------------------------------------------------------------------------------
 
@@ -366,28 +376,32 @@ def plot(records: list[dict], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rwkvkit experiment mqar", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=PRESETS, default="cpu")
-    p.add_argument("--out", default="runs/experiments", help="folder for mqar-<preset>.{json,md,png}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    p.add_argument("--models", default="", help="comma-separated subset of " + ",".join(KINDS))
+    add_common_args(p, "mqar")
     p.add_argument(
-        "--max-steps", type=int, default=0, help="cap the training steps of every run (smoke tests)"
+        "--models", type=csv_choices(KINDS), default=None, help="comma-separated subset of " + ",".join(KINDS)
     )
-    p.add_argument("--max-cells", type=int, default=0, help="run only the first N cells of the grid")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument(
+        "--max-steps",
+        type=positive_int,
+        default=None,
+        help="cap the training steps of every run (smoke tests)",
+    )
+    p.add_argument(
+        "--max-cells", type=positive_int, default=None, help="run only the first N cells of the grid"
+    )
     a = p.parse_args(argv)
     argv = list(argv or [])
+    name = f"mqar-{a.preset}"
+    try:
+        check_results(a.out, name, a.overwrite)
+    except ValueError as e:
+        p.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = pick_device(a.device)
+    device = a.device
     preset = replace(PRESETS_MQAR[a.preset])
     if a.models:
-        bad = sorted(set(a.models.split(",")) - set(KINDS))
-        if bad:
-            p.error(f"unknown model(s) {bad}; choose from {KINDS}")
-        preset.models = a.models.split(",")
+        preset.models = a.models
     if a.max_steps:
         preset.max_steps = min(preset.max_steps, a.max_steps)
     if a.max_cells:
@@ -401,6 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"info": info, "preset": asdict(preset), "results": records}
     text = table(records)
     print(text)
-    paths = write_results(a.out, f"mqar-{a.preset}", payload, text, lambda path: plot(records, path))
+    paths = write_results(a.out, name, payload, text, lambda path: plot(records, path))
     progress.say("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

@@ -13,6 +13,7 @@ table are still written and a warning says why the PNG is missing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -176,10 +177,62 @@ def _json_default(o: Any) -> Any:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; anything else as given (an unavailable GPU is an error)."""
+    """``auto`` -> cuda when available, else cpu; anything else through ``model_args.check_device``
+    (ValueError naming the problem for an unknown name or an unavailable GPU)."""
+    from rwkvkit.model_args import check_device
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here")
-    return dev
+    return check_device(name)
+
+
+def _device_arg(v: str) -> torch.device:
+    try:
+        return pick_device(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+
+
+_device_arg.__name__ = "device"
+
+
+def add_common_args(
+    p: argparse.ArgumentParser, name: str, overwrite_help: str = "replace a result already in --out"
+) -> None:
+    """The options every experiment has: --preset (default cpu), --out, --overwrite, --seed,
+    --device (parsed to a torch device), --threads and --quiet."""
+    from rwkvkit.cli_args import non_negative_int
+
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="cpu",
+        help="toy: seconds (tests); cpu: about an hour on a 2-core CPU; gpu: the paper's scale (default: cpu)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/experiments",
+        help=f"folder for {name}-<preset>.{{json,md,png}} (default: %(default)s)",
+    )
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--device", type=_device_arg, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)"
+    )
+    p.add_argument(
+        "--threads", type=non_negative_int, default=0, help="torch CPU threads (0: leave the default)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def check_results(out_dir: str | Path, name: str, overwrite: bool, png: bool = True) -> None:
+    """Before the work: ``out_dir`` can hold ``name.{json,md,png}`` and none of them exists unless
+    ``overwrite`` (a ValueError naming the first problem)."""
+    from rwkvkit.cli_args import check_folder
+    from rwkvkit.io import check_output
+
+    out = check_folder(out_dir, "--out")
+    if not out.is_dir():
+        return
+    for ext in ("json", "md", "png") if png else ("json", "md"):
+        check_output(out / f"{name}.{ext}", "result", force=overwrite, hint="--overwrite replaces it")

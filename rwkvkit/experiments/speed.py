@@ -35,9 +35,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.cli_args import csv_choices, positive_int
+
 from .baselines import Transformer, TransformerConfig, mamba_ssm_available, selective_scan
 from .memory import peak_bytes
-from .report import PRESETS, Progress, finish_info, pick_device, run_info, write_results
+from .report import Progress, add_common_args, check_results, finish_info, run_info, write_results
 from .speed_report import plot, tables
 
 OPS = ("finch-chunked", "finch-native", "attention", "mamba")
@@ -337,28 +339,31 @@ def decode_view(p: Preset, device: torch.device, progress: Progress) -> list[dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rwkvkit experiment speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=PRESETS, default="cpu")
-    p.add_argument("--out", default="runs/experiments", help="folder for speed-<preset>.{json,md,png}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    p.add_argument("--ops", default="", help="comma-separated subset of " + ",".join(OPS))
-    p.add_argument("--max-T", type=int, default=0, help="cap the sequence lengths and contexts (smoke tests)")
-    p.add_argument("--max-layers", type=int, default=0, help="cap the decode models' layers (smoke tests)")
+    add_common_args(p, "speed")
+    p.add_argument(
+        "--ops", type=csv_choices(OPS), default=None, help="comma-separated subset of " + ",".join(OPS)
+    )
+    p.add_argument(
+        "--max-T", type=positive_int, default=None, help="cap the sequence lengths and contexts (smoke tests)"
+    )
+    p.add_argument(
+        "--max-layers", type=positive_int, default=None, help="cap the decode models' layers (smoke tests)"
+    )
     p.add_argument("--no-decode", action="store_true", help="skip the inference view")
-    p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     argv = list(argv or [])
+    name = f"speed-{a.preset}"
+    try:
+        check_results(a.out, name, a.overwrite)
+    except ValueError as e:
+        p.error(str(e))
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    device = pick_device(a.device)
+    device = a.device
     preset = replace(PRESETS_SPEED[a.preset])
     if a.ops:
-        bad = sorted(set(a.ops.split(",")) - set(OPS))
-        if bad:
-            p.error(f"unknown operator(s) {bad}; choose from {OPS}")
-        preset.ops = a.ops.split(",")
+        preset.ops = a.ops
     if a.max_T:
         preset.lengths = [T for T in preset.lengths if T <= a.max_T] or [min(a.max_T, preset.lengths[0])]
         preset.decode_contexts = [c for c in preset.decode_contexts if c <= a.max_T] or [a.max_T]
@@ -367,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     info = run_info("speed", argv, a.seed, a.preset, device)
     progress = Progress(
         "speed",
-        total=len(preset.ops) * 2 * len(preset.lengths) + 2 * len(preset.decode_contexts),
+        total=len(preset.ops) * 2 * len(preset.lengths)
+        + (0 if a.no_decode else 2 * len(preset.decode_contexts)),
         enabled=not a.quiet,
     )
     t0, c0 = time.time(), time.process_time()
@@ -381,8 +387,6 @@ def main(argv: list[str] | None = None) -> int:
         f"B={preset.batch}, d={preset.d_model}, head {preset.head_size}, {preset.dtype}, {device}"
         f" ({info['machine']['gpu'] or info['machine']['cpu']}, {torch.get_num_threads()} threads)"
     )
-    paths = write_results(
-        a.out, f"speed-{a.preset}", payload, text, lambda path: plot(ops, decode, title, path)
-    )
+    paths = write_results(a.out, name, payload, text, lambda path: plot(ops, decode, title, path))
     progress.say("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

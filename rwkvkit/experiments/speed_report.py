@@ -25,6 +25,8 @@ def tables(ops: list[dict], decode: list[dict]) -> str:
         parts.append(
             f"Operators, {title}:\n\n" + markdown_table(["operator", *(f"T={T}" for T in lengths)], rows)
         )
+    if not decode:  # --no-decode: no empty table
+        return "\n\n".join(parts)
     ctxs = sorted({r["context"] for r in decode})
     rows = []
     for model in ("finch", "transformer"):
@@ -44,9 +46,11 @@ def tables(ops: list[dict], decode: list[dict]) -> str:
 
 
 def plot(ops: list[dict], decode: list[dict], title: str, path) -> None:
+    """Operator time and memory against T (top row), decode latency and memory per sequence against
+    the context (bottom row); a row with nothing measured (``--no-decode``, or no operator that runs
+    here) is left out, and a figure with nothing at all is not drawn."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     colors = {
         "finch-chunked": "tab:red",
         "finch-native": "darkred",
@@ -55,30 +59,45 @@ def plot(ops: list[dict], decode: list[dict], title: str, path) -> None:
     }
     on_cpu = any("cpu_ms" in r for r in ops)  # a shared CPU: plot what the calls cost, not the waits
     t_op, t_dec = ("cpu_ms", "cpu_ms_per_token") if on_cpu else ("ms", "ms_per_token")
-    for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in ops):
-        rs = [r for r in ops if (r["op"], r["mode"]) == (op, mode) and not r.get("oom")]
-        style = "o-" if mode == "fwd" else "s--"
-        for ax, what in ((axes[0][0], t_op), (axes[0][1], "peak_mib")):
-            ax.plot(
-                [r["T"] for r in rs], [r[what] for r in rs], style, color=colors[op], label=f"{op} {mode}"
-            )
-    for model, color in (("finch", "tab:red"), ("transformer", "tab:green")):
-        rs = [r for r in decode if r["model"] == model and not r.get("oom")]
-        axes[1][0].plot([r["context"] for r in rs], [r[t_dec] for r in rs], "o-", color=color, label=model)
-        axes[1][1].plot(
-            [r["context"] for r in rs], [r["state_mib"] for r in rs], "o-", color=color, label=model
-        )
     unit = "CPU ms" if on_cpu else "ms"
-    labels = [("T", f"{unit} per call", "operator time"), ("T", "MiB", "operator peak memory"),
-              ("context (tokens)", f"{unit} per token", "decode latency"), ("context (tokens)", "MiB", "memory per sequence")]  # fmt: skip
-    for ax, (xl, yl, t) in zip(axes.flat, labels):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.set_title(t)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    op_rows = [r for r in ops if not r.get("oom")]
+    dec_rows = [r for r in decode if not r.get("oom")]
+    rows = []  # per row of panels: [(x label, y label, title, [(x, y, style, color, label), ...])] x 2
+    if op_rows:
+        time_lines, mem_lines = [], []
+        for op, mode in dict.fromkeys((r["op"], r["mode"]) for r in op_rows):
+            rs = [r for r in op_rows if (r["op"], r["mode"]) == (op, mode)]
+            style = "o-" if mode == "fwd" else "s--"
+            xs = [r["T"] for r in rs]
+            time_lines.append((xs, [r[t_op] for r in rs], style, colors[op], f"{op} {mode}"))
+            mem_lines.append((xs, [r["peak_mib"] for r in rs], style, colors[op], f"{op} {mode}"))
+        rows.append([("T", f"{unit} per call", "operator time", time_lines),
+                     ("T", "MiB", "operator peak memory", mem_lines)])  # fmt: skip
+    if dec_rows:
+        lat_lines, mem_lines = [], []
+        for model, color in (("finch", "tab:red"), ("transformer", "tab:green")):
+            rs = [r for r in dec_rows if r["model"] == model]
+            if rs:
+                xs = [r["context"] for r in rs]
+                lat_lines.append((xs, [r[t_dec] for r in rs], "o-", color, model))
+                mem_lines.append((xs, [r["state_mib"] for r in rs], "o-", color, model))
+        rows.append([("context (tokens)", f"{unit} per token", "decode latency", lat_lines),
+                     ("context (tokens)", "MiB", "memory per sequence", mem_lines)])  # fmt: skip
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.75 * len(rows) + 0.5), squeeze=False)
+    for ax_row, panels in zip(axes, rows):
+        for ax, (xl, yl, t, lines) in zip(ax_row, panels):
+            for xs, ys, style, color, label in lines:
+                ax.plot(xs, ys, style, color=color, label=label)
+            ax.set_xscale("log", base=2)
+            if any(y > 0 for _, ys, *_ in lines for y in ys):  # a log axis needs a positive value
+                ax.set_yscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.set_title(t)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

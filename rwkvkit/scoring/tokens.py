@@ -5,6 +5,7 @@ length, streamed chunk by chunk through the recurrent state). See the package do
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -109,8 +110,17 @@ def _check_start(model: torch.nn.Module, state: State | None, logits: torch.Tens
         )
 
 
+def _token_id(t: object, what: str) -> int:
+    """``t`` as a token id: an integer (int, NumPy or one-element torch integer), never a float that
+    ``int()`` would quietly truncate; a ValueError names the first bad one."""
+    try:
+        return operator.index(t)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what}: token ids must be integers, got {t!r}") from None
+
+
 def _check_ids(tokens: Sequence[int], vocab_size: int, what: str) -> list[int]:
-    out = [int(t) for t in tokens]
+    out = [_token_id(t, what) for t in tokens]
     bad = [t for t in out if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"{what} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -120,7 +130,7 @@ def _check_ids(tokens: Sequence[int], vocab_size: int, what: str) -> list[int]:
 def _chunks(tokens: Iterable[int], n: int) -> Iterable[list[int]]:
     buf: list[int] = []
     for t in tokens:
-        buf.append(int(t))
+        buf.append(_token_id(t, "the sequence"))
         if len(buf) == n:
             yield buf
             buf = []
@@ -181,7 +191,7 @@ def token_logprobs(
     initial state). ``logits`` [V]: the next-token logits that go with ``state`` (as ``prefill``
     returns them); without them the first token has no log-probability (None). ``top_n`` > 0 also
     returns the ``top_n`` most probable (token, logprob) at every scored position."""
-    tokens = list(tokens)
+    tokens = [_token_id(t, "the sequence") for t in tokens]
     if not tokens:
         raise ValueError("token_logprobs needs at least one token")
     if top_n < 0:

@@ -192,7 +192,7 @@ class RunDir:
                     f"nothing to resume: {state} does not exist (start without --resume to begin a run there)"
                 )
         else:
-            old = _run_files(self.out)
+            old = run_files(self.out)
             if old and overwrite and any(_same_file(p, self.cfg.load) for p in old):
                 raise ValueError(
                     f"--overwrite would delete {self.cfg.load}, the checkpoint this run loads from: copy it "
@@ -261,7 +261,7 @@ def _without_model(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("model.")}
 
 
-def _run_files(out: Path) -> list[Path]:
+def run_files(out: Path) -> list[Path]:
     """The files of a training run in ``out`` (what --overwrite removes): only names the trainer
     writes (``rwkv-<step>.pth``, ``rwkv-final.pth``, not a user's ``rwkv-best.pth``), and only where a
     run saved something (a checkpoint or ``train_state.pt``): the log and vocabulary of a run that
