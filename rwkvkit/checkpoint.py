@@ -26,7 +26,7 @@ from .dtypes import NAMES as _DTYPE_NAMES
 from .io import atomic_torch_save, atomic_write, safe_torch_load
 from .kernels import MALLOC_TUNE, Kernels
 from .models.model import RWKV
-from .models.quant import quantize_int8
+from .models.quant import Int8Linear, quantize_int8
 from .runtime import tune_malloc as _tune_malloc
 
 FP16_RESCALE_EVERY = 6  # the reference's RESCALE_LAYER for fp16
@@ -201,6 +201,33 @@ def load(
     return model
 
 
+def _official_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
+    """``model``'s tensors under the official keys, as ``load`` read them (see ``save``)."""
+    if model.ln0_folded:
+        raise ValueError(
+            "this model was loaded with ln0 folded into the embedding (inference mode); "
+            "load it with rwkvkit.load(path, fold_ln0=False) to fine-tune or re-save it"
+        )
+    sd = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):  # its weight property dequantises: the values it multiplies by
+            sd[f"{name}.weight"] = module.weight
+    skip = {
+        k for k in sd for k in (k.removesuffix("weight") + "weight_int8", k.removesuffix("weight") + "scale")
+    }
+    sd.update({k: v for k, v in model.state_dict().items() if k not in skip and k not in sd})
+    rescale = getattr(model, "rescale_every", 0)
+    if rescale:  # load halved these every ``rescale`` layers (fp16): the file holds them whole
+        for k in [k for k in sd if k.endswith(("att.output.weight", "ffn.value.weight"))]:
+            sd[k] = sd[k].float() * 2 ** (int(k.split(".")[1]) // rescale)
+    if model.time_state is not None:
+        layers = model.time_state.float().cpu()
+        if model.config.spec.time_state.transposed:  # State layout -> file layout
+            layers = layers.transpose(-1, -2)
+        sd.update({f"blocks.{i}.att.time_state": t.contiguous() for i, t in enumerate(layers)})
+    return sd
+
+
 def save(
     model_or_state_dict: RWKV | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -209,14 +236,12 @@ def save(
     """Write an official-layout checkpoint (.pth, or .safetensors by suffix) atomically.
 
     ``dtype`` converts every floating tensor (bf16 by default, as released files); None keeps them.
+    A model is written as the file it came from would be: an fp16 model's layer rescaling undone, int8
+    matrices as their dequantised values (what the int8 model multiplies by), and a loaded
+    ``time_state`` as its ``blocks.{i}.att.time_state`` keys.
     """
     if isinstance(model_or_state_dict, RWKV):
-        if model_or_state_dict.ln0_folded:
-            raise ValueError(
-                "this model was loaded with ln0 folded into the embedding (inference mode); "
-                "load it with rwkvkit.load(path, fold_ln0=False) to fine-tune or re-save it"
-            )
-        sd = model_or_state_dict.state_dict()
+        sd = _official_state_dict(model_or_state_dict)
     else:
         sd = dict(model_or_state_dict)
     out = {}

@@ -55,6 +55,39 @@ def test_save_load_roundtrip_pth_and_safetensors(tmp_path, version):
     assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_a_model_is_saved_as_the_file_it_came_from(tmp_path, version):
+    """fp16's layer rescaling is undone, int8 matrices are written as the values they multiply by (and
+    quantise back to the same int8), and a state-tuned model keeps its time_state."""
+    sd = random_checkpoint(
+        version, 7, 64, 300, head_size=32, time_state=version != 4, path=tmp_path / "a.pth"
+    )
+    x = [5, 7, 11]
+    m16 = rwkvkit.load(tmp_path / "a.pth", dtype="fp16", fold_ln0=False)
+    assert m16.rescale_every and 7 > m16.rescale_every  # layer 6 is halved in memory
+    rwkvkit.save(m16, tmp_path / "b.pth", dtype=None)
+    back = torch.load(tmp_path / "b.pth", weights_only=True)
+    for k in ("blocks.6.att.output.weight", "blocks.6.ffn.value.weight", "blocks.0.ffn.value.weight"):
+        torch.testing.assert_close(back[k], sd[k], rtol=1e-3, atol=1e-6, msg=k)  # fp16's precision, not half
+    q = rwkvkit.load(tmp_path / "a.pth", quantize="int8", fold_ln0=False)
+    rwkvkit.save(q, tmp_path / "c.pth", dtype=None)
+    assert not any(
+        k.endswith(("weight_int8", ".scale")) for k in torch.load(tmp_path / "c.pth", weights_only=True)
+    )
+    again = rwkvkit.load(tmp_path / "c.pth", quantize="int8", fold_ln0=False)
+    for (n, a), (_, b) in zip(q.named_buffers(), again.named_buffers()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        assert torch.equal(again(x)[0], q(x)[0])
+    if version != 4:
+        ts = rwkvkit.load(tmp_path / "a.pth", fold_ln0=False)
+        rwkvkit.save(ts, tmp_path / "d.pth", dtype=None)
+        kept = torch.load(tmp_path / "d.pth", weights_only=True)
+        for i in range(7):
+            k = f"blocks.{i}.att.time_state"
+            assert torch.equal(kept[k], sd[k].float()), k
+
+
 def test_truncated_file(tmp_path, finch):
     path, _ = finch
     data = path.read_bytes()
