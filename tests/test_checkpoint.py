@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,20 @@ def test_token_ids_outside_vocabulary(finch):
         model(torch.tensor([[1, -1]]))
     with pytest.raises(ValueError, match="empty"):
         model([])
+
+
+def test_token_ids_are_taken_as_given_or_refused(finch):
+    """Floats and bools are refused, not truncated to ids; NumPy arrays and lists of lists keep their
+    [B, T] shape; any integer dtype works."""
+    model = rwkvkit.load(finch[0])
+    want = model(torch.tensor([[1, 2], [3, 4]]))[0]
+    for tokens in (np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]], dtype=np.uint16), [[1, 2], [3, 4]]):
+        assert torch.equal(model(tokens)[0], want)
+    for bad in ([1.9, 2.2], np.array([1.9, 2.2]), [True, False]):
+        with pytest.raises(ValueError, match="must be integers"):
+            model(bad)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model([2**70])
 
 
 def test_state_of_wrong_model_or_batch(finch, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,7 +167,19 @@ class RWKV(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def _tokens(self, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
-            tokens = torch.tensor([list(tokens)], dtype=torch.long)
+            # the values' own type decides (floats and bools are refused below, not truncated); a
+            # NumPy array keeps its shape, a list of lists is a batch
+            if hasattr(tokens, "__array__"):
+                arr = np.asarray(tokens)
+                tokens = torch.from_numpy(arr.astype(np.int64) if arr.dtype.kind in "iu" else np.array(arr))
+            else:
+                rows = list(tokens)
+                if not rows:
+                    raise ValueError("tokens is empty: need at least one token per row")
+                try:
+                    tokens = torch.tensor(rows if isinstance(rows[0], (list, tuple)) else [rows])
+                except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"tokens must be integer token ids: {e}") from None
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
         if tokens.dim() != 2:
