@@ -11,8 +11,8 @@ A ``State`` holds, for every layer and batch row, what the model needs to contin
 Passing a state back to the model continues the sequence exactly. States can be cloned, moved,
 saved to and loaded from a file (read without unpickling code and validated in full: version,
 tensor types, consistent shapes, finite values), and split or stacked by batch row (for batched generation and for
-caching the state of a shared prompt prefix). The WKV parts are always fp32; shifts follow the
-model's compute dtype.
+caching the state of a shared prompt prefix). Every part is fp32, whatever the model's dtype (the
+shifts too: they are the normalised inputs, which the model computes in fp32).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class State:
     ) -> State:
         """The state at the start of a sequence: the shifts zero, the recurrent tensors at the values the
         version declares (RWKV-4's ``pp`` = -1e30, everything else zero)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         L, B, C = config.n_layer, batch_size, config.n_embd
         t = {
             "att_shift": torch.zeros(L, B, C, device=device, dtype=dtype),
@@ -128,12 +130,18 @@ class State:
         return State(self.version, out)
 
     def select(self, rows: int | Sequence[int] | torch.Tensor | slice) -> State:
-        """The state of some batch rows (an int keeps a batch dimension of 1)."""
+        """A copy of the state of some batch rows (an int keeps a batch dimension of 1; negative
+        indices count from the end, as in Python)."""
+        if isinstance(rows, slice):
+            rows = range(self.batch_size)[rows]
         if isinstance(rows, int):
             rows = [rows]
-        if isinstance(rows, slice):
-            return State(self.version, {k: v[:, rows] for k, v in self.tensors.items()})
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        B = self.batch_size
+        if idx.numel() and not (-B <= int(idx.min()) and int(idx.max()) < B):
+            bad = int(idx.min()) if int(idx.min()) < -B else int(idx.max())
+            raise IndexError(f"row {bad} is outside this state's batch of {B}")
+        idx = idx % max(B, 1)
         return State(self.version, {k: v.index_select(1, idx) for k, v in self.tensors.items()})
 
     def split(self) -> list[State]:
@@ -149,6 +157,13 @@ class State:
         for s in states:
             if s.version != version or s.tensors.keys() != states[0].tensors.keys():
                 raise ValueError("cannot stack states of different model versions")
+            for k, v in s.tensors.items():
+                ref = states[0].tensors[k]
+                if v.shape[:1] + v.shape[2:] != ref.shape[:1] + ref.shape[2:]:
+                    raise ValueError(
+                        f"cannot stack states of different models: {k!r} is {tuple(v.shape)} here and "
+                        f"{tuple(ref.shape)} in the first (layers, batch, ...)"
+                    )
         return State(
             version, {k: torch.cat([s.tensors[k] for s in states], dim=1) for k in states[0].tensors}
         )

@@ -114,3 +114,24 @@ def test_learning_rate_multipliers_come_from_the_versions():
     assert registry.lr_multiplier("blocks.0.att.key.weight") == 1.0
     assert registry.lr_multiplier("blocks.2.att.w0") == 2.0  # Goose: the decay's base at 2x
     assert registry.lr_multiplier("blocks.2.att.w1") == 1.0
+
+
+def test_state_rows_are_copies_and_bad_rows_or_shapes_are_named():
+    cfg = ModelConfig(6, 2, 64, 100, head_size=32)
+    st = State.zeros(cfg, 3)
+    st["att_shift"][:, 2] = 7.0
+    last = st.select(-1)
+    assert torch.equal(last["att_shift"], st["att_shift"][:, 2:3])
+    part = st.select(slice(1, 3))
+    part["att_shift"].zero_()  # a copy: the parent keeps its rows
+    assert st["att_shift"][:, 2].eq(7).all() and part.batch_size == 2
+    with pytest.raises(IndexError, match="row 3 is outside this state's batch of 3"):
+        st.select(3)
+    with pytest.raises(IndexError, match="row -4"):
+        st.select([0, -4])
+    other = State.zeros(ModelConfig(6, 2, 128, 100, head_size=32), 1)
+    with pytest.raises(ValueError, match="different models"):
+        State.stack([st, other])
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            State.zeros(cfg, bad)
