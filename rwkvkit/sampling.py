@@ -37,6 +37,7 @@ differ from ``torch.exp``, which ``sampling_weights`` uses, by an ulp). ``Sample
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -62,6 +63,14 @@ class SamplingParams:
     seed: int | None = None  # a fixed seed makes the output reproducible
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        for name in ("top_k", "seed"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not (0.0 <= self.top_p <= 1.0):

@@ -40,7 +40,12 @@ def test_params_validate() -> None:
     ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    for bad, says in ((dict(seed="x"), "seed must be an integer"), (dict(temperature="1"), "temperature must be a"),
+                      (dict(top_p=None), "top_p must be a number"), (dict(seed=True), "seed must be")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            SamplingParams(**bad)
     assert SamplingParams(temperature=0).greedy
+    assert SamplingParams(temperature=np.float32(0.5), seed=np.int64(3)).seed == 3
 
 
 def _kept(logp: torch.Tensor) -> torch.Tensor:
