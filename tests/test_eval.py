@@ -209,6 +209,20 @@ def test_an_existing_output_is_kept(tmp_path, capsys):
     assert "exists; --force replaces it" in capsys.readouterr().err and out.read_text() == "mine"
 
 
+def test_an_unreachable_dataset_is_one_line(monkeypatch, capsys):
+    import lm_eval
+
+    def offline(**kw):
+        raise ConnectionError(
+            "Couldn't reach 'EleutherAI/lambada_openai' on the Hub (LocalEntryNotFoundError)"
+        )
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    assert cli.main(["--tasks", "rwkvkit_mc", "--limit", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "could not be fetched (Couldn't reach" in err and "rwkvkit_local runs offline" in err
+
+
 def test_missing_lm_eval_is_named(monkeypatch, capsys):
     import builtins
 

@@ -222,11 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lm = RWKVLM(model, tokenizer, batch_size=args.batch_size, context_prefix=args.context_prefix,
                 max_gen_toks=args.max_gen_toks, chunk_len=args.chunk_len)  # fmt: skip
-    results = simple_evaluate(
-        model=lm, tasks=specs, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
-        bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, random_seed=args.seed,
-        numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
-    )  # fmt: skip
+    try:
+        results = simple_evaluate(
+            model=lm, tasks=specs, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
+            bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, random_seed=args.seed,
+            numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+        )  # fmt: skip
+    except ConnectionError as e:  # a task's dataset is on the hub, and the hub is out of reach
+        print(f"rwkvkit eval: a task's dataset could not be fetched ({str(e).splitlines()[0]}); offline, "
+              "lm-eval reads datasets from its cache (HF_DATASETS_OFFLINE=1) or local task files (--tasks "
+              "FILE.yaml or a folder; rwkvkit_local runs offline)", file=sys.stderr)  # fmt: skip
+        return 1
     if results is None:
         print("rwkvkit eval: lm-eval returned no results", file=sys.stderr)
         return 1
