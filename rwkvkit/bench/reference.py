@@ -56,7 +56,7 @@ def _child(spec_path: str) -> int:
         from rwkv.model import RWKV as RefRWKV  # reads RWKV_JIT_ON / RWKV_CUDA_ON now
     except ImportError:
         return 3
-    from .forward import _best
+    from .limits import _best
 
     prompt, n_dec = spec["prompt"], spec["decode"]
     rows = []
