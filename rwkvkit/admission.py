@@ -41,6 +41,8 @@ class Admission:
         row = p.row
         p.started = True
         p.state = row.state.clone() if row.state is not None else None
+        if not row.prompt and row.start_logits is not None:  # nothing to feed: decode from these
+            p.logits = row.start_logits.detach().float().reshape(-1)
         if self.cache is not None and row.state is None and not row.echo:
             p.done, p.state, p.logits = self.cache.lookup(row.prompt)
             for r in p.rows:

@@ -125,7 +125,15 @@ class BatchDecoder(Admission):
         if not row.prompt:
             if row.state is None:
                 raise ValueError("an empty prompt needs a state to continue from")
-            raise ValueError("an empty prompt cannot be continued: feed at least one token")
+            if row.start_logits is None:
+                raise ValueError(
+                    "an empty prompt continues from a state only with the next-token logits that go with it "
+                    "(a generation's .logits); pass them, or feed at least one token"
+                )
+            if tuple(row.start_logits.shape) != (self._vocab,):
+                raise ValueError(
+                    f"start logits must be [{self._vocab}] (the model's vocabulary), got {tuple(row.start_logits.shape)}"
+                )
         if row.logit_bias:
             ids = _check_tokens(list(row.logit_bias), self._vocab, "logit_bias")
             vals = torch.tensor([float(row.logit_bias[t]) for t in ids], dtype=torch.float32)

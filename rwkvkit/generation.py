@@ -83,15 +83,17 @@ def _make_row(
     state: State | None,
     weights: torch.Tensor | None,
     keep_state: bool,
+    logits: torch.Tensor | None = None,
 ) -> Row:
     V = _vocab_size(model)
     return Row(
-        prompt=_check_tokens(prompt, V),
+        prompt=_check_tokens(prompt, V) if len(prompt) or logits is None else [],
         sampler=Sampler(params, V, weights),
         max_tokens=int(max_tokens),
         stop_tokens=frozenset(int(t) for t in stop_tokens),
         state=state.clone() if state is not None else None,
         keep_state=keep_state,
+        start_logits=logits,
     )
 
 
@@ -127,6 +129,11 @@ class TokenStream:
     def state(self) -> State | None:
         return self.row.state if self.row.done else None
 
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The next-token logits that go with ``state`` (continue with both: ``logits=``)."""
+        return self.row.logits if self.row.done else None
+
 
 def generate_tokens(
     model: torch.nn.Module,
@@ -140,10 +147,13 @@ def generate_tokens(
     chunk_len: int = DEFAULT_CHUNK_LEN,
     cache: PrefixCache | None = None,
     on_token: Callable[[int], bool] | None = None,
+    logits: torch.Tensor | None = None,
 ) -> TokenStream:
-    """Continue ``prompt`` (token ids) from ``state``; iterate the result for token ids as they come."""
+    """Continue ``prompt`` (token ids) from ``state``; iterate the result for token ids as they come.
+    ``logits``: the next-token logits that go with ``state`` (an earlier generation's ``.logits``);
+    with them ``prompt`` may be empty, and decoding continues exactly where that generation ended."""
     row = _make_row(
-        model, prompt, sampling or SamplingParams(), max_tokens, stop_tokens, state, weights, True
+        model, prompt, sampling or SamplingParams(), max_tokens, stop_tokens, state, weights, True, logits
     )
     row.on_token = on_token
     return TokenStream(BatchDecoder(model, chunk_len=chunk_len, cache=cache), row)
@@ -306,6 +316,10 @@ class TextGeneration:
     def state(self) -> State | None:
         return self._tokens.state
 
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self._tokens.logits
+
 
 def generate(
     model: torch.nn.Module,
@@ -320,11 +334,14 @@ def generate(
     stream: bool = True,
     chunk_len: int = DEFAULT_CHUNK_LEN,
     cache: PrefixCache | None = None,
+    logits: torch.Tensor | None = None,
 ) -> TextGeneration | str:
     """Continue ``prompt`` with ``model``.
 
     ``stream=True`` returns a ``TextGeneration``: iterate it for text pieces as they are produced,
-    then read ``.text``, ``.tokens``, ``.finish_reason`` and ``.state`` (to continue later).
+    then read ``.text``, ``.tokens``, ``.finish_reason``, ``.state`` and ``.logits`` (to continue
+    later: ``generate(model, tok, "", state=g.state, logits=g.logits)`` goes on exactly where ``g``
+    stopped; a new prompt with ``state`` alone goes on after it).
     ``stream=False`` returns the whole text. ``stop`` strings end generation and are not included;
     token 0 (end of document) stops by default. ``state`` is not modified.
     """
@@ -342,6 +359,7 @@ def generate(
         weights=weights,
         chunk_len=chunk_len,
         cache=cache,
+        logits=logits,
     )
     gen = TextGeneration(toks, text, len(ids))
     if stream:

@@ -50,6 +50,8 @@ class Row:
     prompt_top_logprobs: list[TopN | None] | None = None
     cached_tokens: int = 0
     logits: torch.Tensor | None = None  # with keep_state: the next-token logits after ``state``
+    start_logits: torch.Tensor | None = None  # [V]: the next-token logits that go with ``state``
+    # (a finished row's ``logits``): with them an empty prompt continues from the state at once
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     cancelled: bool = False
     error: str | None = None  # why, when finish_reason is "error" (its prefill failed)

@@ -315,3 +315,24 @@ def test_rwkvkit_generate_stays_the_function() -> None:
     importlib.import_module("rwkvkit.serve.app")  # imports the generation module first
     first = rwkvkit.generate
     assert callable(first) and first is rwkvkit.generate and first.__module__ == "rwkvkit.generation"
+
+
+def test_a_generation_continues_exactly_from_its_state_and_logits(model6, tok) -> None:
+    """``.state`` holds the last generated token; with ``.logits`` (the next-token logits that go with
+    it) an empty prompt goes on exactly where the generation stopped (greedy: the same tokens as one
+    longer generation); an empty prompt without them is refused with a message saying so."""
+    kw = dict(sampling=GREEDY, stop_tokens=())
+    whole = generate(model6, tok, "Once upon a time", max_tokens=20, **kw)
+    assert whole.state is None and whole.logits is None  # not finished yet
+    list(whole)
+    first = generate(model6, tok, "Once upon a time", max_tokens=8, **kw)
+    list(first)
+    assert first.logits is not None and first.logits.shape == (V,)
+    rest = generate(model6, tok, "", max_tokens=12, state=first.state, logits=first.logits, **kw)
+    list(rest)
+    assert first.tokens + rest.tokens == whole.tokens
+    torch.testing.assert_close(rest.state["wkv"], whole.state["wkv"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="only with the next-token logits"):
+        generate(model6, tok, "", max_tokens=2, state=first.state, stream=False)
+    with pytest.raises(ValueError, match="start logits must be"):
+        generate(model6, tok, "", max_tokens=2, state=first.state, logits=first.logits[:5], stream=False)
