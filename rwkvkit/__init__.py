@@ -36,5 +36,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'rwkvkit' has no attribute {name!r}")
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value  # found once: later lookups do not come here
-
     return value

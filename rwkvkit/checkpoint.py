@@ -208,14 +208,11 @@ def _official_state_dict(model: RWKV) -> dict[str, torch.Tensor]:
             "this model was loaded with ln0 folded into the embedding (inference mode); "
             "load it with rwkvkit.load(path, fold_ln0=False) to fine-tune or re-save it"
         )
-    sd = {}
+    sd = dict(model.state_dict())
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):  # its weight property dequantises: the values it multiplies by
+            del sd[f"{name}.weight_int8"], sd[f"{name}.scale"]
             sd[f"{name}.weight"] = module.weight
-    skip = {
-        k for k in sd for k in (k.removesuffix("weight") + "weight_int8", k.removesuffix("weight") + "scale")
-    }
-    sd.update({k: v for k, v in model.state_dict().items() if k not in skip and k not in sd})
     rescale = getattr(model, "rescale_every", 0)
     if rescale:  # load halved these every ``rescale`` layers (fp16): the file holds them whole
         for k in [k for k in sd if k.endswith(("att.output.weight", "ffn.value.weight"))]:

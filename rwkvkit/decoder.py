@@ -40,6 +40,7 @@ from .prefill import DEFAULT_CHUNK_LEN, PrefixCache, model_device, prefill, pref
 from .row import PromptFeed, Row, TopN
 from .sampling import draw_rows
 from .scoring import score_logits
+from .scoring.tokens import check_tokens
 from .state import State
 
 __all__ = ["DEFAULT_CHUNK_LEN", "TIMINGS", "BatchDecoder", "PrefixCache", "Row", "prefill", "prefill_cached"]
@@ -52,14 +53,6 @@ TIMINGS = ("steps", "rows", "prefill_s", "sample_s", "score_s", "emit_s", "model
 
 def _vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
-
-
-def _check_tokens(tokens: Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:
-    out = [int(t) for t in tokens]
-    bad = [t for t in out if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{what} contains token ids outside [0, {vocab_size}): {bad[:5]}")
-    return out
 
 
 # ---- the batched decoder --------------------------------------------------------------------------
@@ -119,7 +112,7 @@ class BatchDecoder(Admission):
             raise ValueError(f"max_tokens must be >= 0, got {row.max_tokens}")
         if row.logprobs is not None and row.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {row.logprobs}")
-        _check_tokens(row.prompt, self._vocab)
+        check_tokens(row.prompt, self._vocab)
         if row.state is not None:
             row.state.check(self.model.config, batch_size=1)
         if not row.prompt:
@@ -135,7 +128,7 @@ class BatchDecoder(Admission):
                     f"start logits must be [{self._vocab}] (the model's vocabulary), got {tuple(row.start_logits.shape)}"
                 )
         if row.logit_bias:
-            ids = _check_tokens(list(row.logit_bias), self._vocab, "logit_bias")
+            ids = check_tokens(list(row.logit_bias), self._vocab, "logit_bias")
             vals = torch.tensor([float(row.logit_bias[t]) for t in ids], dtype=torch.float32)
             row._bias = (torch.tensor(ids, dtype=torch.long), vals)
         row._from_zero = row.state is None

@@ -25,12 +25,12 @@ from .decoder import (
     BatchDecoder,
     PrefixCache,
     Row,
-    _check_tokens,
     _vocab_size,
     prefill,
     prefill_cached,
 )
 from .sampling import Sampler, SamplingParams
+from .scoring.tokens import check_tokens
 from .state import State
 
 __all__ = [
@@ -87,7 +87,7 @@ def _make_row(
 ) -> Row:
     V = _vocab_size(model)
     return Row(
-        prompt=_check_tokens(prompt, V) if len(prompt) or logits is None else [],
+        prompt=check_tokens(prompt, V),
         sampler=Sampler(params, V, weights),
         max_tokens=int(max_tokens),
         stop_tokens=frozenset(int(t) for t in stop_tokens),

@@ -225,7 +225,7 @@ def add_common_args(
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def check_results(out_dir: str | Path, name: str, overwrite: bool, png: bool = True) -> None:
+def check_results(out_dir: str | Path, name: str, overwrite: bool) -> None:
     """Before the work: ``out_dir`` can hold ``name.{json,md,png}`` and none of them exists unless
     ``overwrite`` (a ValueError naming the first problem)."""
     from rwkvkit.cli_args import check_folder
@@ -234,5 +234,5 @@ def check_results(out_dir: str | Path, name: str, overwrite: bool, png: bool = T
     out = check_folder(out_dir, "--out")
     if not out.is_dir():
         return
-    for ext in ("json", "md", "png") if png else ("json", "md"):
+    for ext in ("json", "md", "png"):
         check_output(out / f"{name}.{ext}", "result", force=overwrite, hint="--overwrite replaces it")

@@ -23,10 +23,10 @@ from .tokens import (
     DEFAULT_CHUNK_LEN,
     DEFAULT_MIN_SHARED,
     TopN,
-    _check_ids,
     _check_start,
     _device,
     _top_lists,
+    check_tokens,
     score_logits,
     token_logprobs,
 )
@@ -259,8 +259,8 @@ def loglikelihood(
     V = model.config.vocab_size
     clean: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     for i, (ctx, cont) in enumerate(pairs):
-        c = tuple(_check_ids(ctx, V, f"pair {i}'s context"))
-        k = tuple(_check_ids(cont, V, f"pair {i}'s continuation"))
+        c = tuple(check_tokens(ctx, V, f"pair {i}'s context"))
+        k = tuple(check_tokens(cont, V, f"pair {i}'s continuation"))
         if not k:
             raise ValueError(f"pair {i} has an empty continuation: there is nothing to score")
         if not c and logits is None:

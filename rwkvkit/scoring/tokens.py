@@ -110,7 +110,7 @@ def _check_start(model: torch.nn.Module, state: State | None, logits: torch.Tens
         )
 
 
-def _token_id(t: object, what: str) -> int:
+def token_id(t: object, what: str) -> int:
     """``t`` as a token id: an integer (int, NumPy or one-element torch integer), never a float that
     ``int()`` would quietly truncate; a ValueError names the first bad one."""
     try:
@@ -119,8 +119,9 @@ def _token_id(t: object, what: str) -> int:
         raise ValueError(f"{what}: token ids must be integers, got {t!r}") from None
 
 
-def _check_ids(tokens: Sequence[int], vocab_size: int, what: str) -> list[int]:
-    out = [_token_id(t, what) for t in tokens]
+def check_tokens(tokens: Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:
+    """``tokens`` as a list of ids in ``[0, vocab_size)``; a ValueError names what is wrong."""
+    out = [token_id(t, what) for t in tokens]
     bad = [t for t in out if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"{what} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -130,7 +131,7 @@ def _check_ids(tokens: Sequence[int], vocab_size: int, what: str) -> list[int]:
 def _chunks(tokens: Iterable[int], n: int) -> Iterable[list[int]]:
     buf: list[int] = []
     for t in tokens:
-        buf.append(_token_id(t, "the sequence"))
+        buf.append(token_id(t, "the sequence"))
         if len(buf) == n:
             yield buf
             buf = []
@@ -155,7 +156,7 @@ def _stream(
     V, dev = model.config.vocab_size, _device(model)
     prev = None if logits is None else logits.reshape(1, V).to(dev, torch.float32, copy=True)
     for chunk in _chunks(tokens, chunk_len):
-        _check_ids(chunk, V, "the sequence")
+        check_tokens(chunk, V, "the sequence")
         x = torch.tensor([chunk], dtype=torch.long, device=dev)
         out, state = model(x, state)  # [1, T, V]
         out = out[0]
@@ -191,7 +192,7 @@ def token_logprobs(
     initial state). ``logits`` [V]: the next-token logits that go with ``state`` (as ``prefill``
     returns them); without them the first token has no log-probability (None). ``top_n`` > 0 also
     returns the ``top_n`` most probable (token, logprob) at every scored position."""
-    tokens = [_token_id(t, "the sequence") for t in tokens]
+    tokens = [token_id(t, "the sequence") for t in tokens]
     if not tokens:
         raise ValueError("token_logprobs needs at least one token")
     if top_n < 0:
